@@ -1,0 +1,246 @@
+"""The HF side: locate a checkpoint, read its two config files, and mmap its safetensors shards.
+
+Configs are read as plain JSON (no transformers needed) and normalised into `TextParams`; both
+config.json forms are accepted: `global_head_dim` + `num_global_key_value_heads` (published
+checkpoint) or a `per_layer_config` block (transformers 5.23 save_pretrained).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dglocal.errors import ConvertError
+
+MODEL_TYPE = "diffusion_gemma"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
+
+# Reference defaults (transformers 5.23 DiffusionGemmaGenerationConfig._get_default_generation_params).
+GENERATION_DEFAULTS = dict(max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+                           stability_threshold=1, confidence_threshold=0.005)
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """Hyperparameters of the text model, the names as in DiffusionGemmaTextConfig where it has them."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    layer_types: tuple[str, ...]
+    head_count_kv: tuple[int, ...]      # per layer
+    head_dim: int                       # sliding layers
+    global_head_dim: int                # full layers
+    sliding_window: int
+    rope_theta: float                   # full layers
+    rope_theta_swa: float
+    partial_rotary_factor: float        # full layers ("proportional")
+    partial_rotary_factor_swa: float
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    rms_norm_eps: float
+    final_logit_softcapping: float
+    max_position_embeddings: int
+    canvas_length: int
+
+    def is_swa(self, il: int) -> bool:
+        return self.layer_types[il] == "sliding_attention"
+
+    def head_dim_of(self, il: int) -> int:
+        return self.head_dim if self.is_swa(il) else self.global_head_dim
+
+
+def resolve_source(source, *, config_only: bool = False) -> Path:
+    """A local checkpoint directory, or an HF repo id fetched into the hub cache (HF_HUB_OFFLINE respected)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConvertError(f"{source}: not a checkpoint directory")
+    if str(source).count("/") != 1:
+        raise ConvertError(f"{source}: no such directory, and not an HF repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    patterns = ["config.json", "generation_config.json"]
+    if not config_only:
+        patterns += ["*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except Exception as e:  # hub errors are many classes; the message is what the user needs
+        raise ConvertError(f"{source}: download failed: {e}") from e
+
+
+def read_json(path: Path, required: bool = True) -> dict:
+    if not path.is_file():
+        if required:
+            raise ConvertError(f"{path}: missing")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: unreadable ({e})") from e
+
+
+def read_params(directory: Path) -> TextParams:
+    """Normalise config.json (either form) into TextParams; ConvertError names the key at fault."""
+    path = directory / "config.json"
+    config = read_json(path)
+    if config.get("model_type") != MODEL_TYPE:
+        raise ConvertError(f"{path}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    text = config.get("text_config") or {}
+
+    def get(key, default=None):
+        value = text.get(key, default)
+        if value is None:
+            raise ConvertError(f"{path}: text_config.{key} missing")
+        return value
+
+    n_layer = int(get("num_hidden_layers"))
+    layer_types = text.get("layer_types") or [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)]
+    if len(layer_types) != n_layer or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise ConvertError(f"{path}: text_config.layer_types does not list {n_layer} sliding/full layers")
+
+    head_dim = int(get("head_dim", 256))
+    n_kv = int(get("num_key_value_heads", 4))
+    per_layer = text.get("per_layer_config")
+    if per_layer is None:  # published form; defaults as DiffusionGemmaTextConfig.__post_init__
+        full = {"head_dim": text.get("global_head_dim") or 512}
+        if text.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = text["num_global_key_value_heads"]
+        per_layer = {str(i): full for i, t in enumerate(layer_types) if t == "full_attention"}
+    layer_cfg = [per_layer.get(str(i), per_layer.get(i, {})) for i in range(n_layer)]
+    head_dims = [int(c.get("head_dim", head_dim)) for c in layer_cfg]
+    swa_dims = {d for d, t in zip(head_dims, layer_types) if t == "sliding_attention"}
+    full_dims = {d for d, t in zip(head_dims, layer_types) if t == "full_attention"}
+    if len(swa_dims) > 1 or len(full_dims) != 1:
+        raise ConvertError(f"{path}: per-layer head_dim must be one value per layer type, got "
+                           f"sliding {sorted(swa_dims)} full {sorted(full_dims)}")
+
+    rope = text.get("rope_parameters") or {}
+    rope_full = rope.get("full_attention", {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1_000_000.0})
+    rope_swa = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
+    if rope_full.get("rope_type") != "proportional" or rope_swa.get("rope_type", "default") != "default":
+        raise ConvertError(f"{path}: text_config.rope_parameters: expected proportional (full) and "
+                           f"default (sliding) RoPE, got {rope_full.get('rope_type')!r}/{rope_swa.get('rope_type')!r}")
+
+    return TextParams(
+        vocab_size=int(get("vocab_size", 262_144)),
+        hidden_size=int(get("hidden_size")),
+        intermediate_size=int(get("intermediate_size")),
+        num_hidden_layers=n_layer,
+        num_attention_heads=int(get("num_attention_heads")),
+        layer_types=tuple(layer_types),
+        head_count_kv=tuple(int(c.get("num_key_value_heads", n_kv)) for c in layer_cfg),
+        head_dim=swa_dims.pop() if swa_dims else head_dim,
+        global_head_dim=full_dims.pop(),
+        sliding_window=int(get("sliding_window", 512)),  # raw JSON: never the halved in-memory value
+        rope_theta=float(rope_full.get("rope_theta", 1_000_000.0)),
+        rope_theta_swa=float(rope_swa.get("rope_theta", 10_000.0)),
+        partial_rotary_factor=float(rope_full.get("partial_rotary_factor", 1.0)),
+        partial_rotary_factor_swa=float(rope_swa.get("partial_rotary_factor", 1.0)),
+        num_experts=int(get("num_experts")),
+        top_k_experts=int(get("top_k_experts")),
+        moe_intermediate_size=int(get("moe_intermediate_size")),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        final_logit_softcapping=float(get("final_logit_softcapping", 30.0)),
+        max_position_embeddings=int(get("max_position_embeddings", 131_072)),
+        canvas_length=int(config.get("canvas_length") or 256),
+    )
+
+
+def read_generation(directory: Path) -> dict:
+    """Sampler settings from generation_config.json, reference defaults where absent or null."""
+    gen = read_json(directory / "generation_config.json", required=False)
+    sampler = gen.get("sampler_config") or {}
+    out = {k: gen.get(k) for k in GENERATION_DEFAULTS if k != "entropy_bound"}
+    out["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
+    out = {k: (GENERATION_DEFAULTS[k] if v is None else v) for k, v in out.items()}
+    eos = gen.get("eos_token_id")
+    out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos or [])
+    return out
+
+
+# --- safetensors, read by hand so tensors are mmapped one at a time and bf16 needs no torch ----
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    file: Path
+    dtype: str          # safetensors dtype name
+    shape: tuple[int, ...]
+    start: int          # absolute byte offset
+    end: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of the tensor flattened to 2-D [rows, shape[-1]], as a fresh float32 array.
+
+        A new mmap per call, dropped on return, so pages read never pile up in this process's RSS.
+        """
+        if self.dtype not in _DTYPES:
+            raise ConvertError(f"{self.file}: tensor {self.name} has unsupported dtype {self.dtype}")
+        dtype = np.dtype(_DTYPES[self.dtype])
+        width = self.shape[-1] if self.shape else 1
+        raw = np.memmap(self.file, dtype=dtype, mode="r", offset=self.start + r0 * width * dtype.itemsize,
+                        shape=(r1 - r0, width))
+        if self.dtype == "BF16":  # bf16 is the top half of an f32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.array(raw, dtype=np.float32)
+
+    def load(self) -> np.ndarray:
+        """The whole tensor as float32."""
+        return self.rows(0, self.n_rows).reshape(self.shape)
+
+
+def index_safetensors(directory: Path) -> dict[str, SourceTensor]:
+    """Tensor name -> SourceTensor over every shard, from the headers alone (validated against file sizes)."""
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map") or {}
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{directory}: no *.safetensors files")
+    tensors: dict[str, SourceTensor] = {}
+    for fname in files:
+        tensors.update(_read_safetensors_header(directory / fname))
+    return tensors
+
+
+def _read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
+    if not path.is_file():
+        raise ConvertError(f"{path}: shard missing (listed in model.safetensors.index.json)")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds file size {size}")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise ConvertError(f"{path}: not a readable safetensors file ({e})") from e
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = (base + o for o in meta["data_offsets"])
+        if end > size:
+            raise ConvertError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
+        out[name] = SourceTensor(name, path, meta["dtype"], tuple(meta["shape"]), start, end)
+    return out

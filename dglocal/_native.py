@@ -1,0 +1,89 @@
+"""ctypes bindings of the patched llama.cpp: the stock API through llama-cpp-python, plus the diffusion-gemma
+functions our patches add (patches/0003-denoise-c-api.patch). Bindings only, no logic."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+
+from .errors import BackendError
+
+BUILD_HINT = "build it with: python scripts/build_backend.py --backend cpu   (or cuda / metal / vulkan)"
+
+try:
+    import llama_cpp as ll
+    from llama_cpp import llama_cpp as _ll
+except (ImportError, OSError) as e:  # OSError: the shared library itself failed to load
+    raise BackendError(f"the patched llama-cpp-python is not installed ({e}); {BUILD_HINT}") from None
+
+_lib = _ll._lib
+
+c_int32_p = ctypes.POINTER(ctypes.c_int32)
+c_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+def _bind(name: str, argtypes: list, restype):
+    fn = getattr(_lib, name, None)
+    if fn is None:
+        raise BackendError(f"the installed llama.cpp lacks {name}(): it is not dglocal's patched build; {BUILD_HINT}")
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+# int32_t llama_dg_canvas_length(const struct llama_model * model);
+llama_dg_canvas_length = _bind("llama_dg_canvas_length", [_ll.llama_model_p_ctypes], ctypes.c_int32)
+
+# int32_t llama_dg_denoise(struct llama_context * ctx, llama_seq_id seq_id, const llama_token * canvas,
+#                          int32_t n_tokens, float temperature, const float * uniforms, bool self_condition,
+#                          bool logits, llama_token * argmax, llama_token * sampled, float * entropy);
+llama_dg_denoise = _bind(
+    "llama_dg_denoise",
+    [_ll.llama_context_p_ctypes, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_float, c_float_p,
+     ctypes.c_bool, ctypes.c_bool, c_int32_p, c_int32_p, c_float_p],
+    ctypes.c_int32,
+)
+
+DG_STATUS = {
+    -1: "the model is not diffusion-gemma",
+    -2: "invalid argument",
+    -3: "the canvas does not fit in one micro-batch (n_ubatch)",
+    -4: "the canvas does not fit the context",
+    -5: "could not allocate the self-conditioning buffer",
+    -6: "the decoder pass failed",
+}
+
+# llama.cpp logs to stderr by default; keep its errors to explain failed calls, print only with DGLOCAL_DEBUG
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 3, 4, 5
+_log_tail: deque[str] = deque(maxlen=20)
+_last_level = 0
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _log_callback(level, text, _user_data):
+    global _last_level
+    if level != GGML_LOG_LEVEL_CONT:
+        _last_level = level
+    msg = text.decode("utf-8", "replace") if text else ""
+    if _last_level >= GGML_LOG_LEVEL_ERROR:
+        _log_tail.append(msg.rstrip())
+    if os.environ.get("DGLOCAL_DEBUG"):
+        os.write(2, msg.encode())
+
+
+def last_errors() -> str:
+    """The errors llama.cpp logged since the last call of this function, joined into one string."""
+    text = " ".join(m for m in _log_tail if m)
+    _log_tail.clear()
+    return text
+
+
+_initialized = False
+
+
+def init() -> None:
+    global _initialized
+    if not _initialized:
+        _ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _ll.llama_backend_init()
+        _initialized = True

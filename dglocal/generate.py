@@ -1,0 +1,315 @@
+"""The block-diffusion loop: a stack of generators, as mlx-lm's generate.
+
+`generate_steps` is the reference `generate` loop (generation_diffusion_gemma.py) over a backend sequence;
+`stream` adds the prompt cache (longest common prefix), detokenizing, stop strings, timing and stats;
+`generate` keeps the final `Completion`; `ChatSession` applies the GGUF chat template across turns.
+The caller stops by breaking out: the sequence then holds the prompt and the committed blocks, no more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import GenerationConfig
+from .errors import ConfigError, ContextError, ModelError
+from .sampler import (
+    Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
+    trim_eos,
+)
+
+
+@dataclass
+class Step:
+    """One denoising step: the draft (argmax canvas) and which positions were accepted."""
+
+    block: int
+    step: int  # 1-based within the block
+    argmax: np.ndarray
+    accepted: np.ndarray
+    temperature: float
+    mean_entropy: float
+    early_stop: bool
+    seconds: float  # the denoise call plus the host-side sampler work
+
+
+@dataclass
+class Block:
+    """A finished canvas: the argmax of its last step (all of it, before any trimming)."""
+
+    block: int
+    tokens: np.ndarray
+    steps: int
+    eos: bool  # an EOS id inside the part of the block that counts towards max_new_tokens
+
+
+@dataclass
+class BlockText:
+    """Stream event for a committed block: the new tokens and text it adds to the output."""
+
+    block: int
+    tokens: list[int]
+    text: str
+    steps: int
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    prefilled_tokens: int  # the part of the prompt not already in the cache
+    generated_tokens: int
+    canvases: int
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    ms_per_step: float
+    tokens_per_second: float  # generated tokens over the time after the prefill
+    time_to_first_token: float  # seconds from the call to the first committed block
+    prefill_seconds: float
+    total_seconds: float
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eos", "length" or "stop"
+    stats: Stats = field(repr=False)
+
+
+def generate_steps(
+    seq, config: GenerationConfig, *, canvas_length: int, eos_ids: Sequence[int], noise: Noise,
+    constraints: np.ndarray | None = None,
+) -> Iterator[Step | Block]:
+    """Denoise canvases after what `seq` holds; yields every Step, then the Block. Ends after an EOS block or
+    ceil(max_new_tokens / C) blocks. A block is committed when the next one starts, as the reference does, so
+    the last block is never encoded. `constraints`: int64[blocks * C], -1 where free."""
+    C, N = canvas_length, config.max_denoising_steps
+    n_blocks = math.ceil(config.max_new_tokens / C)
+    block_tokens = None
+    for b in range(n_blocks):
+        if block_tokens is not None:
+            seq.commit(block_tokens)
+        pinned = None if constraints is None else constraints[b * C:(b + 1) * C]
+        held = None if pinned is None else pinned >= 0
+        history = StabilityHistory(config.stability_threshold, C) if config.early_stop else None
+        canvas = noise.tokens(C)
+        for i, s in enumerate(range(N, 0, -1)):
+            t0 = time.perf_counter()
+            if held is not None:
+                canvas = np.where(held, pinned, canvas)
+            T = temperature(s, N, config.t_min, config.t_max)
+            out = seq.denoise(canvas, temperature=T, uniforms=noise.uniforms(C), self_condition=i > 0)
+            argmax = np.asarray(out.argmax, dtype=np.int64)
+            sampled = np.asarray(out.sampled, dtype=np.int64)
+            entropy = np.asarray(out.entropy, dtype=np.float32)
+            if held is not None:  # pinned tokens count as accepted, with zero entropy
+                argmax, sampled = np.where(held, pinned, argmax), np.where(held, pinned, sampled)
+                entropy = np.where(held, np.float32(0), entropy)
+            accepted = accept_mask(entropy, config.entropy_bound)
+            canvas = np.where(accepted, sampled, noise.tokens(C))  # re-noise everything not accepted
+            stop = False
+            if history is not None:
+                stable = history.update(argmax)  # updated every step, as the reference
+                stop = stable and is_confident(entropy, config.confidence_threshold)
+            yield Step(b, i + 1, argmax, accepted, T, float(entropy.mean()), stop, time.perf_counter() - t0)
+            if stop:
+                break
+        block_tokens = argmax
+        counted = block_tokens[: config.max_new_tokens - b * C]
+        eos = trim_eos(counted, eos_ids)[1]
+        yield Block(b, block_tokens, i + 1, eos)
+        if eos:
+            return
+
+
+def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray | None:
+    """{output position: token} or an int array (-1 = free) -> int64[n_positions], -1 where free."""
+    if constraints is None:
+        return None
+    table = np.full(n_positions, -1, dtype=np.int64)
+    if isinstance(constraints, Mapping):
+        items = [(int(p), int(t)) for p, t in constraints.items()]
+    else:
+        arr = np.asarray(constraints, dtype=np.int64).ravel()
+        items = [(int(p), int(arr[p])) for p in np.flatnonzero(arr >= 0)]
+        if len(arr) > n_positions:
+            raise ConfigError(f"constraints cover {len(arr)} positions, the generation only {n_positions}")
+    for p, t in items:
+        if not 0 <= p < n_positions:
+            raise ConfigError(f"constraint position {p} is outside the generation (0..{n_positions - 1})")
+        if not 0 <= t < n_vocab:
+            raise ConfigError(f"constraint token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
+        table[p] = t
+    return table
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if len(mismatch) else n
+
+
+def stream(
+    model, prompt: str | Sequence[int], *, seq=None, cached: list[int] | None = None, noise: Noise | None = None,
+    constraints=None, **options,
+) -> Iterator[Step | BlockText | Completion]:
+    """Generate after `prompt`; yields Step drafts, BlockText per committed block, and a final Completion.
+
+    `seq`/`cached`: a sequence to reuse and the tokens it holds (a list, updated in place): only the part of
+    the prompt after their longest common prefix is encoded. Options are GenerationConfig fields.
+    """
+    t_start = time.perf_counter()
+    config = GenerationConfig.from_metadata(model.metadata, **options)
+    C = model.canvas_length
+    tokens = model.tokenize(prompt, add_special=True, parse_special=True) if isinstance(prompt, str) else prompt
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise ConfigError("the prompt is empty: the canvas needs at least one token to attend to")
+    n_blocks = math.ceil(config.max_new_tokens / C)
+    needed = len(tokens) + n_blocks * C
+    if needed > model.n_ctx:
+        raise ContextError(
+            f"prompt ({len(tokens)} tokens) + {n_blocks} canvases of {C} = {needed} tokens > n_ctx {model.n_ctx}"
+        )
+    fixed = constraint_table(constraints, n_blocks * C, model.n_vocab)
+    eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
+    noise = noise if noise is not None else SeededNoise(model.n_vocab, config.seed)
+    if seq is None:
+        seq, cached = model.sequence(), []
+    elif cached is None or len(cached) != seq.n_past:
+        raise ConfigError("stream(seq=...) needs `cached`: the list of the tokens that sequence holds")
+
+    # prompt cache: encode only what follows the longest common prefix with what the sequence holds
+    keep = _common_prefix(cached, tokens)
+    if seq.n_past > keep:
+        seq.truncate(keep)
+    del cached[keep:]
+    blocks: list[np.ndarray] = []  # the sequence holds (tokens + blocks)[:seq.n_past]
+    out: list[int] = []
+    steps: list[int] = []
+    step_seconds = 0.0
+    text, finish, t_first, t_gen, events = "", "length", None, None, None
+    try:
+        seq.prefill(tokens[keep:])
+        t_gen = time.perf_counter()
+        events = generate_steps(seq, config, canvas_length=C, eos_ids=eos_ids, noise=noise, constraints=fixed)
+        for event in events:
+            if isinstance(event, Step):
+                step_seconds += event.seconds
+                yield event
+                continue
+            blocks.append(event.tokens)
+            steps.append(event.steps)
+            new, eos = trim_eos(event.tokens[: config.max_new_tokens - len(out)], eos_ids)
+            out += [int(t) for t in new]
+            full = model.detokenize(out)
+            stop_at = find_stop(full, config.stop, len(text)) if config.stop else -1
+            if stop_at >= 0:
+                full, finish, out = full[:stop_at], "stop", _tokens_for_text(model, out, stop_at)
+            elif eos:
+                finish = "eos"
+            last = finish != "length" or event.block == n_blocks - 1
+            # hold back a tail that may begin a stop string, or an incomplete UTF-8 character
+            shown = full if last else full[: len(full) - stop_holdback(full, config.stop)].rstrip("\ufffd")
+            t_first = t_first if t_first is not None else time.perf_counter()
+            yield BlockText(event.block, [int(t) for t in new], shown[len(text):], event.steps)
+            text = shown
+            if last:
+                break
+    finally:
+        if events is not None:
+            events.close()
+        held = tokens + [int(t) for b in blocks for t in b]
+        cached[:] = held[: seq.n_past]
+
+    t_end = time.perf_counter()
+    n_steps = sum(steps)
+    gen_time = t_end - (t_gen or t_end)
+    stats = Stats(
+        prompt_tokens=len(tokens), prefilled_tokens=len(tokens) - keep, generated_tokens=len(out),
+        canvases=len(steps), steps_per_canvas=steps,
+        tokens_per_forward=len(out) / n_steps if n_steps else 0.0,
+        ms_per_step=1000 * step_seconds / n_steps if n_steps else 0.0,
+        tokens_per_second=len(out) / gen_time if gen_time > 0 else 0.0,
+        time_to_first_token=(t_first or t_end) - t_start, prefill_seconds=(t_gen or t_end) - t_start,
+        total_seconds=t_end - t_start,
+    )
+    yield Completion(text, out, finish, stats)
+
+
+def _tokens_for_text(model, tokens: list[int], n_chars: int) -> list[int]:
+    """The longest prefix of `tokens` whose text fits in the first `n_chars` characters."""
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(model.detokenize(tokens[:mid])) <= n_chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tokens[:lo]
+
+
+def generate(model, prompt: str | Sequence[int], **kwargs) -> Completion:
+    """Run `stream` to the end and return its Completion."""
+    for event in stream(model, prompt, **kwargs):
+        pass
+    return event
+
+
+class ChatSession:
+    """Multi-turn chat over one sequence: renders the GGUF chat template (jinja2) and encodes only what
+    differs from what the sequence already holds (longest common prefix)."""
+
+    def __init__(self, model, messages: Sequence[dict] | None = None, **options):
+        template = model.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError("this model has no tokenizer.chat_template")
+        self.model, self.options = model, options
+        self.template = _jinja_env().from_string(template)
+        self.initial = [dict(m) for m in messages or ()]
+        self.messages = [dict(m) for m in self.initial]
+        self.seq, self.cached = model.sequence(), []
+
+    def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
+        # BOS comes from the tokenizer (add_special), not from the template's bos_token
+        text = self.template.render(messages=list(messages), add_generation_prompt=True, bos_token="")
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def stream(self, content: str, **options) -> Iterator[Step | BlockText | Completion]:
+        """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
+        messages = self.messages + [{"role": "user", "content": content}]
+        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, cached=self.cached,
+                        **{**self.options, **options})
+        try:
+            for event in events:
+                if isinstance(event, Completion):
+                    self.messages = messages + [{"role": "assistant", "content": event.text}]
+                yield event
+        finally:
+            events.close()
+
+    def send(self, content: str, **options) -> Completion:
+        for event in self.stream(content, **options):
+            pass
+        return event
+
+    def reset(self) -> None:
+        """Forget the conversation (back to the initial messages) and empty the cache."""
+        self.messages = [dict(m) for m in self.initial]
+        self.seq.truncate(0)
+        self.cached.clear()
+
+
+def _jinja_env():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ConfigError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Build and install the patched llama-cpp-python that dglocal runs on.
+
+    python scripts/build_backend.py --backend cpu|cuda|metal|vulkan [--cuda-arch 90] [--jobs N]
+
+Fetches the pinned sdist with pip, checks its sha256, applies patches/NNNN-*.patch in order to its vendored
+llama.cpp, builds a wheel and installs it into the current environment. Wheels are cached under
+$DGLOCAL_CACHE (default ~/.cache/dglocal) keyed by (sdist hash, patch hash, build flags), so a rebuild happens
+only when the patches or flags change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the pin lives in the package: dglocal/upstream.py
+from dglocal.upstream import PACKAGE, SDIST, SDIST_SHA256, VERSION, DglocalError, cache_dir, fetch_sdist  # noqa: E402
+
+PATCHES = ROOT / "patches"
+CACHE = cache_dir()
+
+# CMake flags per backend, as llama.cpp's build docs name them; tools, tests and the multimodal library are
+# not needed by dglocal and only cost build time
+COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+BACKEND_FLAGS = {
+    "cpu": [],
+    "cuda": ["-DGGML_CUDA=ON"],
+    "metal": ["-DGGML_METAL=ON"],
+    "vulkan": ["-DGGML_VULKAN=ON"],
+}
+
+
+class BuildError(DglocalError):
+    pass
+
+
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+
+def cmake_flags(backend: str, cuda_arch: str | None) -> list[str]:
+    flags = COMMON_FLAGS + BACKEND_FLAGS[backend]
+    if backend == "cuda" and cuda_arch:
+        flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
+    return flags
+
+
+def build_key(flags: list[str]) -> str:
+    h = hashlib.sha256(SDIST_SHA256.encode())
+    for p in patch_files():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(" ".join(flags).encode())
+    return h.hexdigest()[:20]
+
+
+def apply_patches(src: Path) -> None:
+    vendored = src / "vendor" / "llama.cpp"
+    for p in patch_files():
+        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=vendored,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"patch {p.name} does not apply to llama.cpp of {PACKAGE} {VERSION}:\n{r.stdout}{r.stderr}")
+        print(f"applied {p.name}", flush=True)
+
+
+def run(cmd: list[str], what: str, env: dict | None = None) -> None:
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise BuildError(f"{what} (exit {r.returncode}): {' '.join(cmd)}")
+
+
+def build_wheel(flags: list[str], out: Path, jobs: int) -> Path:
+    sdist = fetch_sdist()
+    with tempfile.TemporaryDirectory(prefix="dglocal-build-") as tmp:
+        with tarfile.open(sdist) as tf:
+            tf.extractall(tmp, filter="data")
+        src = Path(tmp) / SDIST.removesuffix(".tar.gz")
+        apply_patches(src)
+        env = dict(os.environ, CMAKE_ARGS=" ".join(flags), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+        staging = Path(tmp) / "wheel"
+        print(f"building the wheel (CMAKE_ARGS={env['CMAKE_ARGS']}) ...", flush=True)
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(staging), str(src)], "wheel build failed", env)
+        wheel = next(staging.glob("*.whl"))
+        out.mkdir(parents=True, exist_ok=True)
+        # copy then rename: an interrupted build never leaves a wheel that looks complete
+        partial = out / (wheel.name + ".partial")
+        shutil.copyfile(wheel, partial)
+        partial.rename(out / wheel.name)
+        return out / wheel.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default="cpu")
+    ap.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 for H100/H200, 89 for Ada")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
+    ap.add_argument("--rebuild", action="store_true", help="ignore a cached wheel")
+    ap.add_argument("--print-key", action="store_true", help="print the cache key and exit")
+    args = ap.parse_args(argv)
+
+    flags = cmake_flags(args.backend, args.cuda_arch)
+    key = build_key(flags)
+    if args.print_key:
+        print(key)
+        return 0
+    cached = CACHE / "wheels" / f"{args.backend}-{key}"
+    wheels = sorted(cached.glob("*.whl"))
+    try:
+        if args.rebuild or not wheels:
+            wheels = [build_wheel(flags, cached, args.jobs)]
+        else:
+            print(f"using cached wheel {wheels[0]}", flush=True)
+        run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheels[0])], "pip install failed")
+    except DglocalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    (CACHE / "installed-backend").write_text(f"{args.backend}-{key}\n")
+    print(f"installed {PACKAGE} {VERSION} + {len(patch_files())} patches ({args.backend}, key {key})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

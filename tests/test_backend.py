@@ -1,0 +1,163 @@
+"""The patched llama.cpp backend against the reference, on the tiny random checkpoint converted to f32 GGUF.
+
+Every number compared here comes from the reference (tests/reference_harness.py drives the real transformers
+model exactly as its `generate` does); nothing is compared with values produced by dglocal itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tiny
+from reference_harness import ReferenceModel
+
+from dglocal.errors import BackendError, ContextError, ModelError
+
+pytestmark = pytest.mark.backend
+
+W = tiny.TEXT["sliding_window"]
+C = tiny.CANVAS
+ATOL = 2e-4  # fp32 conversions match the reference to ~1e-4 (DESIGN.md §4)
+
+
+@pytest.fixture(scope="module")
+def tiny_f32_gguf(tiny_checkpoint, tiny_vocab, tmp_path_factory):
+    from dglocal.convert import convert
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    convert(tiny_checkpoint, out, "f32", tokenizer_from=tiny_vocab)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model):
+    return ReferenceModel(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_f32_gguf):
+    import dglocal
+
+    m = dglocal.load(tiny_f32_gguf, n_ctx=256, kv_type="f32", n_threads=2)
+    yield m
+    m.close()
+
+
+def prompt(n, seed=1):
+    return np.random.default_rng(seed).integers(3, tiny.VOCAB, n).tolist()
+
+
+def canvas(seed):
+    return np.random.default_rng(seed).integers(0, tiny.VOCAB, C).astype(np.int32)
+
+
+def test_metadata(model):
+    assert model.canvas_length == C
+    assert model.n_vocab == tiny.VOCAB
+    assert model.metadata["general.architecture"] == "diffusion-gemma"
+
+
+@pytest.mark.parametrize("n_prompt", [5, W + 13])  # within and beyond the sliding window
+def test_denoise_matches_reference(model, ref, n_prompt):
+    """Two decoder steps (the second self-conditioned on the first) and a commit, then a second canvas."""
+    seq, rseq = model.sequence(), ref.sequence()
+    p = prompt(n_prompt)
+    seq.prefill(p)
+    rseq.prefill(p)
+    u = np.random.default_rng(7).random(C)
+    for step, (cv, temp, sc) in enumerate([(canvas(1), 0.8, False), (canvas(2), 0.55, True)]):
+        got = seq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, return_logits=True)
+        want = rseq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, return_logits=True)
+        np.testing.assert_allclose(got.logits / temp, want.logits, atol=ATOL, rtol=0, err_msg=f"step {step}")
+        np.testing.assert_array_equal(got.argmax, want.argmax)
+        np.testing.assert_array_equal(got.sampled, want.sampled)
+        np.testing.assert_allclose(got.entropy, want.entropy, atol=1e-4, rtol=1e-4)
+        assert seq.n_past == n_prompt  # the decoder never writes the cache
+
+    seq.commit(got.argmax)
+    rseq.commit(want.argmax)
+    assert seq.n_past == n_prompt + C
+    got = seq.denoise(canvas(3), temperature=0.7, return_logits=True, self_condition=False)
+    want = rseq.denoise(canvas(3), temperature=0.7, return_logits=True, self_condition=False)
+    np.testing.assert_allclose(got.logits / 0.7, want.logits, atol=ATOL, rtol=0)
+
+
+def test_encoder_logits_match_reference(model, tiny_model):
+    """The encoder pass with the LM head: the autoregressive view of the same weights."""
+    import torch
+
+    p = prompt(W + 5, seed=3)
+    got = model.sequence().prefill(p, logits_last=True)
+    with torch.no_grad():
+        enc = tiny_model.model.encoder(input_ids=torch.tensor([p])).last_hidden_state
+        want = tiny_model.lm_head(enc)[0, -1]
+        cap = tiny_model.config.get_text_config().final_logit_softcapping
+        want = (torch.tanh(want / cap) * cap).numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_denoise_leaves_cache_intact(model, ref):
+    """Many canvases at advancing positions, then a commit: the next canvas still sees the same prefix."""
+    seq, rseq = model.sequence(), ref.sequence()
+    p = prompt(3 * W, seed=4)
+    seq.prefill(p)
+    rseq.prefill(p)
+    for i in range(5):
+        seq.denoise(canvas(10 + i), temperature=0.5, self_condition=i > 0)
+    assert seq.n_past == len(p)
+    got = seq.denoise(canvas(20), temperature=0.5, self_condition=False, return_logits=True)
+    want = rseq.denoise(canvas(20), temperature=0.5, self_condition=False, return_logits=True)
+    np.testing.assert_allclose(got.logits / 0.5, want.logits, atol=ATOL, rtol=0)
+
+
+def test_truncate_then_continue(model, ref):
+    seq, rseq = model.sequence(), ref.sequence()
+    p = prompt(2 * W + 3, seed=5)
+    seq.prefill(p)
+    seq.truncate(W + 1)
+    seq.prefill(p[W + 1:])
+    rseq.prefill(p)
+    got = seq.denoise(canvas(5), temperature=0.6, self_condition=False, return_logits=True)
+    want = rseq.denoise(canvas(5), temperature=0.6, self_condition=False, return_logits=True)
+    np.testing.assert_allclose(got.logits / 0.6, want.logits, atol=ATOL, rtol=0)
+
+
+def test_invalid_arguments_raise(model):
+    seq = model.sequence()
+    seq.prefill(prompt(4))
+    with pytest.raises(ValueError):
+        seq.denoise(np.full(C, tiny.VOCAB, np.int32), temperature=1.0)
+    with pytest.raises(BackendError, match="invalid argument"):
+        seq.denoise(canvas(1), temperature=0.0)
+    with pytest.raises(BackendError, match="invalid argument"):
+        seq.denoise(canvas(1), temperature=1.0, uniforms=np.full(C, 2.0))
+    with pytest.raises(ValueError):
+        seq.denoise(canvas(1), temperature=1.0, uniforms=np.zeros(C - 1))
+    with pytest.raises(BackendError, match="micro-batch"):
+        seq.denoise(np.zeros(model.n_ubatch + 1, np.int32), temperature=1.0)
+    assert seq.n_past == 4
+    # the sequence still works after the refusals
+    seq.denoise(canvas(1), temperature=1.0, self_condition=False)
+
+
+def test_context_overflow_is_refused(model):
+    seq = model.sequence()
+    seq.prefill(prompt(model.n_ctx - C + 1))
+    with pytest.raises(ContextError):
+        seq.denoise(canvas(1), temperature=1.0)
+    with pytest.raises(ContextError):
+        seq.prefill(prompt(C))
+
+
+def test_bad_files_are_refused(tmp_path, tiny_vocab):
+    import dglocal
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ModelError, match="junk.gguf"):
+        dglocal.load(junk)
+    with pytest.raises(ModelError, match="architecture"):
+        dglocal.load(tiny_vocab)  # a valid GGUF of another architecture
+    with pytest.raises(ModelError, match="no such file"):
+        dglocal.load(tmp_path / "missing.gguf")

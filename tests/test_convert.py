@@ -1,0 +1,304 @@
+"""Converter: tiny random checkpoints -> GGUF, read back with gguf-py's reader (issue 3, "Proof required").
+
+Expected names and shapes are written out here from the reference modules (not from the
+converter's own table), so a swapped or mis-shaped tensor fails.
+"""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+import tiny
+from dglocal.convert import convert, dry_run, info
+from dglocal.errors import ConvertError
+
+TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tiny_vocab, tmp_path_factory):
+    """type name -> GGUF converted from the per_layer-form checkpoint."""
+    out = tmp_path_factory.mktemp("gguf")
+    return {t: convert(tiny_checkpoint, out / f"tiny-{t}.gguf", t, tokenizer_from=tiny_vocab).path for t in TYPES}
+
+
+def expected_tensors(model):
+    """GGUF name -> (reference tensor in numpy order) for every tensor the file must hold."""
+    dec, enc = model.model.decoder, model.model.encoder.language_model
+    sc = dec.self_conditioning
+    out = {
+        "token_embd.weight": dec.embed_tokens.weight, "output_norm.weight": dec.norm.weight,
+        "self_cond_pre_norm.weight": sc.pre_norm.weight, "self_cond_gate.weight": sc.gate_proj.weight,
+        "self_cond_up.weight": sc.up_proj.weight, "self_cond_down.weight": sc.down_proj.weight,
+    }
+    for il, layer in enumerate(dec.layers):
+        a = layer.self_attn
+        blk = {
+            "attn_norm": layer.input_layernorm.weight, "attn_q": a.q_proj.weight, "attn_k": a.k_proj.weight,
+            "attn_output": a.o_proj.weight, "attn_q_norm": a.q_norm.weight, "attn_k_norm": a.k_norm.weight,
+            "post_attention_norm": layer.post_attention_layernorm.weight,
+            "ffn_norm": layer.pre_feedforward_layernorm.weight, "ffn_gate": layer.mlp.gate_proj.weight,
+            "ffn_up": layer.mlp.up_proj.weight, "ffn_down": layer.mlp.down_proj.weight,
+            "post_ffw_norm": layer.post_feedforward_layernorm.weight,
+            "pre_ffw_norm_2": layer.pre_feedforward_layernorm_2.weight,
+            "post_ffw_norm_1": layer.post_feedforward_layernorm_1.weight,
+            "post_ffw_norm_2": layer.post_feedforward_layernorm_2.weight,
+            "ffn_gate_inp": layer.router.proj.weight, "ffn_gate_up_exps": layer.experts.gate_up_proj,
+            "ffn_down_exps": layer.experts.down_proj, "layer_output_scale": layer.layer_scalar,
+            "enc_layer_output_scale": enc.layers[il].layer_scalar,
+        }
+        if a.v_proj is not None:
+            blk["attn_v"] = a.v_proj.weight
+        out.update({f"blk.{il}.{k}.weight": v for k, v in blk.items()})
+        out[f"blk.{il}.ffn_gate_inp.scale"] = layer.router.scale
+        out[f"blk.{il}.ffn_down_exps.scale"] = layer.router.per_expert_scale
+    out["rope_freqs.weight"] = None  # generated, checked by value below
+    return {k: (None if v is None else v.detach().numpy()) for k, v in out.items()}
+
+
+def fields(reader):
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_metadata(converted, tiny_vocab):
+    kv = fields(gguf.GGUFReader(converted["f16"]))
+    a = "diffusion-gemma."
+    expected = {
+        "general.architecture": "diffusion-gemma", "general.type": "model", "general.file_type": 1,
+        "general.quantization_version": 2,
+        a + "block_count": 6, a + "context_length": 1024, a + "embedding_length": 64,
+        a + "feed_forward_length": 128, a + "attention.head_count": 4,
+        a + "attention.head_count_kv": [2, 2, 1, 2, 2, 1],
+        a + "attention.key_length": 32, a + "attention.value_length": 32,
+        a + "attention.key_length_swa": 16, a + "attention.value_length_swa": 16,
+        a + "attention.sliding_window": 8,
+        a + "attention.sliding_window_pattern": [True, True, False, True, True, False],
+        a + "rope.freq_base": 1e6, a + "rope.freq_base_swa": 1e4,
+        a + "rope.dimension_count": 32, a + "rope.dimension_count_swa": 16,
+        a + "expert_count": 8, a + "expert_used_count": 2, a + "expert_feed_forward_length": 32,
+        a + "final_logit_softcapping": 30.0, a + "attention.layer_norm_rms_epsilon": pytest.approx(1e-6),
+        a + "attention.causal": False, a + "attention.shared_kv_layers": 0,
+        a + "embedding_length_per_layer_input": 0,
+        # tiny.GENERATION: explicit non-default values, so falling back to defaults fails here
+        "diffusion.canvas_length": 16, "diffusion.eb_max_steps": 12,
+        "diffusion.eb_t_min": pytest.approx(0.3), "diffusion.eb_t_max": pytest.approx(0.9),
+        "diffusion.eb_entropy_bound": pytest.approx(0.2), "diffusion.eb_stability_threshold": 2,
+        "diffusion.eb_confidence_threshold": pytest.approx(0.01), "diffusion.shift_logits": False,
+        "diffusion.eos_token_ids": [1, 106, 50],
+    }
+    for key, value in expected.items():
+        assert key in kv, key
+        assert kv[key] == value, key
+    # the tokenizer is the --tokenizer-from file's, every key, value and type
+    src = gguf.GGUFReader(tiny_vocab)
+    src_tok = {k: v for k, v in fields(src).items() if k.startswith("tokenizer.")}
+    assert {k: v for k, v in kv.items() if k.startswith("tokenizer.")} == src_tok
+    out_fields = gguf.GGUFReader(converted["f16"]).fields
+    for k in src_tok:
+        assert out_fields[k].types == src.fields[k].types, k
+    extra = set(kv) - set(expected) - set(src_tok) - {"general.name"}
+    assert not extra, f"unexpected keys {extra}"
+
+
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_tensors_names_shapes_types(converted, tiny_model, type_name):
+    reader = gguf.GGUFReader(converted[type_name])
+    expected = expected_tensors(tiny_model)
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(expected)
+    assert "blk.2.attn_v.weight" not in got and "blk.5.attn_v.weight" not in got  # full layers: no v_proj
+    for name, ref in expected.items():
+        t = got[name]
+        shape = (16,) if ref is None else ref.shape
+        assert tuple(int(d) for d in t.shape) == tuple(reversed(shape)), name  # ggml ne order
+        f32 = len(shape) == 1 or name.endswith("ffn_gate_inp.weight")
+        assert t.tensor_type == (Q.F32 if f32 else TYPES[type_name]), name
+
+
+def _tolerance(ref: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name == "f32":
+        return np.zeros_like(ref)
+    if type_name == "f16":
+        return np.abs(ref) * 2.0 ** -11 + 2.0 ** -24
+    if type_name == "bf16":
+        return np.abs(ref) * 2.0 ** -8
+    blocks = np.abs(ref.reshape(-1, 32)).max(axis=1, keepdims=True)  # q8_0: half a step of d = amax/127
+    return np.broadcast_to(blocks / 127 * 0.5 * 1.01 + blocks * 2.0 ** -11, ref.reshape(-1, 32).shape).reshape(ref.shape)
+
+
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_values_within_type_error(converted, tiny_model, type_name):
+    reader = gguf.GGUFReader(converted[type_name])
+    expected = expected_tensors(tiny_model)
+    for t in reader.tensors:
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+        ref = expected[t.name]
+        if ref is None:  # rope_freqs: 1 on the 0.25*32/2 = 4 rotated pairs, 1e30 on the other 12
+            np.testing.assert_array_equal(got, np.array([1.0] * 4 + [1e30] * 12, dtype=np.float32))
+            continue
+        tol = np.zeros_like(ref) if t.tensor_type == Q.F32 else _tolerance(ref, type_name)
+        err = np.abs(got - ref)
+        assert np.all(err <= tol), f"{t.name}: max error {err.max()} over tolerance"
+
+
+def test_both_config_forms_give_the_same_file(tiny_model, tiny_checkpoint, tiny_vocab, tmp_path):
+    glob = tiny.save_checkpoint(tiny_model, tmp_path / "global", config_form="global")
+    assert "global_head_dim" in json.loads((glob / "config.json").read_text())["text_config"]
+    assert "per_layer_config" in json.loads((tiny_checkpoint / "config.json").read_text())["text_config"]
+    a = convert(tiny_checkpoint, tmp_path / "a.gguf", "f32", tokenizer_from=tiny_vocab).path
+    b = convert(glob, tmp_path / "b.gguf", "f32", tokenizer_from=tiny_vocab).path
+    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    fa, fb = fields(ra), fields(rb)
+    fa.pop("general.name"), fb.pop("general.name")
+    assert fa == fb
+    assert [(t.name, t.data.tobytes()) for t in ra.tensors] == [(t.name, t.data.tobytes()) for t in rb.tensors]
+
+
+def test_no_overwrite_without_force(converted, tiny_checkpoint, tiny_vocab):
+    path = converted["q8_0"]
+    before = path.read_bytes()
+    with pytest.raises(ConvertError, match="already exists"):
+        convert(tiny_checkpoint, path, "f32", tokenizer_from=tiny_vocab)
+    assert path.read_bytes() == before
+    convert(tiny_checkpoint, path, "q8_0", tokenizer_from=tiny_vocab, force=True)
+    assert path.read_bytes() == before  # deterministic
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_safetensors(directory, edit):
+    from safetensors.numpy import load_file, save_file
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _nothing_written(out):
+    return not out.exists() and not list(out.parent.glob(out.name + "*"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_tensor", "missing tensor model.decoder.layers.3.mlp.up_proj.weight"),
+    ("nan_tensor", "model.decoder.layers.5.experts.down_proj has NaN"),
+    ("truncated", "truncated: tensor"),
+    ("missing_shard", "shard missing"),
+    ("unknown_model_type", "model_type is 'gemma4'"),
+    ("unreadable_config", "config.json: unreadable"),
+    ("wrong_shape", "has shape"),
+])
+def test_bad_inputs_leave_nothing(case, message, tiny_checkpoint, tiny_vocab, tmp_path):
+    ck = _copy(tiny_checkpoint, tmp_path / "ck")
+    if case == "missing_tensor":
+        _rewrite_safetensors(ck, lambda t: t.pop("model.decoder.layers.3.mlp.up_proj.weight"))
+    elif case == "nan_tensor":  # fails half-way through writing: the .partial must go
+        _rewrite_safetensors(ck, lambda t: t["model.decoder.layers.5.experts.down_proj"].__setitem__((1, 2, 3), np.nan))
+    elif case == "wrong_shape":
+        _rewrite_safetensors(ck, lambda t: t.__setitem__("model.decoder.norm.weight", np.ones(65, np.float32)))
+    elif case == "truncated":
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "missing_shard":
+        (ck / "model.safetensors").rename(ck / "model-00001-of-00002.safetensors")
+        weight_map = {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}
+        (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif case == "unknown_model_type":
+        config = json.loads((ck / "config.json").read_text())
+        config["model_type"] = "gemma4"
+        (ck / "config.json").write_text(json.dumps(config))
+    elif case == "unreadable_config":
+        (ck / "config.json").write_text("{not json")
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    with pytest.raises(ConvertError, match=message):
+        convert(ck, out, "q8_0", tokenizer_from=tiny_vocab)
+    assert _nothing_written(out)
+
+
+def test_tokenizer_from_vocab_mismatch(tiny_checkpoint, tmp_path):
+    out = tmp_path / "model.gguf"
+    with pytest.raises(ConvertError, match="262144 tokens, the checkpoint's vocab_size is 512"):
+        convert(tiny_checkpoint, out, "f16", tokenizer_from=tiny.vocab_gguf())
+    assert _nothing_written(out)
+
+
+def test_missing_tokenizer_is_a_clear_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConvertError, match="no tokenizer.json"):
+        convert(tiny_checkpoint, tmp_path / "model.gguf", "f16")
+
+
+def test_unknown_type(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConvertError, match="unknown type 'q9_z'"):
+        convert(tiny_checkpoint, tmp_path / "model.gguf", "q9_z")
+
+
+@pytest.mark.parametrize("type_name", ["f32", "q8_0"])
+def test_dry_run_matches_the_written_file(converted, tiny_checkpoint, type_name):
+    plan = dry_run(tiny_checkpoint, type_name, vram="1G", context=64)
+    reader = gguf.GGUFReader(converted[type_name])
+    assert [(r.name, r.shape, r.type) for r in plan.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors]
+    assert plan.weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    # f16 K+V: sliding layers keep min(64, window 8 + canvas 16) = 24 keys of 2 heads x 16,
+    # full layers 64 keys of 1 head x 32
+    assert plan.kv_cache_bytes == 4 * (24 * 2 * 16 * 2 * 2) + 2 * (64 * 1 * 32 * 2 * 2)
+    assert plan.fits is True and not plan.estimated
+    assert dry_run(tiny_checkpoint, type_name, vram="100M", context=64).fits is False
+    assert plan.generation["max_denoising_steps"] == 12
+
+
+def test_dry_run_26b_from_config_alone(tmp_path):
+    """The published 26B config (global form), with no weights at all: 692 tensors as the community files."""
+    text = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                num_global_key_value_heads=2, sliding_window=1024, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704, max_position_embeddings=262144)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": text}))
+    plan = dry_run(tmp_path, "q4_k_m", vram="18G", context=8192)
+    assert len(plan.tensors) == 692 and plan.estimated
+    by_name = {r.name: r for r in plan.tensors}
+    assert by_name["blk.0.ffn_gate_up_exps.weight"].shape == (2816, 1408, 128)
+    assert by_name["blk.5.attn_k.weight"].shape == (2816, 1024) and "blk.5.attn_v.weight" not in by_name
+    assert by_name["rope_freqs.weight"].shape == (256,)
+    assert 13e9 < plan.weights_bytes < 18e9  # community Q4_K_M: ~16 GB
+    assert plan.generation["max_denoising_steps"] == 48  # no generation_config.json: reference defaults
+
+
+def test_info(converted):
+    i = info(converted["q8_0"])
+    assert i.architecture == "diffusion-gemma" and i.n_tensors == 143
+    assert i.quant_mix["Q8_0"]["tensors"] == 56  # 4 self-cond/embedding matrices + 6 layers x 8 or 9
+    assert i.diffusion["canvas_length"] == 16
+    assert i.tokenizer["n_tokens"] == 512 and i.tokenizer["eos"] == 1
+    assert i.hparams["attention.head_count_kv"] == [2, 2, 1, 2, 2, 1]
+
+
+def test_progress_reports_every_byte(tiny_checkpoint, tiny_vocab, tmp_path):
+    calls = []
+    convert(tiny_checkpoint, tmp_path / "m.gguf", "f16", tokenizer_from=tiny_vocab,
+            progress=lambda name, done, total: calls.append((name, done, total)))
+    assert calls[-1][1] == calls[-1][2] and len({c[0] for c in calls}) == 143
+
+
+# --- need the patched llama.cpp (dglocal._native); the lead wires these to the backend fixture ---
+
+@pytest.mark.backend
+def test_k_quant_output_is_llama_cpp_quantized(tiny_checkpoint, tiny_vocab, tmp_path):
+    path = convert(tiny_checkpoint, tmp_path / "m.gguf", "q4_k_m", tokenizer_from=tiny_vocab).path
+    i = info(path)
+    assert i.file_type == "MOSTLY_Q4_K_M" and i.architecture == "diffusion-gemma"
+    assert set(i.quant_mix) - {"F32", "F16", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0"} == set()
+    # TODO(lead): load f32 and q4_k_m in the backend and compare decoder logits on one canvas (NMSE bound)
+
+
+@pytest.mark.backend
+def test_f32_logits_match_reference():
+    pytest.fail("TODO(lead): tiny f32 GGUF logits vs tests/reference_harness (DESIGN §4: ~1e-4)")

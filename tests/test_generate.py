@@ -1,0 +1,207 @@
+"""The block loop against the reference `generate` on a tiny random checkpoint, fed identical noise.
+
+`ReferenceModel` is the real torch model in the backend's shape (tests/reference_harness.py); the same tests
+can run over the llama.cpp backend by swapping the model object.
+"""
+
+import numpy as np
+import pytest
+from reference_harness import ReferenceModel, reference_generate
+from tiny import tiny_model
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+from dglocal.config import GenerationConfig
+from dglocal.errors import ConfigError, ContextError
+from dglocal.generate import Block, BlockText, ChatSession, Completion, Step, generate, generate_steps, stream
+from dglocal.sampler import SeededNoise, accept_mask
+
+V, C = 512, 16
+PROMPT = [2] + list(range(10, 30))  # 21 tokens: beyond the sliding window of 8
+BASE = dict(max_new_tokens=48, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+            stability_threshold=1, confidence_threshold=0.005)
+# argmax converges (near-greedy, everything accepted): the stable-and-confident stop fires mid-block
+EARLY = dict(BASE, max_denoising_steps=8, entropy_bound=1000.0, t_min=0.01, t_max=0.05, confidence_threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def tm():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(tm):
+    template = ("{% for m in messages %}<{{ 'model' if m['role'] == 'assistant' else m['role'] }}>"
+                "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<model>{% endif %}")
+    return ReferenceModel(tm, n_ctx=1024, eos_ids=(1, 106, 50), metadata={"tokenizer.chat_template": template})
+
+
+def run_reference(tm, seed, eos=None, **cfg):
+    kw = dict(cfg)
+    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kw.pop("entropy_bound"))
+    return reference_generate(tm, PROMPT, SeededNoise(V, seed), eos_token_id=eos, pad_token_id=0, **kw)
+
+
+def run_driver(model, seed, eos=(), **cfg):
+    seq = model.sequence()
+    seq.prefill(PROMPT)
+    events = list(generate_steps(seq, GenerationConfig(**cfg), canvas_length=C, eos_ids=eos,
+                                 noise=SeededNoise(V, seed)))
+    blocks = [e for e in events if isinstance(e, Block)]
+    return blocks, [e for e in events if isinstance(e, Step)], seq
+
+
+def padded_after_eos(tokens, eos):
+    """What the reference returns: tokens after the first EOS replaced by pad (0)."""
+    hits = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens if not hits else tokens[: hits[0] + 1] + [0] * (len(tokens) - hits[0] - 1)
+
+
+@pytest.mark.parametrize("seed,cfg", [(0, BASE), (1, dict(BASE, entropy_bound=0.4, t_min=0.2, t_max=1.2)),
+                                      (2, EARLY), (3, dict(EARLY, stability_threshold=2))])
+def test_trajectory_parity(tm, model, seed, cfg):
+    ref_tokens, ref_steps = run_reference(tm, seed, **cfg)
+    blocks, steps, seq = run_driver(model, seed, **cfg)
+    assert len(blocks) == 3
+    assert np.concatenate([b.tokens for b in blocks]).tolist() == ref_tokens
+    assert [b.steps for b in blocks] == ref_steps
+    assert seq.n_denoise == sum(ref_steps) and seq.n_past == len(PROMPT) + 2 * C  # last block not encoded
+    if cfg is EARLY or cfg.get("t_max") == EARLY["t_max"]:
+        assert min(ref_steps) < cfg["max_denoising_steps"]  # the early stop did fire
+        assert [s.early_stop for s in steps].count(True) == sum(s < cfg["max_denoising_steps"] for s in ref_steps)
+
+
+def test_trajectory_parity_eos_inside_a_block(tm, model):
+    blocks, _, _ = run_driver(model, 0, **BASE)
+    out = np.concatenate([b.tokens for b in blocks]).tolist()
+    # an EOS id the model does produce: the first token of block 1 (after position 3) not seen before it
+    p = next(i for i in range(C + 3, 2 * C) if out[i] not in out[:i])
+    eos = (out[p],)
+    ref_tokens, ref_steps = run_reference(tm, 0, eos=list(eos), **BASE)
+    blocks, _, _ = run_driver(model, 0, eos=eos, **BASE)
+    assert len(ref_steps) == 2 and [b.steps for b in blocks] == ref_steps
+    assert [b.eos for b in blocks] == [False, True]
+    assert padded_after_eos(np.concatenate([b.tokens for b in blocks]).tolist(), eos) == ref_tokens
+    # the public layer: EOS and what follows it dropped
+    done = generate(model, PROMPT, noise=SeededNoise(V, 0), eos_token_id=eos, **BASE)
+    assert done.finish_reason == "eos" and done.tokens == out[:p] and done.text == model.detokenize(out[:p])
+    assert done.stats.steps_per_canvas == ref_steps and done.stats.canvases == 2
+
+
+def test_seed_reproducible_and_max_new_tokens_trimmed(model):
+    a = generate(model, PROMPT, seed=11, eos_token_id=(), **dict(BASE, max_new_tokens=20))
+    b = generate(model, PROMPT, noise=SeededNoise(V, 11), eos_token_id=(), **dict(BASE, max_new_tokens=20))
+    assert a.tokens == b.tokens and len(a.tokens) == 20 and a.finish_reason == "length"
+    assert a.stats.canvases == 2 and a.stats.generated_tokens == 20
+
+
+def test_constraints_hold_and_free_positions_follow_the_rule(model):
+    pinned = {0: 7, 5: 9, 17: 100, 31: 2}
+
+    class Spy:  # records what the driver sends and gets back
+        def __init__(self, seq):
+            self.seq, self.calls = seq, []
+
+        def __getattr__(self, name):
+            return getattr(self.seq, name)
+
+        def denoise(self, canvas, **kw):
+            out = self.seq.denoise(canvas, **kw)
+            self.calls.append((np.array(canvas), out))
+            return out
+
+    seq = model.sequence()
+    seq.prefill(PROMPT)
+    spy = Spy(seq)
+    cfg = GenerationConfig(**dict(BASE, max_new_tokens=32, entropy_bound=0.3))
+    table = np.full(32, -1)
+    for p, t in pinned.items():
+        table[p] = t
+    events = list(generate_steps(spy, cfg, canvas_length=C, eos_ids=(), noise=SeededNoise(V, 4), constraints=table))
+    steps = [e for e in events if isinstance(e, Step)]
+    blocks = [e for e in events if isinstance(e, Block)]
+    assert len(steps) == len(spy.calls) == sum(b.steps for b in blocks)
+    for s, (canvas, out) in zip(steps, spy.calls):
+        here = {p - s.block * C: t for p, t in pinned.items() if p // C == s.block}
+        held = np.zeros(C, bool)
+        held[list(here)] = True
+        assert all(canvas[p] == t and s.argmax[p] == t and s.accepted[p] for p, t in here.items())
+        # free positions: the reference rule on their own entropies (pinned ones count as zero)
+        assert (s.accepted[~held] == accept_mask(out.entropy[~held], cfg.entropy_bound)).all()
+        assert (s.argmax[~held] == out.argmax[~held]).all()
+    committed = np.concatenate([b.tokens for b in blocks])
+    assert all(committed[p] == t for p, t in pinned.items())
+    # the public API takes the same mapping
+    done = generate(model, PROMPT, noise=SeededNoise(V, 4), constraints=pinned, eos_token_id=(),
+                    **dict(BASE, max_new_tokens=32, entropy_bound=0.3))
+    assert done.tokens == committed.tolist()
+    with pytest.raises(ConfigError, match="position 40"):
+        generate(model, PROMPT, constraints={40: 1}, **dict(BASE, max_new_tokens=32))
+
+
+def test_stop_string_across_blocks(model):
+    full = generate(model, PROMPT, seed=5, eos_token_id=(), **BASE)
+    start = next(i for i in range(13, 16) if full.text.find(full.text[i:i + 4]) == i)
+    stop = full.text[start:start + 4]  # straddles the boundary between blocks 0 and 1
+    events = list(stream(model, PROMPT, seed=5, eos_token_id=(), stop=[stop], **BASE))
+    done = events[-1]
+    assert done.finish_reason == "stop" and done.text == full.text[:start] and done.tokens == full.tokens[:start]
+    shown = "".join(e.text for e in events if isinstance(e, BlockText))
+    assert shown == done.text  # no part of the stop string was ever streamed
+    assert done.stats.canvases == 2
+
+
+def test_context_error_before_any_work(tm):
+    small = ReferenceModel(tm, n_ctx=60)
+    seq = small.sequence()
+    with pytest.raises(ContextError, match="n_ctx 60"):
+        next(stream(small, PROMPT, seq=seq, cached=[], **BASE))  # 21 + 3 * 16 = 69 > 60
+    assert seq.n_prefilled == 0 and seq.n_denoise == 0
+
+
+def test_break_leaves_the_sequence_consistent(model):
+    seq, cached = model.sequence(), []
+    it = stream(model, PROMPT, seq=seq, cached=cached, seed=3, eos_token_id=(), **BASE)
+    for e in it:
+        if isinstance(e, Step) and e.block == 1 and e.step == 2:
+            break
+    it.close()
+    assert seq.n_past == len(cached) == len(PROMPT) + C and cached[: len(PROMPT)] == PROMPT
+
+    class Interrupting:  # KeyboardInterrupt from inside the backend call
+        def __init__(self, seq, after):
+            self.seq, self.after = seq, after
+
+        def __getattr__(self, name):
+            return getattr(self.seq, name)
+
+        def denoise(self, *a, **kw):
+            self.after -= 1
+            if self.after < 0:
+                raise KeyboardInterrupt
+            return self.seq.denoise(*a, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        list(stream(model, PROMPT, seq=Interrupting(seq, 9), cached=cached, seed=3, eos_token_id=(), **BASE))
+    assert seq.n_past == len(cached) == len(PROMPT) + C  # block 0 committed, block 1 never finished
+    # the sequence is still usable: it reuses the whole prompt and gives the fresh-sequence answer
+    again = generate(model, PROMPT, seq=seq, cached=cached, seed=3, eos_token_id=(), **BASE)
+    assert again.stats.prefilled_tokens == 0
+    assert again.tokens == generate(model, PROMPT, seed=3, eos_token_id=(), **BASE).tokens
+
+
+def test_chat_reuses_the_cache_and_equals_a_fresh_session(model):
+    opts = dict(BASE, max_new_tokens=32, eos_token_id=())
+    chat = ChatSession(model, **opts)
+    first = chat.send("hi there", seed=1)
+    held = list(chat.cached)
+    before = chat.seq.n_prefilled
+    second = chat.send("and then?", seed=2)
+    prompt2 = chat.prompt_tokens(chat.messages[:-1])
+    lcp = next((i for i, (a, b) in enumerate(zip(held, prompt2)) if a != b), min(len(held), len(prompt2)))
+    assert lcp >= len(chat.prompt_tokens(chat.messages[:1])) + C  # turn 1 prompt and its committed block
+    assert chat.seq.n_prefilled - before == second.stats.prefilled_tokens == len(prompt2) - lcp
+    fresh = ChatSession(model, messages=chat.messages[:2], **opts).send("and then?", seed=2)
+    assert fresh.tokens == second.tokens and fresh.text == second.text
+    assert first.text == chat.messages[1]["content"]
+    chat.reset()
+    assert chat.seq.n_past == 0 and chat.cached == [] and chat.messages == []

@@ -1,0 +1,175 @@
+"""Tiny random DiffusionGemma checkpoints built with the reference classes (DESIGN.md §4).
+
+`tiny_model()` gives a float32 reference model whose weights are re-drawn so that every tensor
+matters: the reference init leaves norms, router scales, per_expert_scale and layer_scalar at
+exactly 1.0, which would hide a swapped or missing tensor. `save_checkpoint()` writes it the way
+a converter sees a real checkpoint (tied encoder weights absent, both layer_scalar buffers kept).
+
+`tiny_vocab_gguf()` writes a 512-token vocab-only GGUF cut from llama.cpp's
+`ggml-vocab-gemma-4.gguf` (the real Gemma 4 tokenizer): the tokenizer for tiny checkpoints, given
+to the converter with `tokenizer_from=`. Ids 0..511 hold the special tokens (pad 0, eos 1, bos 2,
+unk 3, mask 4, `<|turn>` 105, `<turn|>` 106, ...), all 256 byte tokens (238..493) and a few
+merges, so any text tokenizes (byte fallback) and the chat template still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    DiffusionGemmaGenerationConfig,
+    EntropyBoundSamplerConfig,
+)
+
+VOCAB = 512
+CANVAS = 16
+LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=len(LAYER_TYPES),
+    layer_types=LAYER_TYPES,
+    num_attention_heads=4,
+    num_key_value_heads=2,          # sliding layers: head_dim 16, 2 kv heads
+    head_dim=16,
+    global_head_dim=32,             # full layers: head_dim 32, 1 kv head (the published form)
+    num_global_key_value_heads=1,
+    sliding_window=8,               # prompts longer than 8 exercise the window
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+    max_position_embeddings=1024,
+)
+
+# The vision tower is mandatory in the reference class; a 1-layer, 16-wide one is enough.
+VISION = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+)
+
+# Explicit, non-default values so a converter that falls back to the defaults is caught.
+GENERATION = dict(
+    max_new_tokens=64,
+    max_denoising_steps=12,
+    entropy_bound=0.2,
+    t_min=0.3,
+    t_max=0.9,
+    stability_threshold=2,
+    confidence_threshold=0.01,
+    eos_token_id=[1, 106, 50],
+    bos_token_id=2,
+    pad_token_id=0,
+)
+
+def vocab_gguf() -> Path:
+    """The vocab-only Gemma 4 GGUF shipped in the pinned llama-cpp-python sdist (DESIGN.md §3)."""
+    from dglocal.upstream import VOCAB_GEMMA4, sdist_file
+
+    return Path(os.environ.get("DGLOCAL_VOCAB_GGUF") or sdist_file(VOCAB_GEMMA4))
+
+
+def tiny_config(**overrides) -> DiffusionGemmaConfig:
+    """The tiny reference config; `canvas_length` goes top-level, other overrides to text_config."""
+    canvas_length = overrides.pop("canvas_length", CANVAS)
+    text = {**TEXT, **overrides}
+    return DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas_length)
+
+
+@torch.no_grad()
+def tiny_model(seed: int = 0, **overrides) -> DiffusionGemmaForBlockDiffusion:
+    """Reference model, float32, eval mode, with discriminative random weights."""
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(**overrides)).float().eval()
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(t, lo, hi):
+        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+    # named_parameters() yields each tied tensor once (encoder text weights are the decoder's)
+    for name, p in model.named_parameters():
+        if ".vision_tower." in name or ".embed_vision." in name:
+            continue
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            uniform(p, 0.2, 0.5)
+        elif name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
+            uniform(p, 0.5, 1.5)
+        elif name.endswith("embed_tokens.weight"):
+            p.copy_(torch.randn(p.shape, generator=g))  # unit rows: logits of order 10, softcap active
+        elif p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)  # fan-in scaling
+        else:
+            raise AssertionError(f"tiny_model: no draw rule for {name} {tuple(p.shape)}")
+    # layer_scalar is a buffer, one per layer in each of the encoder and the decoder (not tied)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            lo, hi = (0.5, 0.9) if ".encoder." in name else (1.1, 1.5)
+            uniform(b, lo, hi)
+    return model
+
+
+def save_checkpoint(model, directory, *, config_form: str = "per_layer", generation: dict | None = None) -> Path:
+    """Write safetensors + config.json + generation_config.json into `directory` and return it.
+
+    config_form: "per_layer" keeps the `per_layer_config` block that 5.23's save_pretrained writes;
+    "global" rewrites it as `global_head_dim` + `num_global_key_value_heads` (the published form).
+    generation: overrides of `GENERATION` (entropy_bound goes into sampler_config).
+    """
+    if config_form not in ("per_layer", "global"):
+        raise ValueError(f"config_form must be 'per_layer' or 'global', got {config_form!r}")
+    directory = Path(directory)
+    model.save_pretrained(directory)
+
+    if config_form == "global":
+        path = directory / "config.json"
+        config = json.loads(path.read_text())
+        text = config["text_config"]
+        full = [text["per_layer_config"][str(i)] for i, t in enumerate(text["layer_types"]) if t == "full_attention"]
+        del text["per_layer_config"]
+        text["global_head_dim"] = full[0]["head_dim"]
+        text["num_global_key_value_heads"] = full[0]["num_key_value_heads"]
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+    gen = {**GENERATION, **(generation or {})}
+    gen["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(gen.pop("entropy_bound")))
+    DiffusionGemmaGenerationConfig(**gen).save_pretrained(directory)
+    return directory
+
+
+def tiny_vocab_gguf(path, n_vocab: int = VOCAB, source: Path | None = None) -> Path:
+    """Write a vocab-only gemma4 GGUF holding the first `n_vocab` tokens of the real tokenizer.
+
+    Merges are kept only where both halves and their concatenation are in the cut vocabulary.
+    """
+    import gguf
+
+    from dglocal.gguf_read import read_header
+
+    kv = read_header(source or vocab_gguf()).kv
+    tokens = kv["tokenizer.ggml.tokens"][:n_vocab]
+    known = set(tokens)
+    merges = [m for m in kv["tokenizer.ggml.merges"]
+              if len(parts := m.split(" ", 1)) == 2
+              and parts[0] in known and parts[1] in known and parts[0] + parts[1] in known]
+
+    writer = gguf.GGUFWriter(path, "gemma4")
+    writer.add_tokenizer_model("gemma4")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(kv["tokenizer.ggml.scores"][:n_vocab])
+    writer.add_token_types(kv["tokenizer.ggml.token_type"][:n_vocab])
+    writer.add_token_merges(merges)
+    for key in ("bos", "eos", "unknown", "padding", "mask"):
+        writer.add_uint32(f"tokenizer.ggml.{key}_token_id", kv[f"tokenizer.ggml.{key}_token_id"])
+    writer.add_chat_template(kv["tokenizer.chat_template"])
+    writer.add_add_space_prefix(False)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
