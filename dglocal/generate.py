@@ -282,6 +282,7 @@ class ChatSession:
     def stream(self, content: str, **options) -> Iterator[Step | BlockText | Completion]:
         """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
         messages = self.messages + [{"role": "user", "content": content}]
+        self._ensure_sequence()
         events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, cached=self.cached,
                         **{**self.options, **options})
         try:
@@ -300,8 +301,14 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (back to the initial messages) and empty the cache."""
         self.messages = [dict(m) for m in self.initial]
+        self._ensure_sequence()
         self.seq.truncate(0)
         self.cached.clear()
+
+    def _ensure_sequence(self) -> None:
+        # a model has one cache: if something else took it over, start a fresh sequence (full re-prefill)
+        if not getattr(self.seq, "live", True):
+            self.seq, self.cached = self.model.sequence(), []
 
 
 def _jinja_env():

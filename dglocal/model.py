@@ -98,6 +98,7 @@ class Model:
             raise BackendError("the backend and the GGUF disagree on the canvas length")
         self.eos_ids = self._eos_ids()
         self._sequence: Sequence | None = None
+        self._default: tuple[Sequence, list[int]] | None = None  # the sequence stream() reuses, and its tokens
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -143,14 +144,36 @@ class Model:
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
-    # -- sequences -----------------------------------------------------------------------------------------
+    # -- sequences and generation ---------------------------------------------------------------------------
 
     def sequence(self) -> "Sequence":
-        """The context's one KV-cache sequence, emptied."""
+        """The context's one KV-cache sequence, emptied; a sequence made earlier becomes unusable."""
         if self._ctx is None:
             raise BackendError("the model is closed")
         self._sequence = Sequence(self)
         return self._sequence
+
+    def stream(self, prompt, **options):
+        """Generate after `prompt` (text or token ids); yields Step drafts, BlockText per committed block and
+        a final Completion (dglocal.generate.stream). Consecutive calls reuse the cached common prefix."""
+        from . import generate as gen
+
+        if self._default is None or self._default[0] is not self._sequence:
+            self._default = (self.sequence(), [])
+        seq, cached = self._default
+        return gen.stream(self, prompt, seq=seq, cached=cached, **options)
+
+    def generate(self, prompt, **options):
+        """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats."""
+        for event in self.stream(prompt, **options):
+            pass
+        return event
+
+    def chat(self, messages=None, **options):
+        """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
+        from .generate import ChatSession
+
+        return ChatSession(self, messages, **options)
 
 
 class Sequence:
@@ -162,9 +185,19 @@ class Sequence:
         self._ll = model._ll
         self._mem = self._ll.llama_get_memory(model._ctx)
         self._ll.llama_memory_clear(self._mem, True)
-        # counters: tokens run through the encoder, decoder passes
-        self.n_encoded = 0
+        # counters: prompt tokens encoded, block tokens committed, decoder passes
+        self.n_prefilled = 0
+        self.n_committed = 0
         self.n_denoise = 0
+
+    @property
+    def live(self) -> bool:
+        """False once a newer model.sequence() has taken over the context's cache."""
+        return self.model._sequence is self
+
+    def _check_live(self) -> None:
+        if not self.live:
+            raise BackendError("this sequence was replaced by a newer model.sequence() and its cache is gone")
 
     @property
     def n_past(self) -> int:
@@ -179,6 +212,17 @@ class Sequence:
     def prefill(self, tokens, *, logits_last: bool = False) -> np.ndarray | None:
         """Run the causal encoder over `tokens`, appending them to the cache. With logits_last, return the
         encoder's next-token logits after the last token (the autoregressive view of the same weights)."""
+        logits = self._encode(tokens, logits_last)
+        self.n_prefilled += len(tokens)
+        return logits
+
+    def commit(self, tokens) -> None:
+        """Append a finished block: the same causal encoder pass as prefill."""
+        self._encode(tokens, False)
+        self.n_committed += len(tokens)
+
+    def _encode(self, tokens, logits_last: bool) -> np.ndarray | None:
+        self._check_live()
         toks = self._check_tokens(tokens)
         if self.n_past + toks.size > self.model.n_ctx:
             raise ContextError(f"{self.n_past} cached + {toks.size} new tokens exceed n_ctx {self.model.n_ctx}")
@@ -201,7 +245,6 @@ class Sequence:
                     self._ll.llama_memory_seq_rm(self._mem, self.seq_id, pos0, -1)
                     raise BackendError(f"encoder pass failed (llama_decode returned {ret}): "
                                        f"{self.model._nat.last_errors()}")
-                self.n_encoded += len(chunk)
         finally:
             self._ll.llama_batch_free(batch)
         if logits_last and toks.size:
@@ -209,13 +252,12 @@ class Sequence:
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
         return None
 
-    commit = prefill  # a finished block goes through the same causal encoder pass
-
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
                 return_logits: bool = False) -> Denoised:
         """Decoder pass over `canvas` at positions n_past.. ; the cache is left as it was.
         self_condition=True feeds the soft embedding left by the previous denoise call (its logits / its
         temperature); False feeds zeros, as at the first step of a canvas."""
+        self._check_live()
         nat = self.model._nat
         toks = self._check_tokens(canvas)
         n = toks.size
@@ -244,6 +286,7 @@ class Sequence:
 
     def truncate(self, n: int) -> None:
         """Keep the first n cached tokens (multi-turn reuse)."""
+        self._check_live()
         if not 0 <= n <= self.n_past:
             raise ValueError(f"cannot truncate to {n}: the cache holds {self.n_past} tokens")
         if not self._ll.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             wheels = [build_wheel(flags, cached, args.jobs)]
         else:
             print(f"using cached wheel {wheels[0]}", flush=True)
+        # replace any other llama-cpp-python build, then add its missing dependencies (without touching numpy)
         run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheels[0])], "pip install failed")
+        run([sys.executable, "-m", "pip", "install", str(wheels[0])], "pip install of the wheel's dependencies failed")
     except DglocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

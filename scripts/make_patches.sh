@@ -5,10 +5,11 @@ set -euo pipefail
 src=${1:?usage: make_patches.sh LLAMA_CPP_GIT_DIR}
 out=$(cd "$(dirname "$0")/.." && pwd)/patches
 git -C "$src" add -A
-diff() { git -C "$src" diff --cached HEAD -- "$@"; }
-diff src/llama-hparams.h src/llama-kv-cache.cpp                  > "$out/0001-canvas-attention-mask.patch"
-diff src/llama-arch.h src/llama-arch.cpp src/llama-model.cpp \
+d() { git -C "$src" diff --cached HEAD -- "$@"; }
+d src/llama-hparams.h src/llama-kv-cache.cpp                  > "$out/0001-canvas-attention-mask.patch"
+d src/llama-arch.h src/llama-arch.cpp src/llama-model.cpp \
      src/models/models.h src/models/diffusion-gemma.cpp          > "$out/0002-diffusion-gemma-arch.patch"
-diff include/llama.h src/CMakeLists.txt src/llama-cparams.h \
+d include/llama.h src/CMakeLists.txt src/llama-cparams.h \
      src/llama-context.h src/llama-dg.h src/llama-dg.cpp        > "$out/0003-denoise-c-api.patch"
+d ggml/src/ggml-cpu/vec.h                                         > "$out/0004-cpu-gelu-f32.patch"
 git -C "$src" diff --cached --stat HEAD

@@ -16,6 +16,7 @@ State (model, optimizer, step, RNG) goes to <run-dir>/state.pt every --save-minu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -74,9 +75,10 @@ def build_model(args):
         eos_token_id=sc.EOS_ID,
         bos_token_id=sc.BOS_ID,
     )
-    # the class requires a vision tower; a 1-layer 16-wide one costs ~6k parameters
+    # the class requires a vision tower (unused here); this 1-layer 16-wide one costs ~5k parameters
     vision = Gemma4VisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=16
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=16, patch_size=4, position_embedding_size=16,
     )
     config = DiffusionGemmaConfig(
         text_config=text, vision_config=vision, canvas_length=sc.CANVAS_LENGTH,
@@ -112,11 +114,12 @@ def generation_config(**overrides):
 
 def write_tokenizer(directory: Path) -> None:
     """WordLevel tokenizer over the 41 tokens: one character per cell, '<...>' names as special tokens."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(sc.TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<[^>]*>|\S"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # cells decode back to an 81-character string, no spaces
     tok.add_special_tokens([t for t in sc.TOKENS if t.startswith("<")])
     tok.save(str(directory / "tokenizer.json"))
     structure = "".join(sc.TOKENS[i] for i in sc.STRUCTURE_IDS[1:])
@@ -200,7 +203,9 @@ def evaluate(model, pairs, batch: int = 64, seed: int = 0, **gen_overrides) -> d
     """Solve rate (check_grid), blank-cell accuracy and mean denoising steps via `model.generate`."""
     was_training = model.training
     model.eval()
-    gc = generation_config(**gen_overrides)
+    gc = copy.deepcopy(model.generation_config)  # the checkpoint's sampler settings, then the overrides
+    for key, value in gen_overrides.items():
+        setattr(gc, key, value)
     solved = blanks = blanks_right = 0
     steps_total = 0.0
     grids = []

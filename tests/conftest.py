@@ -30,3 +30,24 @@ def tiny_checkpoint(tiny_model, tmp_path_factory):
 def tiny_vocab(tmp_path_factory):
     """512-token vocab-only gemma4 GGUF cut from the real Gemma 4 tokenizer (see tiny.py)."""
     return tiny.tiny_vocab_gguf(tmp_path_factory.mktemp("tiny_vocab") / "vocab-512.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tiny_checkpoint, tiny_vocab, tmp_path_factory):
+    """The tiny checkpoint converted to an f32 GGUF with the 512-token Gemma 4 vocabulary."""
+    from dglocal.convert import convert
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    convert(tiny_checkpoint, out, "f32", tokenizer_from=tiny_vocab)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_model(tiny_f32_gguf):
+    """The tiny f32 GGUF on the patched llama.cpp, set up for exactness: f32 KV cache, no flash attention
+    (the CPU flash-attention kernel rounds through f16, ~1e-3 relative)."""
+    import dglocal
+
+    m = dglocal.load(tiny_f32_gguf, n_ctx=1024, kv_type="f32", n_threads=2, flash_attn=False)
+    yield m
+    m.close()

@@ -22,26 +22,13 @@ ATOL = 2e-4  # fp32 conversions match the reference to ~1e-4 (DESIGN.md §4)
 
 
 @pytest.fixture(scope="module")
-def tiny_f32_gguf(tiny_checkpoint, tiny_vocab, tmp_path_factory):
-    from dglocal.convert import convert
-
-    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
-    convert(tiny_checkpoint, out, "f32", tokenizer_from=tiny_vocab)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ref(tiny_model):
     return ReferenceModel(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_f32_gguf):
-    import dglocal
-
-    m = dglocal.load(tiny_f32_gguf, n_ctx=256, kv_type="f32", n_threads=2)
-    yield m
-    m.close()
+@pytest.fixture
+def model(llama_model):
+    return llama_model
 
 
 def prompt(n, seed=1):

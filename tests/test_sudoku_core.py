@@ -1,0 +1,123 @@
+"""Sudoku rules, solver, generator, augmentation and token format (pure Python, no model)."""
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dglocal import sudoku_core as sc
+from dglocal.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from sudoku_data import augment, generate, random_symmetry, read_pairs  # noqa: E402
+
+# A well-known puzzle (Wikipedia's example) and its unique solution.
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
+HELDOUT = Path(__file__).resolve().parents[1] / "scripts" / "sudoku" / "heldout.txt"
+
+
+def test_parse_and_format_round_trip():
+    cells = sc.parse_grid(PUZZLE)
+    assert len(cells) == 81 and cells[:3] == [5, 3, 0]
+    assert sc.format_grid(cells) == PUZZLE
+    assert sc.parse_grid(PUZZLE.replace(".", "0")) == cells
+    assert sc.parse_grid("  " + PUZZLE + "\n") == cells
+
+
+@pytest.mark.parametrize("bad", [PUZZLE[:80], PUZZLE + "1", PUZZLE[:10] + "x" + PUZZLE[11:], ""])
+def test_parse_rejects_bad_puzzles(bad):
+    with pytest.raises(ConfigError):
+        sc.parse_grid(bad)
+
+
+def test_check_grid_accepts_solution():
+    assert sc.check_grid(PUZZLE, SOLUTION)
+    assert sc.check_grid(sc.parse_grid(PUZZLE), sc.parse_grid(SOLUTION))
+
+
+def test_check_grid_rejects_rule_breaks_and_changed_givens():
+    sol = sc.parse_grid(SOLUTION)
+    # swap two cells of a row: the row stays a permutation, two columns break
+    broken = sol.copy()
+    broken[2], broken[3] = broken[3], broken[2]
+    assert not sc.check_grid([0] * 81, broken)
+    # incomplete grid
+    incomplete = sol.copy()
+    incomplete[40] = 0
+    assert not sc.check_grid([0] * 81, incomplete)
+    # a valid solution that changes a given: relabel digits 1 <-> 2 everywhere
+    relabelled = [{1: 2, 2: 1}.get(v, v) for v in sol]
+    assert sc.check_grid([0] * 81, relabelled)
+    assert not sc.check_grid(PUZZLE, relabelled)
+    # out-of-range value
+    assert not sc.check_grid([0] * 81, [10] + sol[1:])
+
+
+def test_solver_and_uniqueness():
+    assert sc.solve(PUZZLE) == [sc.parse_grid(SOLUTION)]
+    assert sc.count_solutions(PUZZLE) == 1
+    # remove givens until ambiguous: the empty grid has many solutions
+    assert sc.count_solutions([0] * 81, limit=2) == 2
+    # an inconsistent puzzle has none
+    assert sc.solve("11" + "." * 79) == []
+
+
+def test_generator_unique_with_givens_in_range():
+    rng = random.Random(7)
+    for _ in range(5):
+        puzzle, solution = generate(rng, 30, 40)
+        givens = sum(1 for c in puzzle if c)
+        assert 30 <= givens <= 40
+        assert sc.check_grid(puzzle, solution)
+        assert sc.count_solutions(puzzle, limit=2) == 1
+
+
+def test_generator_is_seedable():
+    assert generate(random.Random(3)) == generate(random.Random(3))
+
+
+def test_augmentation_preserves_validity_and_uniqueness():
+    rng = np.random.default_rng(0)
+    pair = np.array([[sc.parse_grid(PUZZLE), sc.parse_grid(SOLUTION)]] * 8, dtype=np.uint8)
+    out = augment(pair, rng)
+    assert len({bytes(row[0]) for row in out}) > 1  # the symmetries really vary
+    for puzzle, solution in out.tolist():
+        assert sc.check_grid(puzzle, solution)
+        assert sum(1 for c in puzzle if c) == sum(1 for c in sc.parse_grid(PUZZLE) if c)
+        assert sc.count_solutions(puzzle, limit=2) == 1
+
+
+def test_symmetry_maps_are_permutations():
+    cell_map, digit_map = random_symmetry(np.random.default_rng(1))
+    assert sorted(cell_map.tolist()) == list(range(81))
+    assert digit_map[0] == 0 and sorted(digit_map[1:].tolist()) == list(range(1, 10))
+
+
+def test_token_format():
+    prompt = sc.encode_prompt(PUZZLE)
+    assert len(prompt) == sc.PROMPT_LENGTH == 326
+    assert prompt[0] == sc.BOS_ID and prompt[-1] == sc.SEP_ID
+    assert all(0 <= t < sc.VOCAB_SIZE for t in prompt)
+    # cell 80 (row 9, column 9, box 9): its coordinate tokens sit 81 apart
+    assert [sc.TOKENS[prompt[1 + 80 + 81 * k]] for k in range(3)] == ["<r9>", "<c9>", "<b9>"]
+    assert sc.TOKENS[prompt[1 + 243]] == "5" and sc.TOKENS[prompt[1 + 243 + 2]] == "."
+    canvas = sc.encode_canvas(SOLUTION)
+    assert len(canvas) == sc.CANVAS_LENGTH
+    assert sc.decode_canvas(canvas) == sc.parse_grid(SOLUTION)
+    assert sc.decode_canvas([sc.SEP_ID, sc.PAD_ID, sc.DIGIT_BASE + 9]) == [0, 0, 9]
+
+
+def test_box_of():
+    assert [sc.box_of(i) for i in (0, 8, 30, 80)] == [0, 2, 4, 8]
+
+
+def test_heldout_file():
+    pairs = read_pairs(HELDOUT)
+    assert len(pairs) >= 200
+    for puzzle, solution in pairs[:20]:
+        assert 30 <= sum(1 for c in puzzle if c) <= 40
+        assert sc.check_grid(puzzle, solution)
+        assert sc.count_solutions(puzzle, limit=2) == 1
