@@ -1,0 +1,347 @@
+"""The `dglocal` command: parse → config → call → render. Rendering lives in dglocal.ui.
+
+Errors end as one red line and exit code 1; DGLOCAL_DEBUG=1 prints the traceback first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import DglocalError, ModelError
+
+app = typer.Typer(
+    name="dglocal", help="Run block-diffusion language models (DiffusionGemma) locally on llama.cpp.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+DEFAULT_MODEL = Path(__file__).parent / "data" / "sudoku.gguf"
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+def cache_dir() -> Path:
+    """Where HF safetensors repos are converted to GGUF, once per repo revision and type."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "dglocal" / "converted"
+
+
+def handle_errors(fn):
+    """One red line and exit 1 for any error; the traceback only with DGLOCAL_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from . import ui
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 (the CLI's last line of defence: no traceback walls)
+            debug = os.environ.get("DGLOCAL_DEBUG", "") not in ("", "0")
+            message = str(e) if isinstance(e, DglocalError) else f"{type(e).__name__}: {e}"
+            if not debug and not isinstance(e, DglocalError):
+                message += " (DGLOCAL_DEBUG=1 shows the traceback)"
+            ui.print_error(message, traceback.format_exc() if debug else None)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# -- model resolution ----------------------------------------------------------------------------------------
+
+def resolve_model(spec: str | None, quant: str = "Q4_K_M") -> Path:
+    """A GGUF path; an HF repo id holding GGUFs (the file matching `quant`, downloaded into the HF cache);
+    an HF safetensors repo (converted once into cache_dir()); None: the built-in default model."""
+    if spec is None:
+        if not DEFAULT_MODEL.is_file():
+            raise ModelError("no default model shipped yet: give a GGUF file or an HF repo id (dglocal run MODEL)")
+        return DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ModelError(f"{spec}: not a GGUF file")
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        raise ModelError(f"{spec}: no such file, and not an HF repo id (owner/name)")
+    files = _repo_files(spec)
+    ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower()]
+    if ggufs:
+        return _download_gguf(spec, ggufs, quant)
+    if "config.json" in files and any(f.endswith(".safetensors") for f in files):
+        return _convert_repo(spec, quant)
+    raise ModelError(f"{spec}: the repo holds neither GGUF files nor a safetensors checkpoint")
+
+
+def _hub_error(spec: str, e: Exception) -> ModelError:
+    offline = _offline()
+    hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
+    return ModelError(f"{spec}: cannot reach the repo{hint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _repo_files(spec: str) -> list[str]:
+    """The repo's files; offline, those in its cached snapshot."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        if _offline():
+            root = Path(snapshot_download(spec, local_files_only=True))
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        return list_repo_files(spec)
+    except Exception as e:  # hub errors are many classes; the message is what the user needs
+        raise _hub_error(spec, e) from e
+
+
+def pick_gguf(ggufs: list[str], quant: str, *, explicit: bool = True) -> list[str]:
+    """The GGUF files for `quant` (all shards of a split file), matched on the name, case-insensitively."""
+    pattern = re.compile(rf"(^|[^a-z0-9]){re.escape(quant.lower())}([^a-z0-9]|$)")
+    matches = sorted(f for f in ggufs if pattern.search(Path(f).name.lower()))
+    if not matches and not explicit and len(ggufs) == 1:
+        matches = ggufs
+    whole = [f for f in matches if not SPLIT.search(f)]
+    if len(whole) > 1:
+        raise ModelError(f"several GGUF files match {quant}: {', '.join(whole)}")
+    if whole:
+        return whole
+    if matches:  # a split file: every shard, the first one first
+        return matches
+    raise ModelError(f"no GGUF for --quant {quant}; the repo has: {', '.join(Path(f).name for f in ggufs)}")
+
+
+def _download_gguf(spec: str, ggufs: list[str], quant: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    chosen = pick_gguf(ggufs, quant, explicit=quant.upper() != "Q4_K_M")
+    try:  # huggingface_hub draws its own progress bar (stderr) and keeps the file in the HF cache
+        paths = [Path(hf_hub_download(spec, f)) for f in chosen]
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(spec, e) from e
+    return paths[0]
+
+
+def _convert_repo(spec: str, quant: str) -> Path:
+    from . import ui
+    from .convert import convert
+    from .convert.source import resolve_source
+
+    directory = resolve_source(spec)  # downloads the checkpoint; the snapshot folder is named by the commit
+    out = cache_dir() / spec.replace("/", "--") / f"{directory.name[:12]}-{quant.lower()}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ui.print_status(f"converting {spec} to {quant} (once) into {out}")
+    with ui.byte_progress("converting") as progress:
+        convert(directory, out, quant, force=True, progress=progress)
+    return out
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+def _early_stop_option(value: str | None, name: str, kind):
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be a number, got {value!r}") from None
+
+
+@app.command()
+@handle_errors
+def run(
+    model: Annotated[Optional[str], typer.Argument(
+        help="GGUF file, HF repo id with GGUF files, or HF safetensors repo (converted once). "
+             "Default: the built-in Sudoku model.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "-p", "--prompt", help="Answer this one prompt and exit (no chat).")] = None,
+    quant: Annotated[str, typer.Option(
+        "--quant", help="Which GGUF of an HF repo to use (matched in the file name), or the type to convert "
+                        "a safetensors repo to.")] = "Q4_K_M",
+    ctx_size: Annotated[int, typer.Option(
+        "-c", "--ctx-size", help="Context size in tokens (prompt, history and canvases).")] = 4096,
+    n_gpu_layers: Annotated[int, typer.Option(
+        "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU; -1: all.")] = -1,
+    threads: Annotated[Optional[int], typer.Option(
+        "-t", "--threads", help="CPU threads. Default: all cores.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Sampling seed (every answer starts from it). Default: random.", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "-n", "--max-new-tokens", help="Most tokens per answer. Default: from the model (256).",
+        show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Most denoising steps per canvas (max_denoising_steps). Default: from the model.",
+        show_default=False)] = None,
+    entropy_bound: Annotated[Optional[float], typer.Option(
+        "--entropy-bound", help="Entropy budget of the positions accepted per step; larger accepts more per "
+                                "step. Default: from the model.", show_default=False)] = None,
+    t_min: Annotated[Optional[float], typer.Option(
+        "--t-min", help="Temperature at the last step. Default: from the model.", show_default=False)] = None,
+    t_max: Annotated[Optional[float], typer.Option(
+        "--t-max", help="Temperature at the first step. Default: from the model.", show_default=False)] = None,
+    stability: Annotated[Optional[int], typer.Option(
+        "--stability", help="Early stop: steps the draft must stay unchanged (stability_threshold). "
+                            "Default: from the model.", show_default=False)] = None,
+    confidence: Annotated[Optional[float], typer.Option(
+        "--confidence", help="Early stop: mean entropy below which a stable draft is final "
+                             "(confidence_threshold). Default: from the model.", show_default=False)] = None,
+):
+    """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
+    import dglocal
+
+    from . import ui
+    from .config import GenerationConfig
+    from .gguf_read import read_header
+
+    options = dict(max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound,
+                   t_min=t_min, t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
+                   seed=seed)
+    path = resolve_model(model, quant)
+    GenerationConfig.from_metadata(read_header(path).kv, **options)  # bad options fail before the slow load
+    interactive = ui.is_terminal()
+    with ui.status(f"loading {path.name}"):
+        llm = dglocal.load(path, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                           seed=seed or 0)
+    with llm:
+        view = ui.make_view(llm, interactive=interactive)
+        chat = ui.ChatLoop(llm, view, **options)
+        if prompt is not None:
+            if chat.ask(prompt) is None:
+                raise typer.Exit(130)
+            return
+        if interactive:
+            name = llm.metadata.get("general.name") or path.name
+            view.banner(f"dglocal · {name}", f"ctx {llm.n_ctx} · canvas {llm.canvas_length}")
+        chat.run()
+
+
+@app.command("convert")
+@handle_errors
+def convert_cmd(
+    source: Annotated[str, typer.Argument(help="HF checkpoint directory or HF repo id (safetensors).")],
+    output: Annotated[Optional[Path], typer.Argument(
+        help="GGUF file to write (not needed with --dry-run).", show_default=False)] = None,
+    type: Annotated[str, typer.Option(
+        "--type", help="f32, f16, bf16, q8_0, or a llama.cpp quant type (q4_k_m, q6_k, ...).")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the tensor plan, file size and memory need from config.json alone; "
+                          "write nothing.")] = False,
+    vram: Annotated[Optional[str], typer.Option(
+        "--vram", help="With --dry-run: GPU memory to check the plan against (e.g. 18G, 16GiB).",
+        show_default=False)] = None,
+    context: Annotated[int, typer.Option(
+        "--context", help="With --dry-run: context size for the KV-cache estimate.")] = 4096,
+    tokenizer_from: Annotated[Optional[Path], typer.Option(
+        "--tokenizer-from", help="Take the tokenizer (and chat template) from this GGUF instead of the "
+                                 "checkpoint's files.", show_default=False)] = None,
+):
+    """Convert an HF DiffusionGemma checkpoint to a diffusion-gemma GGUF."""
+    from . import convert as conv
+    from . import ui
+
+    if dry_run:
+        ui.show_dry_run(conv.dry_run(source, type, vram=vram, context=context))
+        return
+    if output is None:
+        raise typer.BadParameter("OUTPUT is required (unless --dry-run)", param_hint="OUTPUT")
+    with ui.byte_progress("converting") as progress:
+        result = conv.convert(source, output, type, force=force, tokenizer_from=tokenizer_from, progress=progress)
+    ui.show_converted(result)
+
+
+@app.command()
+@handle_errors
+def info(
+    model: Annotated[str, typer.Argument(help="GGUF file, or HF repo id with GGUF files (see run).")],
+    quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Summarise a GGUF from its header: architecture, diffusion settings, tensor types, tokenizer."""
+    from . import convert as conv
+    from . import ui
+
+    summary = conv.info(resolve_model(model, quant))
+    if as_json:
+        print(json.dumps(asdict(summary), indent=2, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    else:
+        ui.show_info(summary)
+
+
+def _plugin(name: str):
+    """dglocal.bench / dglocal.sudoku, imported only when their command runs."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"dglocal.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"dglocal.{name}", "dglocal"):
+            raise
+        raise DglocalError(f"`dglocal {name}` is not available in this build (module dglocal.{name} is missing)") from e
+
+
+def _given(**opts) -> dict:
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="GGUF file or HF repo id (see run).")],
+    quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
+    steps: Annotated[Optional[list[int]], typer.Option(
+        "--steps", help="Fixed step count to measure; repeat for several (e.g. --steps 8 --steps 16). "
+                        "Default: the bench's own set.", show_default=False)] = None,
+    ctx_size: Annotated[Optional[int], typer.Option("-c", "--ctx-size", help="Context size in tokens.",
+                                                    show_default=False)] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU; -1: all.",
+                                                        show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+):
+    """Measure speed: fixed-step and adaptive canvases, and the autoregressive baseline."""
+    path = resolve_model(model, quant)
+    _plugin("bench").main(model=path, **_given(steps=steps or None, ctx_size=ctx_size, n_gpu_layers=n_gpu_layers,
+                                               threads=threads, seed=seed), json=as_json)
+
+
+@app.command()
+@handle_errors
+def sudoku(
+    puzzle: Annotated[Optional[str], typer.Argument(
+        help="81 characters, row by row; '.' or '0' for a blank.", show_default=False)] = None,
+    eval_file: Annotated[Optional[Path], typer.Option(
+        "--eval", help="Evaluate a file of puzzles (one per line, optionally followed by its solution).",
+        show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", help="With --eval: write each returned grid (81 digits a line).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="A Sudoku GGUF. Default: the built-in model.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Most denoising steps.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default=False)] = None,
+):
+    """Solve a Sudoku with the diffusion model, the board filling in live (or evaluate a puzzle file)."""
+    path = resolve_model(model)
+    _plugin("sudoku").main(model=path, **_given(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
+                                                threads=threads, seed=seed))
+
+
+if __name__ == "__main__":
+    app()
