@@ -118,8 +118,9 @@ def info(path) -> ModelInfo:
     arch = h.get("general.architecture", "?")
     counts, sizes = Counter(), Counter()
     for t in h.tensors:
-        counts[t.type.name] += 1
-        sizes[t.type.name] += t.nbytes
+        name = getattr(t.type, "name", f"type {t.type}")
+        counts[name] += 1
+        sizes[name] += t.nbytes or 0
     ft = h.get("general.file_type")
     try:
         ft_name = LlamaFileType(ft).name if ft is not None else None

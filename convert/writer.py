@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, quants
 
-from dglocal.errors import ConvertError
+from dglocal.errors import BackendError, ConvertError
 
 from . import schema
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
@@ -107,7 +107,7 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             base = Q.BF16 if all(s.dtype == "BF16" for s in bound.values()) else Q.F32
             base_ftype = LlamaFileType.MOSTLY_BF16 if base == Q.BF16 else LlamaFileType.ALL_F32
             _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
-            quantize_gguf(staging, partial, type)
+            quantize_gguf(staging, partial, type, force=True)
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed ({e})") from e
@@ -166,25 +166,40 @@ def _encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 def _quantizer(ftype_name: str):
-    # TODO(lead): switch to dglocal._native once it binds llama_model_quantize (same C signature).
+    """dglocal._native (the patched llama.cpp), imported only when a llama.cpp quant type is asked for."""
     try:
-        import llama_cpp
-    except ImportError as e:
-        raise ConvertError(f"type {ftype_name} needs llama.cpp's quantizer: llama-cpp-python with the "
-                           f"patched library is not installed ({e}); f32/f16/bf16/q8_0 need nothing") from e
-    return llama_cpp
+        from dglocal import _native
+    except BackendError as e:  # its message says how to build the backend
+        raise ConvertError(f"type {ftype_name} needs llama.cpp's quantizer: {e} "
+                           "(f32/f16/bf16/q8_0 need no backend)") from e
+    return _native
 
 
-def quantize_gguf(src, dst, ftype_name: str, *, nthread: int = 0) -> None:
-    """Quantize a full-precision diffusion-gemma GGUF with llama.cpp's `llama_model_quantize`.
-
-    Needs a llama.cpp that knows the diffusion-gemma architecture (the patched library).
-    """
+def quantize_gguf(src, dst, ftype_name: str, *, nthread: int = 0, force: bool = False) -> Path:
+    """Quantize a full-precision diffusion-gemma GGUF with llama.cpp's `llama_model_quantize`, which picks
+    the per-tensor type mix of `ftype_name` (as llama-quantize does). Writes `dst.partial`, renames it at
+    the end, and leaves nothing behind on failure. Needs the patched library (it knows diffusion-gemma)."""
+    src, dst = Path(src), Path(dst)
     ftype = file_type(ftype_name)
-    llama_cpp = _quantizer(ftype_name)
-    params = llama_cpp.llama_model_quantize_default_params()
+    if dst.exists() and not force:
+        raise ConvertError(f"{dst}: already exists (use --force to overwrite)")
+    if not src.is_file():
+        raise ConvertError(f"{src}: no such file")
+    nat = _quantizer(ftype_name)
+    nat.init()
+    params = nat._ll.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = nthread
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not Path(dst).is_file():
-        raise ConvertError(f"{src}: llama_model_quantize to {ftype_name} failed (code {rc})")
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        nat.last_errors()  # drop errors logged by earlier calls
+        rc = nat._ll.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+        if rc != 0 or not partial.is_file():
+            raise ConvertError(f"{src}: llama.cpp could not quantize it to {ftype_name} (code {rc}): "
+                               f"{nat.last_errors() or 'no error logged'}")
+        os.replace(partial, dst)
+    except OSError as e:
+        raise ConvertError(f"{dst}: write failed ({e})") from e
+    finally:
+        partial.unlink(missing_ok=True)
+    return dst

@@ -7,9 +7,7 @@ import ctypes
 import os
 from collections import deque
 
-from .errors import BackendError
-
-BUILD_HINT = "build it with: python scripts/build_backend.py --backend cpu   (or cuda / metal / vulkan)"
+from .errors import BUILD_HINT, BackendError
 
 try:
     import llama_cpp as ll

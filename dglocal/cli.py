@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import re
-import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
+# click's ClickException, wherever this typer keeps click (newer typers vendor it)
+_USAGE_ERRORS = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 DEFAULT_MODEL = Path(__file__).parent / "data" / "sudoku.gguf"
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
@@ -43,7 +44,7 @@ def handle_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, _USAGE_ERRORS, SystemExit):  # typer reports usage errors (exit 2)
             raise
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -71,7 +72,7 @@ def resolve_model(spec: str | None, quant: str = "Q4_K_M") -> Path:
     if path.is_file():
         return path
     if path.exists():
-        raise ModelError(f"{spec}: not a GGUF file")
+        raise ModelError(f"{spec}: not a GGUF file (a checkpoint directory? dglocal convert makes one)")
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
         raise ModelError(f"{spec}: no such file, and not an HF repo id (owner/name)")
     files = _repo_files(spec)
@@ -84,9 +85,9 @@ def resolve_model(spec: str | None, quant: str = "Q4_K_M") -> Path:
 
 
 def _hub_error(spec: str, e: Exception) -> ModelError:
-    offline = _offline()
-    hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
-    return ModelError(f"{spec}: cannot reach the repo{hint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if _offline() else ""
+    first = (str(e).splitlines() or [""])[0]
+    return ModelError(f"{spec}: cannot reach the repo{hint}: {type(e).__name__}: {first}")
 
 
 def _offline() -> bool:
@@ -110,7 +111,8 @@ def _repo_files(spec: str) -> list[str]:
 
 def pick_gguf(ggufs: list[str], quant: str, *, explicit: bool = True) -> list[str]:
     """The GGUF files for `quant` (all shards of a split file), matched on the name, case-insensitively."""
-    pattern = re.compile(rf"(^|[^a-z0-9]){re.escape(quant.lower())}([^a-z0-9]|$)")
+    # a whole type name: Q4_K matches m-Q4_K.gguf, not m-Q4_K_M.gguf
+    pattern = re.compile(rf"(?<![a-z0-9]){re.escape(quant.lower())}(?![a-z0-9]|_[a-z0-9])")
     matches = sorted(f for f in ggufs if pattern.search(Path(f).name.lower()))
     if not matches and not explicit and len(ggufs) == 1:
         matches = ggufs
@@ -153,20 +155,11 @@ def _convert_repo(spec: str, quant: str) -> Path:
 
 # -- commands ------------------------------------------------------------------------------------------------
 
-def _early_stop_option(value: str | None, name: str, kind):
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise typer.BadParameter(f"{name} must be a number, got {value!r}") from None
-
-
 @app.command()
 @handle_errors
 def run(
     model: Annotated[Optional[str], typer.Argument(
-        help="GGUF file, HF repo id with GGUF files, or HF safetensors repo (converted once). "
+        metavar="MODEL", help="GGUF file, HF repo id with GGUF files, or HF safetensors repo (converted once). "
              "Default: the built-in Sudoku model.", show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "-p", "--prompt", help="Answer this one prompt and exit (no chat).")] = None,
@@ -233,9 +226,10 @@ def run(
 @app.command("convert")
 @handle_errors
 def convert_cmd(
-    source: Annotated[str, typer.Argument(help="HF checkpoint directory or HF repo id (safetensors).")],
+    source: Annotated[str, typer.Argument(
+        metavar="SOURCE", help="HF checkpoint directory or HF repo id (safetensors).")],
     output: Annotated[Optional[Path], typer.Argument(
-        help="GGUF file to write (not needed with --dry-run).", show_default=False)] = None,
+        metavar="OUTPUT", help="GGUF file to write (not needed with --dry-run).", show_default=False)] = None,
     type: Annotated[str, typer.Option(
         "--type", help="f32, f16, bf16, q8_0, or a llama.cpp quant type (q4_k_m, q6_k, ...).")] = "f16",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
@@ -268,7 +262,7 @@ def convert_cmd(
 @app.command()
 @handle_errors
 def info(
-    model: Annotated[str, typer.Argument(help="GGUF file, or HF repo id with GGUF files (see run).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="GGUF file, or HF repo id with GGUF files (see run).")],
     quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
@@ -302,30 +296,71 @@ def _given(**opts) -> dict:
 @app.command()
 @handle_errors
 def bench(
-    model: Annotated[str, typer.Argument(help="GGUF file or HF repo id (see run).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="GGUF file or HF repo id (see run).")],
     quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
     steps: Annotated[Optional[list[int]], typer.Option(
         "--steps", help="Fixed step count to measure; repeat for several (e.g. --steps 8 --steps 16). "
-                        "Default: the bench's own set.", show_default=False)] = None,
-    ctx_size: Annotated[Optional[int], typer.Option("-c", "--ctx-size", help="Context size in tokens.",
-                                                    show_default=False)] = None,
-    n_gpu_layers: Annotated[Optional[int], typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU; -1: all.",
-                                                        show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads.", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default=False)] = None,
+                        "Default: 8, 16 and 48.", show_default=False)] = None,
+    adaptive: Annotated[Optional[bool], typer.Option(
+        "--adaptive/--no-adaptive", help="Also time an adaptive generation (the model's early stop). "
+                                         "Default: on.", show_default=False)] = None,
+    adaptive_steps: Annotated[Optional[int], typer.Option(
+        "--adaptive-steps", help="Step cap of the adaptive generation. Default: the model's.",
+        show_default=False)] = None,
+    canvases: Annotated[Optional[int], typer.Option(
+        "--canvases", help="Canvases per timed generation. Default: 1.", show_default=False)] = None,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", help="Prompt length in tokens. Default: 64.", show_default=False)] = None,
+    ar_tokens: Annotated[Optional[int], typer.Option(
+        "--ar-tokens", help="Tokens of the autoregressive baseline. Default: 64.", show_default=False)] = None,
+    ctx_size: Annotated[Optional[int], typer.Option(
+        "-c", "--ctx-size", help="Context size in tokens. Default: what the runs need.", show_default=False)] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option(
+        "-ngl", "--n-gpu-layers", help="Layers on the GPU; -1: all. Default: -1.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "-t", "--threads", help="CPU threads. Default: all cores.", show_default=False)] = None,
+    flash_attn: Annotated[Optional[bool], typer.Option(
+        "--flash-attn/--no-flash-attn", help="Flash attention. Default: llama.cpp's choice.",
+        show_default=False)] = None,
+    kv_type: Annotated[Optional[str], typer.Option(
+        "--kv-type", help="KV cache type: f16, f32 or q8_0. Default: f16.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Sampling seed. Default: 0.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ):
     """Measure speed: fixed-step and adaptive canvases, and the autoregressive baseline."""
     path = resolve_model(model, quant)
-    _plugin("bench").main(model=path, **_given(steps=steps or None, ctx_size=ctx_size, n_gpu_layers=n_gpu_layers,
-                                               threads=threads, seed=seed), json=as_json)
+    _plugin("bench").main(path, **_given(
+        steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
+        prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
+        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed), json=as_json)
+
+
+@app.command()
+@handle_errors
+def synth(
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="GGUF file to write.")],
+    preset: Annotated[str, typer.Option(
+        "--preset", help="Shapes: 26b-a4b (the real model), or a scaled-down small / tiny.")] = "26b-a4b",
+    type: Annotated[str, typer.Option(
+        "--type", help="f32, f16, bf16, q8_0, or a llama.cpp quant type (q4_k_m, ...).")] = "q4_k_m",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+):
+    """Write a random-weight diffusion-gemma GGUF with a real model's shapes (for dglocal bench)."""
+    from . import ui
+
+    module = _plugin("synth")
+    with ui.byte_progress("writing") as progress:
+        result = module.synth(preset, type, output, seed=seed, force=force, progress=progress)
+    ui.show_converted(result)
 
 
 @app.command()
 @handle_errors
 def sudoku(
     puzzle: Annotated[Optional[str], typer.Argument(
-        help="81 characters, row by row; '.' or '0' for a blank.", show_default=False)] = None,
+        metavar="PUZZLE", help="81 characters, row by row; '.' or '0' for a blank.", show_default=False)] = None,
     eval_file: Annotated[Optional[Path], typer.Option(
         "--eval", help="Evaluate a file of puzzles (one per line, optionally followed by its solution).",
         show_default=False)] = None,

@@ -1,5 +1,7 @@
 """One exception hierarchy for the whole package; the CLI turns these into one red line."""
 
+BUILD_HINT = "build it with: python scripts/build_backend.py --backend cpu   (or cuda / metal / vulkan)"
+
 
 class DglocalError(Exception):
     """Base class of every error dglocal raises on purpose."""

@@ -28,7 +28,7 @@ _SCALAR = {
 class TensorInfo:
     name: str
     shape: tuple[int, ...]          # ggml order: ne[0] (contiguous) first
-    type: GGMLQuantizationType
+    type: GGMLQuantizationType | int  # a raw id for types newer than gguf-py
     offset: int                     # absolute file offset of the data
 
     @property
@@ -36,7 +36,10 @@ class TensorInfo:
         return int(np.prod(self.shape))
 
     @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> int | None:
+        """Bytes of data; None for a type id newer than gguf-py knows."""
+        if self.type not in GGML_QUANT_SIZES:
+            return None
         block, size = GGML_QUANT_SIZES[self.type]
         return self.n_elements // block * size
 
@@ -52,6 +55,14 @@ class GGUFHeader:
 
     def get(self, key: str, default=None):
         return self.kv.get(key, default)
+
+
+def _qtype(ttype: int) -> GGMLQuantizationType | int:
+    # llama.cpp may know types that gguf-py does not yet: keep their raw id rather than failing
+    try:
+        return GGMLQuantizationType(ttype)
+    except ValueError:
+        return ttype
 
 
 def read_header(path) -> GGUFHeader:
@@ -131,7 +142,7 @@ def _parse(path: Path, buf: memoryview, file_size: int) -> GGUFHeader:
         shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
         ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
-        infos.append((name, tuple(shape), GGMLQuantizationType(ttype), offset))
+        infos.append((name, tuple(shape), _qtype(ttype), offset))
     align = int(header.kv.get("general.alignment", 32))
     data_start = (pos + align - 1) // align * align
     header.tensors = [TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos]

@@ -117,11 +117,13 @@ class Model:
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16
-        buf = (ctypes.c_int32 * n_max)()
-        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            raise BackendError(f"tokenization failed: needed {-n} tokens, had room for {n_max}")
-        return list(buf[:n])
+        for _ in range(2):  # a negative count is the size needed (byte-fallback tokens can outnumber bytes)
+            buf = (ctypes.c_int32 * n_max)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+        raise BackendError(f"tokenization failed: llama.cpp asked for {n_max} tokens twice")
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)

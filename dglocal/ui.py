@@ -33,7 +33,8 @@ FLOAT_FIELDS = {"entropy_bound", "t_min", "t_max", "confidence_threshold"}
 COMMANDS = [
     ("/reset", "forget the conversation and empty the cache"),
     ("/stats", "statistics of the last answer"),
-    ("/set", "show the generation settings; /set <param> <value> changes one (e.g. /set steps 16)"),
+    ("/set", "show the generation settings; /set <param> <value> changes one: a name /set shows, or steps, "
+             "n, stability, confidence, t-min, t-max, entropy-bound (e.g. /set steps 16)"),
     ("/help", "this list"),
     ("/exit", "quit (also Ctrl-D); Ctrl-C stops an answer"),
 ]
@@ -93,7 +94,7 @@ class ChatLoop:
                 self.view.end_of_input()
                 return
             except KeyboardInterrupt:  # at the prompt: drop the line, stay
-                self.view.notice("(Ctrl-D or /exit quits)")
+                self.view.cancelled_input()
                 continue
             if not self.handle(line):
                 return
@@ -114,7 +115,7 @@ class ChatLoop:
     def ask(self, content: str) -> Completion | None:
         """One turn, drawn by the view; None when Ctrl-C stopped it (the session stays usable)."""
         self.view.begin_answer()
-        done = None
+        done, stopped = None, False
         try:
             with closing(self.session.stream(content, **self.options)) as events:
                 for event in events:
@@ -125,9 +126,9 @@ class ChatLoop:
                     elif isinstance(event, Completion):
                         done = self.last = event
         except KeyboardInterrupt:
-            pass
+            stopped = True
         finally:
-            self.view.end_answer(done)
+            self.view.end_answer(done, stopped=stopped)
         return done
 
     def command(self, text: str) -> bool:
@@ -226,7 +227,7 @@ class PlainView:
         return line.rstrip("\n")
 
     def begin_answer(self) -> None:
-        pass
+        self._wrote = False
 
     def step(self, event: Step) -> None:
         pass
@@ -234,14 +235,19 @@ class PlainView:
     def block(self, event: BlockText) -> None:
         self.stdout.write(event.text)
         self.stdout.flush()
+        self._wrote = True
 
-    def end_answer(self, completion: Completion | None) -> None:
-        self.stdout.write("\n")
-        self.stdout.flush()
-        if completion is None:
-            print("[stopped]", file=self.stderr)
+    def end_answer(self, completion: Completion | None, *, stopped: bool = False) -> None:
+        if completion is not None or stopped or self._wrote:
+            self.stdout.write("\n")
+            self.stdout.flush()
+        if stopped:
+            print("[stopped]", file=self.stderr, flush=True)
 
     def end_of_input(self) -> None:
+        pass
+
+    def cancelled_input(self) -> None:
         pass
 
     def notice(self, text: str) -> None:
@@ -309,21 +315,26 @@ class RichView:
         self.pending = lines[-1]
         self._redraw(time.perf_counter())
 
-    def end_answer(self, completion: Completion | None) -> None:
+    def end_answer(self, completion: Completion | None, *, stopped: bool = False) -> None:
         from rich.text import Text
 
         if self.live is not None:
             self.live.stop()
             self.live = None
-        self.console.print(Text(self.pending), soft_wrap=True)
+        if self.pending or completion is not None or stopped:
+            self.console.print(Text(self.pending), soft_wrap=True)
         self.pending, self.draft = "", None
-        if completion is None:
-            self.console.print("[yellow]\\[stopped][/]")
-        else:
+        if stopped:
+            self.console.print(Text("[stopped]", style="yellow"))
+        elif completion is not None:
             self.console.print(Text(stat_line(completion), style="dim"))
 
     def end_of_input(self) -> None:
         self.console.print()
+
+    def cancelled_input(self) -> None:
+        self.console.print()
+        self.notice("(Ctrl-D or /exit quits)")
 
     def notice(self, text: str) -> None:
         from rich.text import Text
@@ -448,9 +459,10 @@ def _size(n: int) -> str:
 
 
 def show_converted(result) -> None:
+    """A ConvertResult (or synth's SynthResult): the file written and its notes."""
     console = _console()
     console.print(f"wrote [bold]{result.path}[/] ({result.type}, {result.n_tensors} tensors, {_size(result.size)})")
-    for note in result.notes:
+    for note in getattr(result, "notes", ()):
         console.print(f"[dim]note: {note}[/]")
 
 
@@ -507,5 +519,6 @@ def show_info(info) -> None:
 
 
 def _short(value, limit: int = 80) -> str:
-    text = str(value.tolist() if hasattr(value, "tolist") else value)
+    value = value.tolist() if hasattr(value, "tolist") else value
+    text = f"{value:.7g}" if isinstance(value, float) else str(value)  # GGUF floats are f32: 7 digits
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -66,9 +66,14 @@ def build_key(flags: list[str]) -> str:
 
 def apply_patches(src: Path) -> None:
     vendored = src / "vendor" / "llama.cpp"
+    if shutil.which("patch"):
+        tool = ["patch", "-p1", "--forward", "--batch", "-i"]
+    elif shutil.which("git"):
+        tool = ["git", "apply", "--whitespace=nowarn"]
+    else:
+        raise BuildError("applying the patches needs `patch` or `git` on PATH (Debian: apt-get install patch)")
     for p in patch_files():
-        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(p)], cwd=vendored,
-                           capture_output=True, text=True)
+        r = subprocess.run(tool + [str(p)], cwd=vendored, capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(f"patch {p.name} does not apply to llama.cpp of {PACKAGE} {VERSION}:\n{r.stdout}{r.stderr}")
         print(f"applied {p.name}", flush=True)

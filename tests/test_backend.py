@@ -165,3 +165,12 @@ def test_device_path_of_the_soft_embedding(tiny_f32_gguf, ref, monkeypatch):
             got = seq.denoise(cv, temperature=temp, self_condition=sc, return_logits=True)
             want = rseq.denoise(cv, temperature=temp, self_condition=sc, return_logits=True)
         np.testing.assert_allclose(got.logits / 0.5, want.logits, atol=ATOL, rtol=0)
+
+
+def test_tokenize_more_tokens_than_bytes(model):
+    # byte fallback: the 512-token cut of the Gemma 4 vocabulary has no "▁" (its escaped space), so a space
+    # costs the three byte tokens of "▁" and comes back as "▁", exactly as llama.cpp's own detokenizer does
+    text = "a é ✓ " * 20
+    toks = model.tokenize(text, add_special=False)
+    assert len(toks) > len(text.encode())
+    assert model.detokenize(toks) == text.replace(" ", "\u2581")

@@ -1,0 +1,209 @@
+"""`dglocal bench MODEL`: block-diffusion speed beside autoregressive decode of the same weights (DESIGN.md §5).
+
+One process, one build, one set of weights, batch size 1:
+- fixed-step generations (early stop off, EOS ignored, so every canvas takes exactly N denoise steps);
+- an adaptive generation (the GGUF's sampler settings, early stop on; random weights never settle, so on a
+  `dglocal synth` file it runs to the step cap);
+- the causal encoder run one token at a time with greedy picks: the autoregressive alternative;
+- one canvas commit (encoder pass over C tokens), timed on its own: a generation's last canvas is never committed.
+
+canvas tok/s = C / (steps x step time + commit time), the steady-state rate of a long generation; the ratio to
+autoregressive tok/s is taken in the same run. `run()` works on a loaded Model and returns a plain dict;
+`bench()` loads, runs and adds memory figures; `render()` is the only rich code; `main()` is the command.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PROMPT_TEXT = ("The tide came in over the flats while the gulls argued about the last of the light. "
+               "Somewhere past the breakwater a bell buoy kept time for nobody in particular. ")
+
+
+def prompt_ids(model, n_tokens: int) -> list[int]:
+    """Exactly `n_tokens` tokens of plain English (BOS first), whatever the tokenizer."""
+    text = PROMPT_TEXT
+    while True:
+        ids = model.tokenize(text, add_special=True, parse_special=False)
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+        text += PROMPT_TEXT
+
+
+def _generation(model, prompt: list[int], **options) -> dict:
+    """One generation on a fresh sequence (the prompt is prefilled every time): timings from its events."""
+    from .generate import Completion, Step, stream
+
+    step_s: list[float] = []
+    for event in stream(model, prompt, **options):
+        if isinstance(event, Step):
+            step_s.append(event.seconds)
+        elif isinstance(event, Completion):
+            stats = event.stats
+    return {
+        "canvases": stats.canvases,
+        "steps_per_canvas": statistics.fmean(stats.steps_per_canvas),
+        "ms_per_step": 1000 * statistics.median(step_s),
+        "ttft_s": stats.time_to_first_token,
+        "prefill_s": stats.prefill_seconds,
+        "tokens": stats.generated_tokens,
+        "wall_tok_s": stats.tokens_per_second,
+    }
+
+
+def _commit_ms(model, prompt: list[int], reps: int, seed: int) -> float:
+    """Median time of one canvas commit after the prompt (the cache is truncated back after each)."""
+    seq = model.sequence()
+    seq.prefill(prompt)
+    rng = np.random.default_rng(seed)
+    times = []
+    for _ in range(reps):
+        canvas = rng.integers(0, model.n_vocab, model.canvas_length)
+        t0 = time.perf_counter()
+        seq.commit(canvas)
+        times.append(time.perf_counter() - t0)
+        seq.truncate(len(prompt))
+    return 1000 * statistics.median(times)
+
+
+def _autoregressive(model, prompt: list[int], n_tokens: int) -> dict:
+    """Greedy decode with the causal encoder, one token per forward: the cost of the autoregressive alternative."""
+    seq = model.sequence()
+    t0 = time.perf_counter()
+    logits = seq.prefill(prompt, logits_last=True)
+    t1 = time.perf_counter()
+    for _ in range(n_tokens):
+        logits = seq.prefill([int(np.argmax(logits))], logits_last=True)
+    t2 = time.perf_counter()
+    return {"tokens": n_tokens, "tok_s": n_tokens / (t2 - t1), "ms_per_token": 1000 * (t2 - t1) / n_tokens,
+            "ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0)}
+
+
+def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
+        prompt_tokens: int = 64, ar_tokens: int = 64, commit_reps: int = 3, seed: int = 0,
+        warmup: bool = True) -> dict:
+    """Benchmark a loaded Model; returns a JSON-ready dict (see the module docstring for what is measured)."""
+    from .config import GenerationConfig
+
+    C = model.canvas_length
+    prompt = prompt_ids(model, prompt_tokens)
+    common = dict(max_new_tokens=canvases * C, eos_token_id=(), seed=seed)
+    if warmup:  # graph allocation and first-touch of the weights stay out of the numbers
+        _generation(model, prompt, max_denoising_steps=1, stability_threshold=None, **common)
+        _autoregressive(model, prompt, 2)
+
+    ar = _autoregressive(model, prompt, ar_tokens)
+    commit = _commit_ms(model, prompt, commit_reps, seed)
+    runs = []
+    plan = [("fixed", n) for n in steps]
+    if adaptive:
+        cap = adaptive_steps or GenerationConfig.from_metadata(model.metadata).max_denoising_steps
+        plan.append(("adaptive", cap))
+    for mode, n in plan:
+        early = {"stability_threshold": None} if mode == "fixed" else {}
+        r = _generation(model, prompt, max_denoising_steps=n, **early, **common)
+        canvas_s = (r["steps_per_canvas"] * r["ms_per_step"] + commit) / 1000
+        r = {"mode": mode, "max_steps": n, **r, "commit_ms": commit, "canvas_tok_s": C / canvas_s}
+        r["vs_ar"] = r["canvas_tok_s"] / ar["tok_s"]
+        runs.append(r)
+    return {"canvas_length": C, "prompt_tokens": len(prompt), "runs": runs, "autoregressive": ar,
+            "commit_ms": commit}
+
+
+def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: int | None = None,
+          flash_attn: bool | None = None, kv_type: str = "f16", **run_options) -> dict:
+    """Load `path`, run(), and add the file, the build and peak memory (RSS; GPU memory where nvidia-smi answers)."""
+    from . import load
+    from ._native import _ll
+    from .convert import info
+
+    canvases = run_options.get("canvases", 1)
+    prompt = run_options.get("prompt_tokens", 64)
+    ar = run_options.get("ar_tokens", 64)
+    probe = info(path)
+    C = int(probe.diffusion.get("canvas_length", 256))
+    n_ctx = n_ctx or -(-(prompt + max(canvases * C + C, ar + 2) + 16) // 256) * 256
+    t0 = time.perf_counter()
+    with load(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, kv_type=kv_type,
+              flash_attn=flash_attn) as model:
+        load_s = time.perf_counter() - t0
+        result = run(model, **run_options)
+        gpu = _gpu_memory_mib()
+        synthetic = "dglocal.synth.preset" in model.metadata
+    return {
+        "model": str(path), "name": probe.name, "file_type": probe.file_type, "file_size": probe.file_size,
+        "n_params": probe.n_params, "synthetic": synthetic,
+        "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "threads": threads or os.cpu_count(),
+        "gpu_offload": bool(_ll.llama_supports_gpu_offload()), "load_s": load_s,
+        **result, "peak_rss_mib": _peak_rss_mib(), "gpu_memory_mib": gpu,
+    }
+
+
+def _peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def _gpu_memory_mib() -> float | None:
+    """This process's GPU memory as nvidia-smi reports it; None without an NVIDIA driver."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [float(m) for p, m in (line.split(",") for line in out.splitlines() if "," in line)
+            if p.strip() == str(os.getpid())]
+    return sum(used) if used else None
+
+
+def render(result: dict, console=None) -> None:
+    """The result as rich tables: diffusion runs, then the autoregressive baseline and memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    size = result["file_size"] / 2**30
+    title = (f"{result['name']}  {result['file_type']}  {size:.2f} GiB  canvas {result['canvas_length']}  "
+             f"prompt {result['prompt_tokens']}{'  (random weights)' if result['synthetic'] else ''}")
+    t = Table(title=title)
+    for col in ("mode", "steps/canvas", "ms/step", "commit ms", "TTFT s", "canvas tok/s", "wall tok/s", "vs AR"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for r in result["runs"]:
+        t.add_row(f"{r['mode']} {r['max_steps']}", f"{r['steps_per_canvas']:.1f}", f"{r['ms_per_step']:.1f}",
+                  f"{r['commit_ms']:.1f}", f"{r['ttft_s']:.2f}", f"{r['canvas_tok_s']:.1f}",
+                  f"{r['wall_tok_s']:.1f}", f"{r['vs_ar']:.2f}x")
+    console.print(t)
+    ar = result["autoregressive"]
+    gpu = result["gpu_memory_mib"]
+    console.print(f"autoregressive: {ar['tok_s']:.1f} tok/s ({ar['ms_per_token']:.1f} ms/token, {ar['tokens']} "
+                  f"tokens), TTFT {ar['ttft_s']:.2f} s, prefill {ar['prefill_tok_s']:.0f} tok/s")
+    console.print(f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+                  + (f", GPU {gpu:.0f} MiB" if gpu is not None else "")
+                  + f"; n_gpu_layers {result['n_gpu_layers']}, threads {result['threads']}, "
+                    f"GPU offload {'yes' if result['gpu_offload'] else 'no'}, load {result['load_s']:.1f} s")
+
+
+def main(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
+         prompt_tokens: int = 64, ar_tokens: int = 64, n_ctx: int | None = None, n_gpu_layers: int = -1,
+         threads: int | None = None, flash_attn: bool | None = None, kv_type: str = "f16", seed: int = 0,
+         json: bool = False, console=None) -> dict:
+    """`dglocal bench`: run the benchmark, print a table (or JSON with json=True), return the result dict."""
+    result = bench(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
+                   kv_type=kv_type, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
+                   canvases=canvases, prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, seed=seed)
+    if json:
+        print(_json.dumps(result, indent=2))
+    else:
+        render(result, console)
+    return result

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# GPU benchmark of the 26B-A4B shape (issue 7): CUDA build of the patched llama.cpp, `dglocal synth` of the
+# 26B-A4B at Q4_K_M, then `dglocal bench` (fixed 8/16/48 steps + adaptive, with the autoregressive ratio).
+#
+# The device machine (see /work/.library/device/README.md) has CUDA, cmake, ninja, numpy, jinja2, rich, typer,
+# but no network and no gguf / diskcache, and a call may send only 64 MiB. So:
+#
+#   1. here, once per session:      bash scripts/gpu_bench.sh prep
+#      -> .gpu/ (git-ignored through .git/info/exclude, ~35 MiB): the pinned sdist trimmed to what the CMake
+#         build and the llama_cpp Python bindings need, the vocab-only Gemma 4 GGUF, and gguf + diskcache wheels.
+#   2. on the device, the same call until it prints GPU_BENCH_DONE (each call resumes where the last stopped:
+#      a build left running in its own session goes on between calls; the machine keeps /tmp while warm, and it
+#      goes back 30 s after a call ends, so make the next call straight away):
+#         run(command="bash scripts/gpu_bench.sh device", carry=[".gpu"], timeout_s=600, kind="nvidia-h100-x1")
+#      Each call stops itself before BUDGET_S (default 540 s) and prints GPU_BENCH_CONTINUE (exit 3) if work is
+#      left. Expected: call 1 builds (~5-9 min for one arch on 16 cores), call 2 synthesises (~1-2 min, 16 GB)
+#      and benches (~1-2 min). Within the 30-minute session budget with room for one retry.
+#   3. the results come back in $OUT: bench.json (dglocal bench --json), bench.txt (the table), logs.
+#
+# Locally (no GPU) the device stage can be dry-run on an existing build and a small preset:
+#   DG_BUILD=/tmp/dgdev/build PRESET=small OUT=/tmp/gpu_out bash scripts/gpu_bench.sh device
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VERSION=0.3.36
+SDIST_DIR=llama_cpp_python-$VERSION
+VOCAB_MEMBER=vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf
+
+prep() {
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+    mkdir -p .gpu/whl
+    local sdist
+    sdist=$(python3 -c 'from dglocal.upstream import fetch_sdist; print(fetch_sdist())')
+    python3 -c "from dglocal.upstream import sdist_file; print(sdist_file('$VOCAB_MEMBER'))" >/dev/null
+    local tmp
+    tmp=$(mktemp -d)
+    tar -xzf "$sdist" -C "$tmp"
+    # only the library sources and the Python bindings travel: no git pack, vocab files, docs, tools, tests
+    local v=$SDIST_DIR/vendor/llama.cpp
+    tar -czf .gpu/llama-src.tar.gz -C "$tmp" \
+        --exclude="$SDIST_DIR/.git" --exclude="$v/models" --exclude="$v/docs" --exclude="$v/tools" \
+        --exclude="$v/examples" --exclude="$v/tests" --exclude="$v/gguf-py" --exclude="$v/media" \
+        --exclude="$v/.github" --exclude="$v/vendor/miniaudio" --exclude="$v/scripts" --exclude="$v/ci" \
+        "$SDIST_DIR"
+    rm -rf "$tmp"
+    mkdir -p ".gpu/cache/upstream/$VERSION/$(dirname $VOCAB_MEMBER)"
+    cp "${DGLOCAL_CACHE:-$HOME/.cache/dglocal}/upstream/$VERSION/$VOCAB_MEMBER" ".gpu/cache/upstream/$VERSION/$VOCAB_MEMBER"
+    # pure-Python packages the device image lacks (its python3 is 3.12)
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/whl \
+        gguf==0.19.0 diskcache==5.6.3
+    du -sh .gpu
+}
+
+# -- device ------------------------------------------------------------------------------------------------------
+
+WORK=${WORK:-/tmp/dgbench}
+BUDGET_S=${BUDGET_S:-540}
+PRESET=${PRESET:-26b-a4b}
+TYPE=${TYPE:-q4_k_m}
+OUT=${OUT:-$WORK/out}
+
+left() { echo $((BUDGET_S - SECONDS)); }
+again() { echo "GPU_BENCH_CONTINUE: $1 (call again at once)"; exit 3; }
+
+setup_python() {
+    export DGLOCAL_CACHE=$ROOT/.gpu/cache
+    export PYTHONPATH=$WORK/site:$WORK/src/$SDIST_DIR${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONUNBUFFERED=1
+    if [ ! -f "$WORK/site/.done" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpu/whl/*.whl
+        touch "$WORK/site/.done"
+    fi
+    if ! python3 -c 'import dglocal.convert' 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+    fi
+}
+
+build() {
+    if [ -n "${DG_BUILD:-}" ]; then BUILD=$DG_BUILD; else BUILD=$WORK/build; fi
+    export LLAMA_CPP_LIB_PATH=$BUILD/bin
+    [ -f "$BUILD/.done" ] || [ -n "${DG_BUILD:-}" ] && return 0
+    local src=$WORK/src/$SDIST_DIR
+    if [ ! -f "$WORK/src/.patched" ]; then
+        rm -rf "$WORK/src" && mkdir -p "$WORK/src"
+        tar -xzf .gpu/llama-src.tar.gz -C "$WORK/src"
+        python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$src'))"
+        touch "$WORK/src/.patched"
+    fi
+    if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+        # the flags build_backend.py gives a CUDA wheel, plus a plain shared-library build of llama.cpp itself
+        local flags
+        flags=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))")
+        cmake -S "$src/vendor/llama.cpp" -B "$BUILD" -G Ninja $flags -DCMAKE_BUILD_TYPE=Release \
+            -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF > "$WORK/cmake.log" 2>&1 \
+            || { tail -30 "$WORK/cmake.log"; exit 1; }
+    fi
+    # the build runs in its own session so that it outlives this call if the budget runs out
+    if ! { [ -f "$WORK/build.pid" ] && kill -0 "$(cat "$WORK/build.pid")" 2>/dev/null; }; then
+        setsid bash -c "cmake --build '$BUILD' -j $(nproc) --target llama > '$WORK/build.log' 2>&1; echo \$? > '$WORK/build.rc'" &
+        echo $! > "$WORK/build.pid"
+    fi
+    while kill -0 "$(cat "$WORK/build.pid")" 2>/dev/null; do
+        [ "$(left)" -gt 20 ] || again "build running ($(grep -c '^\[' "$WORK/build.log" || true) steps done)"
+        sleep 10
+    done
+    if [ "$(cat "$WORK/build.rc" 2>/dev/null)" != 0 ]; then
+        tail -40 "$WORK/build.log"; rm -f "$WORK/build.pid"; exit 1
+    fi
+    touch "$BUILD/.done"
+    echo "build done in $BUILD"
+}
+
+device() {
+    mkdir -p "$WORK" "$OUT"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    setup_python
+    build
+    local model=$WORK/synth-$PRESET-$TYPE.gguf
+    if [ ! -f "$model" ]; then
+        [ "$(left)" -gt 180 ] || again "synth needs ~3 minutes"
+        python3 -c "
+import time
+from dglocal.synth import synth
+r = synth('$PRESET', '$TYPE', '$model', force=True)
+print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} s, mix {r.quant_mix}')
+" 2>&1 | tee "$OUT/synth.txt"
+    fi
+    [ "$(left)" -gt 150 ] || again "bench needs ~2.5 minutes"
+    python3 - "$model" "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench.txt"
+import json, sys
+from pathlib import Path
+from rich.console import Console
+from dglocal.bench import bench, render
+
+path, out = sys.argv[1], Path(sys.argv[2])
+r = bench(path, n_gpu_layers=-1, steps=(8, 16, 48), adaptive=True, canvases=2, prompt_tokens=64, ar_tokens=128)
+(out / "bench.json").write_text(json.dumps(r, indent=2))
+render(r, Console(width=120))
+fixed16 = next(x for x in r["runs"] if x["mode"] == "fixed" and x["max_steps"] == 16)
+print(f"26B-A4B synth {r['file_type']}: 16 steps {fixed16['canvas_tok_s']:.0f} canvas tok/s, "
+      f"{fixed16['ms_per_step']:.1f} ms/step, AR {r['autoregressive']['tok_s']:.0f} tok/s, "
+      f"ratio {fixed16['vs_ar']:.2f}x (goal: >= 1300 tok/s and >= 5x)")
+EOF
+    cp "$WORK"/*.log "$OUT"/ 2>/dev/null || true
+    echo GPU_BENCH_DONE
+}
+
+case "${1:-}" in
+    prep) prep ;;
+    device) device ;;
+    *) echo "usage: $0 prep|device" >&2; exit 2 ;;
+esac
