@@ -283,8 +283,10 @@ class ChatSession:
         """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
         messages = self.messages + [{"role": "user", "content": content}]
         self._ensure_sequence()
-        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, cached=self.cached,
-                        **{**self.options, **options})
+        options = {**self.options, **options}
+        if options.get("seed") is None and hasattr(self.model, "next_seed"):
+            options["seed"] = self.model.next_seed()  # reproducible under the model's load seed
+        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, cached=self.cached, **options)
         try:
             for event in events:
                 if isinstance(event, Completion):

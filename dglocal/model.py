@@ -37,7 +37,7 @@ class Denoised:
 
 class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1,
-                 n_threads: int | None = None, seed: int = 0, n_ubatch: int = 512, kv_type: str = "f16",
+                 n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
                  swa_full: bool = True, flash_attn: bool | None = None):
         from . import _native as nat
 
@@ -49,7 +49,8 @@ class Model:
         if arch != ARCH:
             raise ModelError(f"{self.path}: architecture is {arch!r}, dglocal runs {ARCH!r} models")
         self.canvas_length = int(self.metadata["diffusion.canvas_length"])
-        self.seed = seed
+        # generations without their own seed draw one from here: a fixed load seed makes a run reproducible
+        self._rng = np.random.default_rng(seed)
         self._nat = nat
         self._ll = nat._ll
         self._stack = ExitStack()
@@ -163,7 +164,13 @@ class Model:
         if self._default is None or self._default[0] is not self._sequence:
             self._default = (self.sequence(), [])
         seq, cached = self._default
+        if options.get("seed") is None:
+            options["seed"] = self.next_seed()
         return gen.stream(self, prompt, seq=seq, cached=cached, **options)
+
+    def next_seed(self) -> int:
+        """A seed for a generation that was given none, drawn from the load seed's generator."""
+        return int(self._rng.integers(2**63))
 
     def generate(self, prompt, **options):
         """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -152,10 +153,7 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         raise ConvertError(f"{output}: write failed ({e})") from e
     finally:
         partial.unlink(missing_ok=True)
-        if probe_dir.exists():
-            for p in probe_dir.iterdir():
-                p.unlink()
-            probe_dir.rmdir()
+        shutil.rmtree(probe_dir, ignore_errors=True)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     return SynthResult(output, preset, type, len(plan), n_params, output.stat().st_size,
                        time.perf_counter() - t0, dict(Counter(q.name for q in types.values())))

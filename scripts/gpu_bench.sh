@@ -18,7 +18,8 @@
 #   3. the results come back in $OUT: bench.json (dglocal bench --json), bench.txt (the table), logs.
 #
 # Locally (no GPU) the device stage can be dry-run on an existing build and a small preset:
-#   DG_BUILD=/tmp/dgdev/build PRESET=small OUT=/tmp/gpu_out bash scripts/gpu_bench.sh device
+#   DG_BUILD=/tmp/dgdev/build PRESET=tiny BENCH_STEPS=2 CANVASES=1 ADAPTIVE=0 OUT=/tmp/gpu_out \
+#       bash scripts/gpu_bench.sh device
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -43,7 +44,7 @@ prep() {
     tar -czf .gpu/llama-src.tar.gz -C "$tmp" \
         --exclude="$SDIST_DIR/.git" --exclude="$v/models" --exclude="$v/docs" --exclude="$v/tools" \
         --exclude="$v/examples" --exclude="$v/tests" --exclude="$v/gguf-py" --exclude="$v/media" \
-        --exclude="$v/.github" --exclude="$v/vendor/miniaudio" --exclude="$v/scripts" --exclude="$v/ci" \
+        --exclude="$v/.github" --exclude="$v/scripts" --exclude="$v/ci" \
         "$SDIST_DIR"
     rm -rf "$tmp"
     mkdir -p ".gpu/cache/upstream/$VERSION/$(dirname $VOCAB_MEMBER)"
@@ -130,17 +131,19 @@ print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} 
     fi
     [ "$(left)" -gt 150 ] || again "bench needs ~2.5 minutes"
     python3 - "$model" "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench.txt"
-import json, sys
+import json, os, sys
 from pathlib import Path
 from rich.console import Console
 from dglocal.bench import bench, render
 
 path, out = sys.argv[1], Path(sys.argv[2])
-r = bench(path, n_gpu_layers=-1, steps=(8, 16, 48), adaptive=True, canvases=2, prompt_tokens=64, ar_tokens=128)
+steps = tuple(int(s) for s in os.environ.get("BENCH_STEPS", "8,16,48").split(","))
+r = bench(path, n_gpu_layers=-1, steps=steps, adaptive=os.environ.get("ADAPTIVE", "1") == "1",
+          canvases=int(os.environ.get("CANVASES", "2")), prompt_tokens=64, ar_tokens=128)
 (out / "bench.json").write_text(json.dumps(r, indent=2))
 render(r, Console(width=120))
-fixed16 = next(x for x in r["runs"] if x["mode"] == "fixed" and x["max_steps"] == 16)
-print(f"26B-A4B synth {r['file_type']}: 16 steps {fixed16['canvas_tok_s']:.0f} canvas tok/s, "
+fixed16 = next((x for x in r["runs"] if x["max_steps"] == 16), r["runs"][0])
+print(f"{r['name']} {r['file_type']}: {fixed16['max_steps']} steps {fixed16['canvas_tok_s']:.0f} canvas tok/s, "
       f"{fixed16['ms_per_step']:.1f} ms/step, AR {r['autoregressive']['tok_s']:.0f} tok/s, "
       f"ratio {fixed16['vs_ar']:.2f}x (goal: >= 1300 tok/s and >= 5x)")
 EOF

@@ -174,3 +174,15 @@ def test_tokenize_more_tokens_than_bytes(model):
     toks = model.tokenize(text, add_special=False)
     assert len(toks) > len(text.encode())
     assert model.detokenize(toks) == text.replace(" ", "\u2581")
+
+
+def test_load_seed_makes_generations_reproducible(tiny_f32_gguf):
+    import dglocal
+
+    opts = dict(max_new_tokens=16, max_denoising_steps=3)
+    runs = []
+    for _ in range(2):
+        with dglocal.load(tiny_f32_gguf, n_ctx=256, n_threads=2, seed=123) as m:
+            runs.append([m.generate([2, 10, 11, 12], **opts).tokens for _ in range(2)])
+    assert runs[0] == runs[1]  # same load seed: the same sequence of answers
+    assert runs[0][0] != runs[0][1]  # but each call draws a fresh seed from it
