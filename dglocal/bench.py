@@ -176,8 +176,8 @@ def render(result: dict, console=None) -> None:
     size = result["file_size"] / 2**30
     title = (f"{result['name']}  {result['file_type']}  {size:.2f} GiB  canvas {result['canvas_length']}  "
              f"prompt {result['prompt_tokens']}{'  (random weights)' if result['synthetic'] else ''}")
-    t = Table(title=title)
-    for col in ("mode", "steps/canvas", "ms/step", "commit ms", "TTFT s", "canvas tok/s", "wall tok/s", "vs AR"):
+    t = Table(title=title, caption="tok/s = canvas / (steps x ms/step + commit): a long generation's rate")
+    for col in ("mode", "steps", "ms/step", "commit ms", "TTFT s", "tok/s", "wall tok/s", "vs AR"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for r in result["runs"]:
         t.add_row(f"{r['mode']} {r['max_steps']}", f"{r['steps_per_canvas']:.1f}", f"{r['ms_per_step']:.1f}",

@@ -205,6 +205,9 @@ def run(
                    t_min=t_min, t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
                    seed=seed)
     path = resolve_model(model, quant)
+    if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
+        _plugin("sudoku").main(model=path, **_given(puzzle=prompt, steps=steps, threads=threads, seed=seed))
+        return
     GenerationConfig.from_metadata(read_header(path).kv, **options)  # bad options fail before the slow load
     interactive = ui.is_terminal()
     with ui.status(f"loading {path.name}"):

@@ -65,6 +65,7 @@ class SynthResult:
     size: int                       # bytes of the output file
     seconds: float
     quant_mix: dict[str, int]       # GGML type name -> number of tensors
+    notes: list[str] = dataclasses.field(default_factory=list)  # one-line messages for the user
 
 
 def vocab_path() -> Path:
@@ -155,8 +156,11 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         partial.unlink(missing_ok=True)
         shutil.rmtree(probe_dir, ignore_errors=True)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
+    mix = dict(Counter(q.name for q in types.values()))
+    notes = [f"{preset}: {n_params / 1e9:.2f}B parameters, random weights (for dglocal bench, not for text)",
+             "tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))]
     return SynthResult(output, preset, type, len(plan), n_params, output.stat().st_size,
-                       time.perf_counter() - t0, dict(Counter(q.name for q in types.values())))
+                       time.perf_counter() - t0, mix, notes)
 
 
 # -- values -----------------------------------------------------------------------------------------------------

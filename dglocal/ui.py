@@ -522,3 +522,79 @@ def _short(value, limit: int = 80) -> str:
     value = value.tolist() if hasattr(value, "tolist") else value
     text = f"{value:.7g}" if isinstance(value, float) else str(value)  # GGUF floats are f32: 7 digits
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- dglocal sudoku: the board ----------------------------------------------------------------------------------
+
+def sudoku_board(puzzle, cells, accepted=None, bad=()):
+    """A 9x9 board as rich Text: givens bold, accepted digits green, still-noisy draft digits dim, `bad` cells red."""
+    from rich.text import Text
+
+    board = Text()
+    for r in range(9):
+        if r and r % 3 == 0:
+            board.append("───────┼───────┼───────\n", style="dim")
+        for c in range(9):
+            i = r * 9 + c
+            if c and c % 3 == 0:
+                board.append(" │", style="dim")
+            style = ("bold red" if i in bad else "bold" if puzzle[i] else
+                     "green" if accepted is None or accepted[i] else "dim magenta")
+            board.append(" " + (str(cells[i]) if cells[i] else "·"), style=style)
+        board.append("\n")
+    return board
+
+
+@contextmanager
+def sudoku_live():
+    """Yields draw(puzzle, cells, step): the board redrawn in place on a terminal (at most RichView.FPS a second)."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    console = _console()
+    if not console.is_terminal:
+        yield lambda puzzle, cells, step: None
+        return
+    drawn = [0.0]
+
+    def draw(puzzle, cells, step) -> None:
+        now = time.perf_counter()
+        if now - drawn[0] >= 1 / RichView.FPS:
+            status = Text(f"step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
+                          f"entropy {step.mean_entropy:.3f}", style="dim")
+            live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist()), status), refresh=True)
+            drawn[0] = now
+
+    with Live(console=console, auto_refresh=False, transient=True) as live:
+        yield draw
+
+
+def show_sudoku(result, bad=()) -> None:
+    """The final board and its verdict: solved only if check_grid passed."""
+    from rich.text import Text
+
+    console = _console()
+    console.print(sudoku_board(result.puzzle, result.grid, bad=set(bad)), end="", soft_wrap=True)
+    detail = Text(f" · {result.steps} steps · {result.seconds:.2f} s", style="dim")
+    if result.solved:
+        console.print(Text("solved", style="bold green") + detail, soft_wrap=True)
+    else:
+        console.print(Text(f"unsolved: {len(bad)} bad cells", style="bold red") + detail, soft_wrap=True)
+
+
+@contextmanager
+def sudoku_progress(total: int):
+    """A progress bar over puzzles on stderr (transient); yields advance()."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("solving"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("solving", total=total)
+        yield lambda: bar.advance(task)
+
+
+def show_sudoku_eval(result, max_steps) -> None:
+    acc = "n/a (no solutions in the file)" if result.blank_acc is None else f"{result.blank_acc:.1%}"
+    _console().print(f"{result.n} puzzles: solved {result.solved:.1%}, blank-cell accuracy {acc}, "
+                     f"mean steps {result.steps:.1f} (max {max_steps}), {result.seconds:.0f} s", soft_wrap=True)

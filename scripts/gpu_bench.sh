@@ -68,15 +68,15 @@ again() { echo "GPU_BENCH_CONTINUE: $1 (call again at once)"; exit 3; }
 
 setup_python() {
     export DGLOCAL_CACHE=$ROOT/.gpu/cache
-    export PYTHONPATH=$WORK/site:$WORK/src/$SDIST_DIR${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$WORK/pkg:$WORK/site:$WORK/src/$SDIST_DIR${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1
     if [ ! -f "$WORK/site/.done" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpu/whl/*.whl
         touch "$WORK/site/.done"
     fi
-    if ! python3 -c 'import dglocal.convert' 2>/dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
-    fi
+    # dglocal as pyproject.toml lays it out (convert/ is dglocal.convert), fresh from this call's tree
+    rm -rf "$WORK/pkg" && mkdir -p "$WORK/pkg"
+    cp -r dglocal "$WORK/pkg/dglocal" && cp -r convert "$WORK/pkg/dglocal/convert"
 }
 
 build() {

@@ -150,23 +150,6 @@ def test_bad_files_are_refused(tmp_path, tiny_vocab):
         dglocal.load(tmp_path / "missing.gguf")
 
 
-def test_device_path_of_the_soft_embedding(tiny_f32_gguf, ref, monkeypatch):
-    """The chunked get_rows + mul_mat soft embedding (the path for weights in GPU memory), forced on the CPU:
-    the self-conditioned step still matches the reference."""
-    import dglocal
-
-    monkeypatch.setenv("LLAMA_DG_SOFT_MATMUL", "1")
-    with dglocal.load(tiny_f32_gguf, n_ctx=256, kv_type="f32", n_threads=2, flash_attn=False) as m:
-        seq, rseq = m.sequence(), ref.sequence()
-        p = prompt(W + 3, seed=9)
-        seq.prefill(p)
-        rseq.prefill(p)
-        for cv, temp, sc in [(canvas(1), 0.8, False), (canvas(2), 0.5, True)]:
-            got = seq.denoise(cv, temperature=temp, self_condition=sc, return_logits=True)
-            want = rseq.denoise(cv, temperature=temp, self_condition=sc, return_logits=True)
-        np.testing.assert_allclose(got.logits / 0.5, want.logits, atol=ATOL, rtol=0)
-
-
 def test_tokenize_more_tokens_than_bytes(model):
     # byte fallback: the 512-token cut of the Gemma 4 vocabulary has no "▁" (its escaped space), so a space
     # costs the three byte tokens of "▁" and comes back as "▁", exactly as llama.cpp's own detokenizer does

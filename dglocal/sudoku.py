@@ -1,0 +1,212 @@
+"""`dglocal sudoku`: solve Sudoku puzzles with the Sudoku DiffusionGemma, the board filling in live.
+
+    dglocal sudoku PUZZLE                       # one puzzle: 81 characters, '.' or '0' for a blank
+    dglocal sudoku --eval FILE [--output OUT]   # lines `puzzle [solution]`: solve rate, blank-cell accuracy, steps
+    dglocal sudoku                              # puzzles read from stdin, one per line (`dglocal run` with no model)
+
+The prompt is built from token ids (`sudoku_core.encode_prompt`), never through the tokenizer. One canvas of 81
+digits per puzzle, the model's own sampler settings. Every returned grid is judged by `check_grid`: a grid that
+breaks a rule or changes a given is unsolved. The givens are not pinned in the canvas by default: the model was
+trained without clamping, and clamping at inference only on a model trained that way made it worse (train and
+sample alike, SUDOKU-NOTES.md); `pin_givens=True` pins them through `constraints`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import sudoku_core as sc
+from .errors import ConfigError, ModelError
+from .generate import Completion, Step
+
+N_CTX = 512  # prompt (326) + one canvas (81), rounded up
+
+
+@dataclass
+class Solved:
+    """The outcome of one puzzle."""
+
+    puzzle: list[int]
+    grid: list[int]  # 81 cells, 0 where the model returned a non-digit (EOS, pad, ...)
+    solved: bool  # check_grid: complete, every rule kept, every given kept
+    steps: int  # denoising steps (decoder passes)
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    n: int
+    solved: float  # fraction of puzzles whose grid passes check_grid
+    blank_acc: float | None  # fraction of blank cells equal to the file's solution; None without solutions
+    steps: float  # mean denoising steps per puzzle
+    seconds: float
+    results: list[Solved] = field(repr=False, default_factory=list)
+
+
+def load_model(path, *, threads: int | None = None):
+    """The Sudoku GGUF on the backend; ModelError if it is not a Sudoku model. The model is tiny, so the KV
+    cache stays f32 and flash attention off (the numbers then match the reference at ~1e-4), and one thread is
+    the default: its matrices are too small to split, and spinning thread barriers on a busy CPU cost ~50x."""
+    import dglocal
+
+    model = dglocal.load(path, n_ctx=N_CTX, n_threads=threads or 1, kv_type="f32", flash_attn=False)
+    if model.n_vocab != sc.VOCAB_SIZE or model.canvas_length != sc.CANVAS_LENGTH:
+        model.close()
+        raise ModelError(f"{path}: not a Sudoku model (vocabulary {model.n_vocab}, canvas {model.canvas_length}; "
+                         f"expected {sc.VOCAB_SIZE} and {sc.CANVAS_LENGTH})")
+    return model
+
+
+def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed: int | None = None,
+                 pin_givens: bool = False) -> Iterator[Step | Solved]:
+    """Denoise one puzzle: every Step (the draft board), then the Solved outcome."""
+    t0 = time.perf_counter()
+    constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
+    events = model.stream(sc.encode_prompt(puzzle), max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps,
+                          seed=seed, constraints=constraints)
+    for event in events:
+        if isinstance(event, Step):
+            yield event
+        elif isinstance(event, Completion):
+            # the output stops before an EOS; the reference pads the rest of the canvas, so those cells are blank
+            tokens = event.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(event.tokens))
+            grid = sc.decode_canvas(tokens)
+            yield Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(event.stats.steps_per_canvas),
+                         time.perf_counter() - t0)
+
+
+def solve(model, puzzle: Sequence[int], **options) -> Solved:
+    for event in solve_stream(model, puzzle, **options):
+        pass
+    return event
+
+
+def bad_cells(puzzle: Sequence[int], grid: Sequence[int]) -> set[int]:
+    """Cells that make `grid` fail check_grid: no digit, a changed given, or a digit repeated in a row/column/box."""
+    bad = {i for i, (p, g) in enumerate(zip(puzzle, grid)) if not 1 <= g <= 9 or (p and p != g)}
+    for unit in sc.UNITS:
+        for i in unit:
+            if grid[i] and sum(grid[j] == grid[i] for j in unit) > 1:
+                bad.add(i)
+    return bad
+
+
+def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
+    """Lines `puzzle [solution]`; blank lines and '#' comments skipped. ConfigError names the bad line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from e
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise ConfigError(f"{path}:{number}: expected `puzzle [solution]`, got {len(fields)} fields")
+        try:
+            pairs.append((sc.parse_grid(fields[0]), sc.parse_grid(fields[1]) if len(fields) > 1 else None))
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{number}: {e}") from None
+    if not pairs:
+        raise ConfigError(f"{path}: no puzzles")
+    return pairs
+
+
+def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None, pin_givens: bool = False,
+             on_result=None) -> EvalResult:
+    """Solve every puzzle (puzzle i with seed + i when a seed is given) and score it as the reference eval does."""
+    t0 = time.perf_counter()
+    results, blanks, right = [], 0, 0
+    for i, (puzzle, solution) in enumerate(pairs):
+        r = solve(model, puzzle, steps=steps, seed=None if seed is None else seed + i, pin_givens=pin_givens)
+        results.append(r)
+        if solution is not None:
+            for p, s, g in zip(puzzle, solution, r.grid):
+                if not p:
+                    blanks += 1
+                    right += s == g
+        if on_result is not None:
+            on_result(i, r)
+    n = len(results)
+    has_solutions = any(s is not None for _, s in pairs)
+    return EvalResult(n, sum(r.solved for r in results) / n, right / blanks if has_solutions and blanks else None,
+                      sum(r.steps for r in results) / n, time.perf_counter() - t0, results)
+
+
+def write_grids(path, results: Sequence[Solved]) -> None:
+    """One line of 81 digits per puzzle, in input order ('0' where the model gave no digit)."""
+    Path(path).write_text("".join("".join(map(str, r.grid)) + "\n" for r in results), encoding="utf-8")
+
+
+def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
+         steps: int | None = None, threads: int | None = None, seed: int | None = None,
+         pin_givens: bool = False) -> None:
+    """The `dglocal sudoku` command (rendering through dglocal.ui)."""
+    from . import ui
+
+    if puzzle is not None and eval_file is not None:
+        raise ConfigError("give a PUZZLE or --eval FILE, not both")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+    cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
+    pairs = read_puzzles(eval_file) if eval_file is not None else None
+    options = dict(steps=steps, seed=seed, pin_givens=pin_givens)
+
+    with ui.status(f"loading {Path(model).name}"):
+        llm = load_model(model, threads=threads)
+    with llm:
+        if pairs is not None:
+            with ui.sudoku_progress(len(pairs)) as advance:
+                result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
+            if output is not None:
+                write_grids(output, result.results)
+            ui.show_sudoku_eval(result, llm.metadata.get("diffusion.eb_max_steps") if steps is None else steps)
+        elif cells is not None:
+            done = _solve_live(llm, cells, ui, options)
+            if output is not None:
+                write_grids(output, [done])
+        else:
+            _solve_lines(llm, ui, options, output)
+
+
+def _solve_live(llm, cells, ui, options) -> Solved:
+    with ui.sudoku_live() as draw:
+        for event in solve_stream(llm, cells, **options):
+            if isinstance(event, Step):
+                draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
+    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid))
+    return event
+
+
+def _solve_lines(llm, ui, options, output) -> None:
+    """A puzzle per input line until end of input or /exit (`dglocal run` with no model)."""
+    interactive = ui.is_terminal()
+    done = []
+    if interactive:
+        ui.print_status("one puzzle per line (81 characters, '.' or '0' for blanks) · Ctrl-D quits")
+    while True:
+        try:
+            line = input("puzzle> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if not text:
+            continue
+        try:
+            cells = sc.parse_grid(text)
+        except ConfigError as e:
+            ui.print_error(str(e))
+            continue
+        done.append(_solve_live(llm, cells, ui, options))
+    if output is not None:
+        write_grids(output, done)
+    if interactive:
+        print(file=sys.stderr)

@@ -1,0 +1,243 @@
+"""The Sudoku model through dglocal: the checkpoint converted (WordLevel vocab as gpt2 without merges), its logits
+against the reference, `dglocal sudoku` end to end, the eval's numbers against its own output file, and whole
+trajectories against the reference `generate` fed identical noise.
+
+Needs the HF checkpoint beside the recipe (scripts/sudoku/checkpoint) and the shipped dglocal/data/sudoku.gguf.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference_harness import ReferenceModel, reference_generate
+
+from dglocal import sudoku_core as sc
+from dglocal.cli import DEFAULT_MODEL
+from dglocal.sampler import SeededNoise
+
+pytestmark = pytest.mark.backend
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "scripts" / "sudoku" / "checkpoint"
+HELDOUT = ROOT / "scripts" / "sudoku" / "heldout.txt"
+# f32 GGUF, f32 KV cache, no flash attention. The trained model's raw logits reach |12| (softcap 30); measured
+# differences are up to 1.4e-4 of max(1, |logit|), float32 accumulation through 4 layers and the soft embedding.
+ATOL, RTOL = 2e-4, 1e-4
+
+_script = Path(sys.executable).with_name("dglocal")
+DGLOCAL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "dglocal.cli"]
+
+
+def heldout(n: int) -> list[tuple[str, str]]:
+    return [tuple(line.split()) for line in HELDOUT.read_text().splitlines()[:n]]
+
+
+def dglocal_cli(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DGLOCAL_DEBUG"}
+    return subprocess.run([*DGLOCAL, "sudoku", *map(str, args)], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A copy of the checkpoint, taken again until no file changed meanwhile (a training run rewrites it)."""
+    if not (CHECKPOINT / "config.json").is_file():
+        pytest.fail(f"{CHECKPOINT}: the Sudoku checkpoint is missing (scripts/sudoku_train.py writes it)")
+    copy = tmp_path_factory.mktemp("ckpt") / "sudoku"
+    for _ in range(5):
+        before = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in CHECKPOINT.iterdir())
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(CHECKPOINT, copy)
+        time.sleep(1)
+        if sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in CHECKPOINT.iterdir()) == before:
+            return copy
+    pytest.fail(f"{CHECKPOINT} kept changing while copied")
+
+
+@pytest.fixture(scope="module")
+def gguf_path(checkpoint, tmp_path_factory):
+    from dglocal.convert import convert
+
+    out = tmp_path_factory.mktemp("gguf") / "sudoku-f32.gguf"
+    convert(checkpoint, out, "f32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_model(checkpoint):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).float().eval()
+
+
+@pytest.fixture(scope="module")
+def model(gguf_path):
+    from dglocal.sudoku import load_model
+
+    m = load_model(gguf_path)  # f32 KV cache, flash attention off, 1 thread
+    yield m
+    m.close()
+
+
+# -- the converted file ------------------------------------------------------------------------------------------
+
+def test_converted_header(gguf_path):
+    from gguf import TokenType
+
+    from dglocal.gguf_read import read_header
+
+    kv = read_header(gguf_path).kv
+    assert kv["tokenizer.ggml.model"] == "gpt2"
+    assert list(kv["tokenizer.ggml.tokens"]) == sc.TOKENS
+    types = list(kv["tokenizer.ggml.token_type"])
+    assert [t == TokenType.CONTROL for t in types] == [t.startswith("<") for t in sc.TOKENS]
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"],
+            kv["tokenizer.ggml.padding_token_id"]) == (sc.BOS_ID, sc.EOS_ID, sc.PAD_ID)
+    # config.json's `per_layer_config: {}`: the full layer keeps the base head_dim and KV head count
+    assert kv["diffusion-gemma.attention.key_length"] == 32 == kv["diffusion-gemma.attention.key_length_swa"]
+    assert list(kv["diffusion-gemma.attention.head_count_kv"]) == [4, 4, 4, 4]
+    assert kv["diffusion.canvas_length"] == sc.CANVAS_LENGTH
+
+
+def test_tokenizer_and_chat_template(model):
+    puzzle = heldout(1)[0][0]
+    assert model.tokenize(puzzle, add_special=False, parse_special=True) == sc.encode_prompt(puzzle)[-82:-1]
+    assert model.tokenize("<sep>1 .<r4><c9><b2>", add_special=True, parse_special=True) == [
+        sc.BOS_ID, sc.SEP_ID, sc.DIGIT_BASE + 1, sc.BLANK_ID, sc.ROW_BASE + 3, sc.COL_BASE + 8, sc.BOX_BASE + 1]
+    assert model.tokenize("<sep>", add_special=False, parse_special=False) == []  # specials only when parsed
+    assert model.detokenize(sc.encode_canvas(heldout(1)[0][1])) == heldout(1)[0][1]
+    chat = model.chat()  # `dglocal run` on this model: a message is a puzzle
+    assert chat.prompt_tokens([{"role": "user", "content": f" {puzzle}\n"}]) == sc.encode_prompt(puzzle)
+
+
+# -- numbers against the reference ------------------------------------------------------------------------------
+
+def test_decoder_logits_match_reference(model, torch_model):
+    """Three denoise steps (the later ones self-conditioned) after a puzzle prompt: raw logits against the
+    reference's (its processed logits times T)."""
+    prompt = sc.encode_prompt(heldout(2)[1][0])
+    seq, rseq = model.sequence(), ReferenceModel(torch_model, n_ctx=512).sequence()
+    seq.prefill(prompt)
+    rseq.prefill(prompt)
+    rng = np.random.default_rng(3)
+    u = rng.random(sc.CANVAS_LENGTH)
+    for step, (temp, self_condition) in enumerate([(0.8, False), (0.55, True), (0.5, True)]):
+        canvas = rng.integers(0, sc.VOCAB_SIZE, sc.CANVAS_LENGTH).astype(np.int32)
+        got = seq.denoise(canvas, temperature=temp, uniforms=u, self_condition=self_condition, return_logits=True)
+        want = rseq.denoise(canvas, temperature=temp, uniforms=u, self_condition=self_condition, return_logits=True)
+        np.testing.assert_allclose(got.logits, want.logits * temp, atol=ATOL, rtol=RTOL, err_msg=f"step {step}")
+        np.testing.assert_array_equal(got.argmax, want.argmax)
+        np.testing.assert_allclose(got.entropy, want.entropy, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_logits_match_reference(model, torch_model):
+    import torch
+
+    prompt = sc.encode_prompt(heldout(3)[2][0])
+    got = model.sequence().prefill(prompt, logits_last=True)
+    with torch.no_grad():
+        hidden = torch_model.model.encoder.language_model(input_ids=torch.tensor([prompt])).last_hidden_state
+        want = torch_model.lm_head(hidden)[0, -1]
+        cap = torch_model.config.get_text_config().final_logit_softcapping
+        want = (torch.tanh(want / cap) * cap).numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("index,seed", [(0, 0), (1, 1), (2, 2)])
+def test_trajectory_matches_reference_generate(model, torch_model, index, seed):
+    """The same puzzle and the same noise: dglocal's runtime and the reference `generate` return the same grid
+    after the same number of steps (the checkpoint's generation config on both sides)."""
+    from dglocal.sudoku import solve
+
+    puzzle = sc.parse_grid(heldout(index + 1)[index][0])
+    tokens, steps = reference_generate(torch_model, sc.encode_prompt(puzzle), SeededNoise(sc.VOCAB_SIZE, seed))
+    got = solve(model, puzzle, seed=seed)
+    assert got.grid == sc.decode_canvas(tokens)
+    assert [got.steps] == steps
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+
+VERDICT = re.compile(r"^(solved|unsolved: (\d+) bad cells) · (\d+) steps", re.MULTILINE)
+EVAL = re.compile(r"(\d+) puzzles: solved ([\d.]+)%, blank-cell accuracy ([\d.]+)%, mean steps ([\d.]+)")
+
+
+def easy_puzzle() -> tuple[str, str]:
+    """A held-out solution with 4 cells blanked (77 givens)."""
+    _, solution = heldout(1)[0]
+    return "".join("." if i in (0, 20, 40, 80) else d for i, d in enumerate(solution)), solution
+
+
+def test_cli_solves_an_easy_puzzle_with_the_shipped_model(tmp_path):
+    assert DEFAULT_MODEL.is_file(), f"{DEFAULT_MODEL} is not shipped (scripts/sudoku_ship.sh makes it)"
+    puzzle, solution = easy_puzzle()
+    out = tmp_path / "grid.txt"
+    r = dglocal_cli(puzzle, "--seed", "0", "--output", out)
+    assert r.returncode == 0, r.stderr
+    grid = out.read_text().split()
+    assert len(grid) == 1 and re.fullmatch(r"[0-9]{81}", grid[0])
+    verdict = VERDICT.search(r.stdout)
+    assert verdict, r.stdout
+    assert (verdict.group(1) == "solved") == sc.check_grid(puzzle, grid[0].replace("0", "."))
+    assert grid[0] == solution, f"the shipped model did not solve an easy puzzle:\n{r.stdout}"
+
+
+def test_cli_reports_a_broken_grid_unsolved(tmp_path):
+    """A puzzle with no solution at all (two 5s in a row): whatever the model returns is unsolved."""
+    puzzle = "55" + "." * 79
+    out = tmp_path / "grid.txt"
+    r = dglocal_cli(puzzle, "--seed", "0", "--steps", "4", "--output", out)
+    assert r.returncode == 0, r.stderr
+    verdict = VERDICT.search(r.stdout)
+    assert verdict and verdict.group(1).startswith("unsolved") and int(verdict.group(3)) <= 4, r.stdout
+    assert not sc.check_grid(puzzle, out.read_text().strip().replace("0", "."))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["123"], "a Sudoku puzzle has 81 cells, got 3 characters"),
+    (["." * 80 + "x"], "invalid Sudoku cell 'x' at position 81"),
+    (["." * 40 + "a" + "." * 40], "invalid Sudoku cell 'a' at position 41"),
+    (["." * 81, "--eval", "heldout.txt"], "not both"),
+])
+def test_cli_bad_puzzles_give_one_clear_error(args, message):
+    r = dglocal_cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_bad_eval_file_names_the_line(tmp_path):
+    bad = tmp_path / "puzzles.txt"
+    bad.write_text(f"{'.' * 81}\n# a comment\n\n{'.' * 79}\n")
+    r = dglocal_cli("--eval", bad)
+    assert r.returncode == 1 and f"{bad}:4: a Sudoku puzzle has 81 cells, got 79" in r.stderr, r.stderr
+
+
+def test_cli_eval_numbers_agree_with_the_output_file(tmp_path):
+    """--eval reports what check_grid and the solutions say about the grids it writes with --output."""
+    pairs = heldout(6)
+    pairs[5] = easy_puzzle()  # one the model solves, so the solved count is not trivially 0
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text("".join(f"{p} {s}\n" for p, s in pairs[:5]) + f"{pairs[5][0]}\n")  # last: no solution
+    out = tmp_path / "grids.txt"
+    r = dglocal_cli("--eval", puzzles, "--output", out, "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    m = EVAL.search(r.stdout)
+    assert m, r.stdout
+    grids = out.read_text().splitlines()
+    assert len(grids) == 6 and all(re.fullmatch(r"[0-9]{81}", g) for g in grids)
+    solved = sum(sc.check_grid(p, g.replace("0", ".")) for (p, _), g in zip(pairs, grids))
+    blanks = [(s, g) for (p, s), g in zip(pairs[:5], grids) for pc, s, g in zip(p, s, g) if pc == "."]
+    assert int(m.group(1)) == 6
+    assert float(m.group(2)) == pytest.approx(100 * solved / 6, abs=0.05)
+    assert float(m.group(3)) == pytest.approx(100 * sum(s == g for s, g in blanks) / len(blanks), abs=0.05)
+    assert 1 <= float(m.group(4)) <= 48
+    assert solved >= 1  # the easy one
