@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, quants
 
-from dglocal.errors import BackendError, ConvertError
+from dglocal.errors import BUILD_HINT, BackendError, ConvertError
 
 from . import schema
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
@@ -145,7 +145,7 @@ def _write(path: Path, plan, bound, params, gen, tok, base: Q, ftype: LlamaFileT
             data = t.make().reshape(rows, width)[r0:r1] if t.make else bound[t.name].rows(r0, r1)
             if not np.all(np.isfinite(data)) and t.make is None:
                 raise ConvertError(f"{bound[t.name].file.name}: tensor {bound[t.name].name} has NaN or Inf values")
-            _encode(data, types[t.name]).tofile(fout)
+            encode_rows(data, types[t.name]).tofile(fout)
             done += (r1 - r0) * width * 4
             if progress:
                 progress(t.name, done, total)
@@ -157,7 +157,7 @@ def _n_rows(t) -> int:
     return int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
 
 
-def _encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
+def encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return rows.astype(np.float32, copy=False)
     if qtype == Q.F16:
@@ -169,8 +169,9 @@ def _quantizer(ftype_name: str):
     """dglocal._native (the patched llama.cpp), imported only when a llama.cpp quant type is asked for."""
     try:
         from dglocal import _native
-    except BackendError as e:  # its message says how to build the backend
-        raise ConvertError(f"type {ftype_name} needs llama.cpp's quantizer: {e} "
+    except (BackendError, ImportError) as e:  # a BackendError's message already says how to build it
+        hint = "" if isinstance(e, BackendError) else f"; {BUILD_HINT}"
+        raise ConvertError(f"type {ftype_name} needs llama.cpp's quantizer: {e}{hint} "
                            "(f32/f16/bf16/q8_0 need no backend)") from e
     return _native
 

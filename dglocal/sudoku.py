@@ -68,15 +68,18 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     events = model.stream(sc.encode_prompt(puzzle), max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps,
                           seed=seed, constraints=constraints)
-    for event in events:
-        if isinstance(event, Step):
-            yield event
-        elif isinstance(event, Completion):
-            # the output stops before an EOS; the reference pads the rest of the canvas, so those cells are blank
-            tokens = event.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(event.tokens))
-            grid = sc.decode_canvas(tokens)
-            yield Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(event.stats.steps_per_canvas),
-                         time.perf_counter() - t0)
+    try:
+        for event in events:
+            if isinstance(event, Step):
+                yield event
+            elif isinstance(event, Completion):
+                # the output stops before an EOS; the reference pads the rest of the canvas: those cells are blank
+                tokens = event.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(event.tokens))
+                grid = sc.decode_canvas(tokens)
+                yield Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(event.stats.steps_per_canvas),
+                             time.perf_counter() - t0)
+    finally:
+        events.close()  # a caller that breaks out leaves the sequence consistent
 
 
 def solve(model, puzzle: Sequence[int], **options) -> Solved:

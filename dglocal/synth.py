@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType as Q
 from .convert import schema
 from .convert.source import GENERATION_DEFAULTS, TextParams
 from .convert.tokenizer import write_tokenizer
-from .convert.writer import DIRECT_TYPES, Progress, _encode, file_type, quantize_gguf
+from .convert.writer import DIRECT_TYPES, Progress, encode_rows, file_type, quantize_gguf
 from .errors import ConvertError
 from .gguf_read import read_header
 
@@ -198,7 +198,7 @@ class _DirectPools:
 
     def pool(self, index: int, t: schema.PlannedTensor) -> np.ndarray:
         rows = _matrix_rows(_rng(self.seed, index), _pool_rows(t), t.shape[-1])
-        return _encode(rows, self.types[t.name]).view(np.uint8).reshape(len(rows), -1)
+        return encode_rows(rows, self.types[t.name]).view(np.uint8).reshape(len(rows), -1)
 
 
 class _ProbePools:
@@ -308,7 +308,7 @@ def _write(path: Path, plan, types: dict[str, Q], pools, params: TextParams, gen
         rng = _rng(seed, 1_000_003 + i)
         if t.keep_f32:
             data = _small_values(t, _rng(seed, i))
-            _encode(data.reshape(-1, t.shape[-1]), q).tofile(fout)
+            encode_rows(data.reshape(-1, t.shape[-1]), q).tofile(fout)
             report(sizes[t.name], t.name)
         else:
             _write_matrix(fout, pools.pool(i, t), t, q, rng, lambda n: report(n, t.name))

@@ -241,3 +241,14 @@ def test_cli_eval_numbers_agree_with_the_output_file(tmp_path):
     assert float(m.group(3)) == pytest.approx(100 * sum(s == g for s, g in blanks) / len(blanks), abs=0.05)
     assert 1 <= float(m.group(4)) <= 48
     assert solved >= 1  # the easy one
+
+
+def test_run_without_a_model_takes_a_puzzle_per_line():
+    """`dglocal run` with no MODEL: the shipped Sudoku model, one puzzle per input line, bad lines reported."""
+    puzzle, _ = easy_puzzle()
+    env = {k: v for k, v in os.environ.items() if k != "DGLOCAL_DEBUG"}
+    r = subprocess.run([*DGLOCAL, "run", "--seed", "0"], input=f"{puzzle}\nbad\n\n{puzzle}\n", capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert [m.group(1) for m in VERDICT.finditer(r.stdout)] == ["solved", "solved"], r.stdout
+    assert r.stderr.strip().splitlines() == ["error: a Sudoku puzzle has 81 cells, got 3 characters: 'bad'"]
