@@ -322,7 +322,11 @@ def test_info_community_style_file(tiny_vocab, tmp_path, capsys):
 def test_quantize_without_backend_is_a_clear_error(tiny_checkpoint, tiny_vocab, tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "dglocal._native", None)  # `from dglocal import _native` raises ImportError
+    import dglocal
+
+    # `from dglocal import _native` raises ImportError, even after an earlier test imported it
+    monkeypatch.setitem(sys.modules, "dglocal._native", None)
+    monkeypatch.delattr(dglocal, "_native", raising=False)
     out = tmp_path / "m.gguf"
     with pytest.raises(ConvertError, match=r"q4_k_m needs llama.cpp's quantizer.*build_backend.py"):
         convert(tiny_checkpoint, out, "q4_k_m", tokenizer_from=tiny_vocab)
