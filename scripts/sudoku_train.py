@@ -255,10 +255,13 @@ def save_state(path: Path, model, opt, progress: dict, nprng: np.random.Generato
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, directory: Path) -> None:
+def save_checkpoint(model, directory: Path, progress: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)  # writes generation_config.json from model.generation_config
     write_tokenizer(directory)
+    # what --init-from needs to go on from this checkpoint on another machine (state.pt is not committed)
+    seen = {k: progress[k] for k in ("step", "examples", "train_seconds")}
+    (directory / "training_progress.json").write_text(json.dumps(seen, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -288,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-steps", type=int, default=48)
     ap.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing state.pt")
+    ap.add_argument("--init-from", help="without a state.pt: start from this HF checkpoint's weights and its "
+                    "training_progress.json (a fresh optimizer), e.g. the committed scripts/sudoku/checkpoint")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -318,6 +323,15 @@ def main(argv=None) -> int:
         gen.set_state(st["torch_rng"])
         random.setstate(st["py_rng"])
         print(f"resumed {state_path}: step {progress['step']}, {progress['examples']} examples", flush=True)
+    elif args.init_from:
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        init = Path(args.init_from)
+        model.load_state_dict(DiffusionGemmaForBlockDiffusion.from_pretrained(init).state_dict())
+        seen = init / "training_progress.json"
+        if seen.exists():
+            progress.update(json.loads(seen.read_text()))
+        print(f"initialised from {init}: {progress['examples']} examples seen before", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params}, pool {len(pool)} puzzles, held-out {len(heldout)} (seed {HELDOUT_SEED}), "
           f"batch {args.batch}, threads {args.threads}, device {device}", flush=True)
@@ -331,7 +345,7 @@ def main(argv=None) -> int:
         done = elapsed > args.minutes * 60 or (args.examples and progress["examples"] >= args.examples)
         if done or time.time() - t_save > args.save_minutes * 60:
             save_state(state_path, model, opt, progress, nprng, gen)
-            save_checkpoint(model, Path(args.checkpoint_dir))
+            save_checkpoint(model, Path(args.checkpoint_dir), progress)
             t_save = time.time()
             print(f"saved {state_path} and {args.checkpoint_dir} at {progress['examples']} examples", flush=True)
         if done or time.time() - t_eval > args.eval_minutes * 60:
