@@ -193,6 +193,8 @@ def run(
     confidence: Annotated[Optional[float], typer.Option(
         "--confidence", help="Early stop: mean entropy below which a stable draft is final "
                              "(confidence_threshold). Default: from the model.", show_default=False)] = None,
+    no_early_stop: Annotated[bool, typer.Option(
+        "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
 ):
     """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
     import dglocal
@@ -202,8 +204,8 @@ def run(
     from .gguf_read import read_header
 
     options = dict(max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound,
-                   t_min=t_min, t_max=t_max, stability_threshold=stability, confidence_threshold=confidence,
-                   seed=seed)
+                   t_min=t_min, t_max=t_max, stability_threshold="off" if no_early_stop else stability,
+                   confidence_threshold=confidence, seed=seed)
     path = resolve_model(model, quant)
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         _plugin("sudoku").main(model=path, **_given(puzzle=prompt, steps=steps, threads=threads, seed=seed))

@@ -86,13 +86,15 @@ class GenerationConfig:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping | None, **overrides) -> GenerationConfig:
-        """Defaults < GGUF `diffusion.eb_*` metadata < overrides (None overrides are ignored)."""
+        """Defaults < GGUF `diffusion.eb_*` metadata < overrides. None overrides are ignored; "off" sets a field
+        to None (stability_threshold="off": no early stop)."""
         _check_names(overrides)
         values = {}
         for key, name in METADATA_KEYS.items():
             if metadata is not None and key in metadata:
                 values[name] = _from_gguf(name, metadata[key])
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: None if isinstance(v, str) and v == "off" else v
+                       for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 

@@ -152,6 +152,8 @@ def test_config_from_metadata_and_overrides():
     assert (c.max_denoising_steps, c.t_min, c.t_max, c.entropy_bound) == (12, 0.3, 1.5, 0.2)
     assert (c.stability_threshold, c.confidence_threshold, c.stop) == (2, 0.01, ("\n\n",))
     assert GenerationConfig.from_metadata(None) == GenerationConfig()
+    off = GenerationConfig.from_metadata(meta, stability_threshold="off")
+    assert off.stability_threshold is None and not off.early_stop and c.early_stop
 
 
 @pytest.mark.parametrize("bad,needle", [
