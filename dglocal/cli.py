@@ -31,8 +31,9 @@ SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 def cache_dir() -> Path:
     """Where HF safetensors repos are converted to GGUF, once per repo revision and type."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "dglocal" / "converted"
+    from .upstream import cache_dir as dglocal_cache
+
+    return dglocal_cache() / "converted"
 
 
 def handle_errors(fn):
