@@ -161,7 +161,7 @@ class Model:
         a final Completion (dglocal.generate.stream). Consecutive calls reuse the cached common prefix."""
         from . import generate as gen
 
-        if self._default is None or self._default[0] is not self._sequence:
+        if self._default is None or not self._default[0].live:
             self._default = (self.sequence(), [])
         seq, cached = self._default
         if options.get("seed") is None:

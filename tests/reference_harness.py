@@ -153,6 +153,15 @@ class ReferenceSequence:
         )
 
 
+@torch.no_grad()
+def encoder_logits(model, tokens) -> np.ndarray:
+    """The reference encoder with the tied LM head and the final softcap: next-token logits [n, V] for every
+    position of `tokens` (the autoregressive view of the weights, what `prefill(logits_last=True)` returns)."""
+    hidden = model.model.encoder(input_ids=torch.tensor([list(tokens)])).last_hidden_state
+    cap = model.config.get_text_config().final_logit_softcapping
+    return (torch.tanh(model.lm_head(hidden)[0] / cap) * cap).numpy()
+
+
 @contextlib.contextmanager
 def injected_noise(noise, n_vocab):
     """Route the reference sampler's randomness through `noise`: canvas init / re-noise (`torch.randint` in

@@ -366,17 +366,12 @@ def _llama_logits(path):
 
 
 def _reference_logits(model):
-    import torch
-    from reference_harness import ReferenceModel
+    from reference_harness import ReferenceModel, encoder_logits
 
     rseq = ReferenceModel(model).sequence()
     rseq.prefill(PROMPT)
     dec = rseq.denoise(CANVAS, temperature=1.0, self_condition=False, return_logits=True).logits
-    with torch.no_grad():
-        h = model.model.encoder(input_ids=torch.tensor([PROMPT])).last_hidden_state
-        enc = model.lm_head(h)[0, 7:]
-        cap = model.config.get_text_config().final_logit_softcapping
-    return (torch.tanh(enc / cap) * cap).numpy(), dec
+    return encoder_logits(model, PROMPT)[7:], dec
 
 
 @pytest.mark.backend
