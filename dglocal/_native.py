@@ -85,3 +85,61 @@ def init() -> None:
         _ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
         _ll.llama_backend_init()
         _initialized = True
+
+
+# -- ggml's device registry (libggml, next to libllama): devices, buffer types, RPC ---------------------------
+
+def _ggml_lib() -> ctypes.CDLL:
+    base = os.path.dirname(_lib._name)
+    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+        if os.path.exists(os.path.join(base, name)):
+            return ctypes.CDLL(os.path.join(base, name))
+    raise BackendError(f"libggml is missing next to {_lib._name}; {BUILD_HINT}")
+
+
+_ggml = _ggml_lib()
+_vp, _cp, _sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+
+
+def _bind_ggml(name: str, argtypes: list, restype):
+    fn = getattr(_ggml, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+ggml_backend_dev_count = _bind_ggml("ggml_backend_dev_count", [], _sz)
+ggml_backend_dev_get = _bind_ggml("ggml_backend_dev_get", [_sz], _vp)
+ggml_backend_dev_name = _bind_ggml("ggml_backend_dev_name", [_vp], _cp)
+ggml_backend_dev_description = _bind_ggml("ggml_backend_dev_description", [_vp], _cp)
+ggml_backend_dev_type = _bind_ggml("ggml_backend_dev_type", [_vp], ctypes.c_int)
+ggml_backend_dev_buffer_type = _bind_ggml("ggml_backend_dev_buffer_type", [_vp], _vp)
+ggml_backend_dev_backend_reg = _bind_ggml("ggml_backend_dev_backend_reg", [_vp], _vp)
+ggml_backend_dev_memory = _bind_ggml("ggml_backend_dev_memory", [_vp, ctypes.POINTER(_sz), ctypes.POINTER(_sz)], None)
+ggml_backend_buft_name = _bind_ggml("ggml_backend_buft_name", [_vp], _cp)
+ggml_backend_reg_name = _bind_ggml("ggml_backend_reg_name", [_vp], _cp)
+ggml_backend_reg_by_name = _bind_ggml("ggml_backend_reg_by_name", [_cp], _vp)
+ggml_backend_reg_dev_count = _bind_ggml("ggml_backend_reg_dev_count", [_vp], _sz)
+ggml_backend_reg_dev_get = _bind_ggml("ggml_backend_reg_dev_get", [_vp, _sz], _vp)
+ggml_backend_reg_get_proc_address = _bind_ggml("ggml_backend_reg_get_proc_address", [_vp, _cp], _vp)
+ggml_backend_register = _bind_ggml("ggml_backend_register", [_vp], None)
+
+GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}
+
+# procedures found through a backend's registry entry (ggml_backend_reg_get_proc_address)
+# ggml_backend_buffer_type_t * ggml_backend_dev_get_extra_bufts(ggml_backend_dev_t device): NULL-terminated
+dev_get_extra_bufts_t = ctypes.CFUNCTYPE(ctypes.POINTER(_vp), _vp)
+# ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint)
+rpc_add_server_t = ctypes.CFUNCTYPE(_vp, _cp)
+# void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads,
+#                                    size_t n_devices, ggml_backend_dev_t * devices)
+rpc_start_server_t = ctypes.CFUNCTYPE(None, _cp, _cp, _sz, _sz, ctypes.POINTER(_vp))
+
+
+def reg_proc(reg, name: str, ftype):
+    """A registry entry's procedure `name` cast to `ftype`, or None when the backend lacks it."""
+    addr = ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    return ftype(addr) if addr else None
+
+
+class llama_model_tensor_buft_override(ctypes.Structure):
+    _fields_ = [("pattern", _cp), ("buft", _vp)]

@@ -120,7 +120,7 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
 
 
 def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: int | None = None,
-          flash_attn: bool | None = None, kv_type: str = "f16", **run_options) -> dict:
+          flash_attn: bool | None = None, kv_type: str = "f16", placement: dict | None = None, **run_options) -> dict:
     """Load `path`, run(), and add the file, the build and peak memory (RSS; GPU memory where nvidia-smi answers)."""
     from . import load
     from ._native import _ll
@@ -134,7 +134,7 @@ def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: in
     n_ctx = n_ctx or -(-(prompt + max(canvases * C + C, ar + 2) + 16) // 256) * 256
     t0 = time.perf_counter()
     with load(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, kv_type=kv_type,
-              flash_attn=flash_attn) as model:
+              flash_attn=flash_attn, **(placement or {})) as model:
         load_s = time.perf_counter() - t0
         result = run(model, **run_options)
         gpu = _gpu_memory_mib()
@@ -197,10 +197,10 @@ def render(result: dict, console=None) -> None:
 def main(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
          prompt_tokens: int = 64, ar_tokens: int = 64, n_ctx: int | None = None, n_gpu_layers: int = -1,
          threads: int | None = None, flash_attn: bool | None = None, kv_type: str = "f16", seed: int = 0,
-         json: bool = False, console=None) -> dict:
+         json: bool = False, console=None, placement: dict | None = None) -> dict:
     """`dglocal bench`: run the benchmark, print a table (or JSON with json=True), return the result dict."""
     result = bench(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                   kv_type=kv_type, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
+                   kv_type=kv_type, placement=placement, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
                    canvases=canvases, prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, seed=seed)
     if json:
         print(_json.dumps(result, indent=2))

@@ -154,6 +154,23 @@ def _convert_repo(spec: str, quant: str) -> Path:
     return out
 
 
+# -- weight placement, as llama.cpp's options ------------------------------------------------------------------
+
+RpcOption = Annotated[Optional[str], typer.Option(
+    "--rpc", help="ggml RPC servers HOST:PORT[,HOST:PORT...] (see dglocal rpc-server): layers go to them as "
+                  "to GPUs.", show_default=False)]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(
+    "-ot", "--override-tensor", help="REGEX=BUFFER_TYPE: tensors whose name matches go to that buffer type "
+                                     "(e.g. exps=CPU); repeat or comma-separate.", show_default=False)]
+CpuMoeOption = Annotated[int, typer.Option(
+    "--n-cpu-moe", help="Keep the experts of the first N layers in host memory.")]
+
+
+def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int) -> dict:
+    return _given(rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None,
+                  tensor_overrides=override or None, n_cpu_moe=n_cpu_moe or None)
+
+
 # -- commands ------------------------------------------------------------------------------------------------
 
 @app.command()
@@ -196,6 +213,9 @@ def run(
                              "(confidence_threshold). Default: from the model.", show_default=False)] = None,
     no_early_stop: Annotated[bool, typer.Option(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
+    rpc: RpcOption = None,
+    override_tensor: OverrideOption = None,
+    n_cpu_moe: CpuMoeOption = 0,
 ):
     """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
     import dglocal
@@ -215,7 +235,7 @@ def run(
     interactive = ui.is_terminal()
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                           seed=seed or 0)
+                           seed=seed or 0, **placement_options(rpc, override_tensor, n_cpu_moe))
     with llm:
         view = ui.make_view(llm, interactive=interactive)
         chat = ui.ChatLoop(llm, view, **options)
@@ -333,13 +353,35 @@ def bench(
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="Sampling seed. Default: 0.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    rpc: RpcOption = None,
+    override_tensor: OverrideOption = None,
+    n_cpu_moe: CpuMoeOption = 0,
 ):
     """Measure speed: fixed-step and adaptive canvases, and the autoregressive baseline."""
     path = resolve_model(model, quant)
     _plugin("bench").main(path, **_given(
         steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
-        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed), json=as_json)
+        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed), json=as_json,
+        placement=placement_options(rpc, override_tensor, n_cpu_moe))
+
+
+@app.command("rpc-server")
+@handle_errors
+def rpc_server(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Only trusted networks: the "
+                                                     "protocol has no authentication.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 50052,
+    threads: Annotated[Optional[int], typer.Option(
+        "-t", "--threads", help="CPU threads. Default: all cores.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="Device to serve (a name from llama.cpp's device list). Default: the CPU.",
+        show_default=False)] = None,
+):
+    """Serve this machine's CPU (or a device) to other dglocal / llama.cpp processes over ggml RPC (--rpc)."""
+    from .placement import serve_rpc
+
+    serve_rpc(host, port, threads=threads, device=device)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import BackendError, ContextError, ModelError
 from .gguf_read import read_header
+from .placement import placement
 
 ARCH = "diffusion-gemma"
 
@@ -38,7 +39,8 @@ class Denoised:
 class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1,
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
-                 swa_full: bool = True, flash_attn: bool | None = None):
+                 swa_full: bool = True, flash_attn: bool | None = None, extra_bufts: bool = True,
+                 rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0):
         from . import _native as nat
 
         self.path = Path(path)
@@ -58,6 +60,10 @@ class Model:
 
         mparams = self._ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # llama.cpp's CPU "extra" buffer types (repacked / AMX weight layouts): its CPU speed, on by default
+        mparams.use_extra_bufts = bool(extra_bufts)
+        where = placement(rpc, tensor_overrides, n_cpu_moe)  # keeps the arrays mparams points to alive
+        where.apply(mparams)
         self._model = self._ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise ModelError(f"{self.path}: llama.cpp could not load it: {nat.last_errors() or 'unknown error'}")
@@ -303,5 +309,8 @@ class Sequence:
 
 
 def load(path, **opts) -> Model:
-    """Load a diffusion-gemma GGUF. opts: n_ctx, n_gpu_layers, n_threads, seed, n_ubatch, kv_type, swa_full."""
+    """Load a diffusion-gemma GGUF. opts: n_ctx, n_gpu_layers, n_threads, seed, n_ubatch, kv_type, swa_full,
+    flash_attn, extra_bufts (llama.cpp's repacked CPU layouts), rpc (["HOST:PORT", ...]: layers on ggml RPC
+    servers), tensor_overrides (["REGEX=BUFFER_TYPE", ...], llama.cpp's -ot), n_cpu_moe (experts of the first N
+    layers in host memory)."""
     return Model(path, **opts)

@@ -29,9 +29,9 @@ PATCHES = ROOT / "patches"
 CACHE = cache_dir()
 
 # CMake flags per backend, as llama.cpp's build docs name them; tools, tests and the multimodal library are
-# not needed by dglocal and only cost build time
+# not needed by dglocal and only cost build time. ggml RPC is on everywhere: `dglocal rpc-server` and `--rpc`.
 COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+                "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_RPC=ON"]
 BACKEND_FLAGS = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],

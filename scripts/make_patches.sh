@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Regenerate patches/ from a git checkout of the vendored llama.cpp with the work applied (maintainers only).
-#   scripts/make_patches.sh /path/to/llama.cpp   (its HEAD commit must be the unpatched vendored tree)
+# Regenerate patches/ from a git checkout of the vendored llama.cpp (maintainers only).
+#   scripts/make_patches.sh /path/to/llama.cpp
+# The checkout holds the unpatched vendored tree with one commit per patch on top, each commit's subject being
+# the patch's file name without .patch (e.g. "0003-denoise-c-api"); every such commit becomes patches/<subject>.patch.
 set -euo pipefail
 src=${1:?usage: make_patches.sh LLAMA_CPP_GIT_DIR}
 out=$(cd "$(dirname "$0")/.." && pwd)/patches
-git -C "$src" add -A
-d() { git -C "$src" diff --cached HEAD -- "$@"; }
-d src/llama-hparams.h src/llama-kv-cache.cpp                  > "$out/0001-canvas-attention-mask.patch"
-d src/llama-arch.h src/llama-arch.cpp src/llama-model.cpp \
-     src/models/models.h src/models/diffusion-gemma.cpp          > "$out/0002-diffusion-gemma-arch.patch"
-d include/llama.h src/CMakeLists.txt src/llama-cparams.h \
-     src/llama-context.h src/llama-dg.h src/llama-dg.cpp        > "$out/0003-denoise-c-api.patch"
-d ggml/src/ggml-cpu/vec.h                                         > "$out/0004-cpu-gelu-f32.patch"
-git -C "$src" diff --cached --stat HEAD
+git -C "$src" diff --quiet HEAD || { echo "commit the work in $src first" >&2; exit 1; }
+rm -f "$out"/[0-9][0-9][0-9][0-9]-*.patch
+git -C "$src" log --reverse --format='%H %s' | while read -r sha subject; do
+    [[ $subject =~ ^[0-9]{4}-[a-z0-9-]+$ ]] || continue
+    git -C "$src" diff "$sha^" "$sha" > "$out/$subject.patch"
+    echo "$subject.patch: $(git -C "$src" diff --shortstat "$sha^" "$sha")"
+done

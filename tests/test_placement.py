@@ -1,0 +1,164 @@
+"""The denoise pass wherever llama.cpp puts the weights: repacked CPU layouts, ggml RPC devices, overrides.
+
+Every llama.cpp run happens in a child process (tests/placement_probe.py): a backend abort fails one test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import placement_probe as probe
+import tiny
+
+pytestmark = pytest.mark.backend
+
+HERE = Path(__file__).parent
+WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256)  # rows of 256: K-quants apply
+
+# Median per-position relative L2 error of llama.cpp's logits on the quantized file against the reference on the
+# f32 weights, worst of the encoder and the four denoise steps. Random unit-scale weights amplify the weight error
+# (see test_convert); measured (AVX512 CPU, both placements): f16 0.0008, bf16 0.011, q8_0 0.026, q6_k 0.057,
+# q5_k_m 0.10, q4_k_m 0.19, iq4_nl 0.20, q4_0 0.21. The bounds leave ~1.7x; a mislaid tensor gives ~1.
+BOUNDS = {"f16": 0.005, "bf16": 0.025, "q8_0": 0.05, "q6_k": 0.12, "q5_k_m": 0.2, "q4_k_m": 0.3,
+          "iq4_nl": 0.35, "q4_0": 0.35}
+# Repacked and plain CPU kernels round activations into q8 blocks in different orders; through a random network
+# a few flipped roundings (and MoE routing flips) move the logits: measured up to 0.04 (q4_0), 0 for the types
+# this CPU does not repack.
+PLACEMENT_AGREEMENT = 0.1
+
+
+def rel(a, b):
+    return np.sqrt(((a - b) ** 2).mean(-1) / (b ** 2).mean(-1))
+
+
+def run_probe(path, out, **options):
+    r = subprocess.run([sys.executable, str(HERE / "placement_probe.py"), str(path), str(out), json.dumps(options)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"probe {options} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    with np.load(out) as z:
+        return z["enc"], z["steps"]
+
+
+def reference_run(model):
+    from reference_harness import ReferenceModel, encoder_logits
+
+    seq = ReferenceModel(model).sequence()
+    seq.prefill(probe.PROMPT)
+    return encoder_logits(model, probe.PROMPT)[7:], probe.denoise_steps(seq)
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_vocab, tmp_path_factory):
+    """(reference model, its logits, checkpoint dir, work dir) for the wide tiny model."""
+    model = tiny.tiny_model(seed=3, **WIDE)
+    d = tmp_path_factory.mktemp("placement")
+    return model, reference_run(model), tiny.save_checkpoint(model, d / "ck"), d
+
+
+@pytest.mark.parametrize("type_name", list(BOUNDS))
+def test_quant_types_run_with_every_cpu_placement(wide, tiny_vocab, type_name):
+    """llama.cpp's defaults (repacked / AMX layouts where the CPU has them) and extra buffer types off: both
+    run prefill, self-conditioned denoise steps and a commit, stay within the type's bound of the reference,
+    and agree with each other. q4_0 and iq4_nl are repacked on every AVX2 or NEON CPU."""
+    from dglocal.convert import convert
+
+    model, (ref_enc, ref_steps), ck, d = wide
+    path = convert(ck, d / f"wide-{type_name}.gguf", type_name, tokenizer_from=tiny_vocab).path
+    enc_on, steps_on = run_probe(path, d / f"{type_name}-on.npz")
+    enc_off, steps_off = run_probe(path, d / f"{type_name}-off.npz", extra_bufts=False)
+    for enc, steps in ((enc_on, steps_on), (enc_off, steps_off)):
+        assert np.isfinite(steps).all()
+        errors = [float(np.median(rel(enc, ref_enc)))] + [float(np.median(rel(s, r))) for s, r in zip(steps, ref_steps)]
+        assert max(errors) < BOUNDS[type_name], (type_name, errors)
+    agree = [float(np.median(rel(a, b))) for a, b in zip(steps_on, steps_off)]
+    assert max(agree) < PLACEMENT_AGREEMENT, (type_name, agree)
+
+
+def test_cpu_layout_override_is_refused_cleanly(wide, tiny_vocab, tmp_path):
+    """-ot naming a CPU weight layout (CPU_REPACK) made llama.cpp's loader write through a null layout
+    (segfault); now a clear error and a normal exit."""
+    from dglocal.convert import convert
+
+    model, _, ck, d = wide
+    path = d / "wide-q4_0.gguf"
+    if not path.exists():
+        convert(ck, path, "q4_0", tokenizer_from=tiny_vocab)
+    code = ("import dglocal\n"
+            "try:\n"
+            f"    dglocal.load({str(path)!r}, n_ctx=64, tensor_overrides=['token_embd=CPU_REPACK'])\n"
+            "except dglocal.DglocalError as e:\n"
+            "    print('ERROR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR tensor override token_embd=CPU_REPACK" in r.stdout and "override to CPU instead" in r.stdout
+
+
+# -- ggml RPC: weights on a device that is not the host, as on a GPU --------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"rpc-server exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"rpc-server on port {port} did not listen within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def rpc_servers():
+    """Two `dglocal rpc-server` processes on 127.0.0.1, stopped at the end."""
+    procs, endpoints = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            p = subprocess.Popen([sys.executable, "-m", "dglocal.cli", "rpc-server", "--port", str(port), "-t", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(p)
+            _wait_listening(port, p)
+            endpoints.append(f"127.0.0.1:{port}")
+        yield endpoints
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+PLACEMENTS = {
+    "all layers on one server": dict(n_gpu_layers=-1, servers=1),
+    "split across two servers": dict(n_gpu_layers=-1, servers=2),
+    "no layer offloaded": dict(n_gpu_layers=0, servers=1),
+    "3 of 7 layers offloaded": dict(n_gpu_layers=3, servers=1),
+    "experts kept on the host (-ot)": dict(n_gpu_layers=-1, servers=1, tensor_overrides=["exps=CPU"]),
+    "experts of 2 layers on the host": dict(n_gpu_layers=-1, servers=2, n_cpu_moe=2),
+}
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_rpc_placement_matches_reference(rpc_servers, tiny_f32_gguf, tiny_model, tmp_path, name):
+    """The tiny f32 model with its layers on RPC devices (exactness mode) matches the reference as the local
+    run does: encoder, self-conditioned steps, a commit."""
+    opts = dict(PLACEMENTS[name])
+    opts["rpc"] = rpc_servers[:opts.pop("servers")]
+    enc, steps = run_probe(tiny_f32_gguf, tmp_path / "out.npz", **opts)
+    ref_enc, ref_steps = reference_run(tiny_model)
+    np.testing.assert_allclose(enc, ref_enc, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(steps, ref_steps, atol=1e-3, rtol=0)
+    assert rel(steps, ref_steps).max() < 1e-4
