@@ -44,6 +44,17 @@ def parse_endpoint(text: str) -> str:
     return f"{host}:{int(port)}"
 
 
+def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    import socket
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BackendError(f"RPC server {endpoint}: cannot connect ({e.strerror or e}); "
+                           f"start one there with: dglocal rpc-server --host HOST --port {port}") from None
+
+
 def rpc_devices(endpoints: list[str]) -> list[int]:
     """Register each RPC server (once per process) and return its devices."""
     nat = _nat()
@@ -54,6 +65,7 @@ def rpc_devices(endpoints: list[str]) -> list[int]:
     devs = []
     for ep in map(parse_endpoint, endpoints):
         if ep not in _rpc_regs:
+            _check_reachable(ep)  # ggml's RPC client aborts the process when it cannot connect
             r = add(ep.encode())
             if not r:
                 raise BackendError(f"RPC server {ep}: could not connect: {nat.last_errors() or 'no answer'}")

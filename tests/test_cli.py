@@ -275,14 +275,16 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
     calls = _recorder(monkeypatch, dglocal.bench, "main")
     args = ["bench", str(tiny_f32_gguf), "--steps", "8", "--steps", "16", "--no-adaptive", "--adaptive-steps", "4",
             "--canvases", "2", "--prompt-tokens", "8", "--ar-tokens", "9", "-c", "512", "-ngl", "0", "-t", "1",
-            "--flash-attn", "--kv-type", "f32", "--seed", "3", "--json"]
+            "--flash-attn", "--kv-type", "f32", "--seed", "3", "--json", "--rpc", "10.0.0.1:50052,h:1",
+            "-ot", "exps=CPU", "-ot", "a=CPU,b=CPU", "--n-cpu-moe", "2"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
+    placement = dict(rpc=["10.0.0.1:50052", "h:1"], tensor_overrides=["exps=CPU", "a=CPU,b=CPU"], n_cpu_moe=2)
     assert calls == [dict(model=tiny_f32_gguf, steps=[8, 16], adaptive=False, adaptive_steps=4, canvases=2,
                           prompt_tokens=8, ar_tokens=9, n_ctx=512, n_gpu_layers=0, threads=1, flash_attn=True,
-                          kv_type="f32", seed=3, json=True)]
+                          kv_type="f32", seed=3, json=True, placement=placement)]
     assert CliRunner().invoke(cli.app, ["bench", str(tiny_f32_gguf)]).exit_code == 0
-    assert calls[1] == dict(model=tiny_f32_gguf, json=False)  # the rest: bench's own defaults
+    assert calls[1] == dict(model=tiny_f32_gguf, json=False, placement={})  # the rest: bench's own defaults
 
     from types import SimpleNamespace
 
@@ -335,7 +337,7 @@ def _words(text: str) -> str:
 
 def test_every_option_is_documented():
     group = typer.main.get_command(cli.app)
-    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku"}
+    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server"}
     top = piped("--help", COLUMNS="200").stdout
     for name in group.commands:
         assert name in top
@@ -350,7 +352,8 @@ def test_every_option_is_documented():
                     assert flag in shown, f"dglocal {name} --help does not show {flag}"
     run_flags = {f for p in group.commands["run"].params for f in getattr(p, "opts", [])}
     assert {"-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-t", "--threads", "--seed", "-p", "--prompt", "-n",
-            "--steps", "--entropy-bound", "--t-min", "--t-max", "--stability", "--confidence", "--quant"} <= run_flags
+            "--steps", "--entropy-bound", "--t-min", "--t-max", "--stability", "--confidence", "--quant",
+            "--rpc", "-ot", "--override-tensor", "--n-cpu-moe"} <= run_flags
 
 
 # -- the chat loop without a terminal ---------------------------------------------------------------------

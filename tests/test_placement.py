@@ -162,3 +162,129 @@ def test_rpc_placement_matches_reference(rpc_servers, tiny_f32_gguf, tiny_model,
     np.testing.assert_allclose(enc, ref_enc, atol=1e-3, rtol=0)
     np.testing.assert_allclose(steps, ref_steps, atol=1e-3, rtol=0)
     assert rel(steps, ref_steps).max() < 1e-4
+
+
+class CountingProxy:
+    """A TCP relay 127.0.0.1:port -> target that counts the bytes crossing it in each direction."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.sent = self.received = 0  # to the server / from the server
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._target = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
+
+    def _pump(self, src, dst, up: bool):
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    if up:
+                        self.sent += len(data)
+                    else:
+                        self.received += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def total(self) -> int:
+        with self._lock:
+            return self.sent + self.received
+
+    def close(self):
+        self._server.close()
+
+
+STEP_CHILD = """
+import sys, numpy as np, dglocal
+m = dglocal.load(sys.argv[1], n_ctx=1024, rpc=[sys.argv[2]], n_threads=2)
+s = m.sequence()
+s.prefill(list(range(10, 74)))
+c = np.arange(m.canvas_length, dtype=np.int32)
+s.denoise(c, temperature=1.0, self_condition=False)
+print('ready', flush=True); sys.stdin.readline()
+s.denoise(c, temperature=0.9, self_condition=True, uniforms=np.full(m.canvas_length, 0.5, np.float32))
+print('done', flush=True); sys.stdin.readline()
+"""
+
+
+def test_rpc_bytes_per_denoise_step_are_canvas_sized(rpc_servers, tmp_path):
+    """With all layers on an RPC device (as on a GPU), one denoise step of the `small` preset (real 262144-token
+    vocabulary) moves O(canvas) bytes across the device boundary: no vocabulary-sized tensor crosses."""
+    from dglocal.synth import synth
+
+    path = synth("small", "q8_0", tmp_path / "small-q8_0.gguf").path
+    proxy = CountingProxy(int(rpc_servers[0].rsplit(":", 1)[1]))
+    child = subprocess.Popen([sys.executable, "-c", STEP_CHILD, str(path), f"127.0.0.1:{proxy.port}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+        before = proxy.total()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done", child.stderr.read()[-2000:]
+        step_bytes = proxy.total() - before
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=120) == 0, child.stderr.read()[-2000:]
+    finally:
+        child.kill()
+        proxy.close()
+    vocab_tensor = 256 * 262144 * 4  # one [canvas, vocab] f32 tensor: 268 MB
+    print(f"RPC bytes per denoise step (small preset, q8_0): {step_bytes}")
+    assert 0 < step_bytes < vocab_tensor / 100, step_bytes
+
+
+# -- option parsing and refusals -----------------------------------------------------------------------------------
+
+def test_override_and_endpoint_parsing():
+    from dglocal.errors import ModelError
+    from dglocal.placement import parse_endpoint, parse_overrides
+
+    assert parse_overrides(["exps=CPU", "a=CPU, b\\.c=RPC0[h:1]"], n_cpu_moe=1) == [
+        ("exps", "CPU"), ("a", "CPU"), ("b\\.c", "RPC0[h:1]"),
+        ("blk\\.0\\.ffn_(up|down|gate|gate_up)_(ch|)exps", "CPU")]
+    for bad in ["exps", "=CPU", "exps=", "([=CPU"]:
+        with pytest.raises(ModelError, match="tensor override"):
+            parse_overrides([bad])
+    with pytest.raises(ModelError, match="n_cpu_moe must be >= 0"):
+        parse_overrides([], n_cpu_moe=-1)
+    assert parse_endpoint(" 127.0.0.1:50052 ") == "127.0.0.1:50052" and parse_endpoint("[::1]:7") == "[::1]:7"
+    for bad in ["127.0.0.1", ":1", "h:0", "h:65536", "h:x"]:
+        with pytest.raises(ModelError, match="is not HOST:PORT"):
+            parse_endpoint(bad)
+
+
+def test_unknown_buffer_type_and_unreachable_server_are_errors(tiny_f32_gguf):
+    """In a child: ggml's RPC client aborts the process on a refused connection; dglocal checks first."""
+    code = ("import dglocal\n"
+            "for kw in [dict(tensor_overrides=['exps=GPU9']), dict(rpc=['127.0.0.1:1'])]:\n"
+            "    try:\n"
+            f"        dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=64, **kw)\n"
+            "    except dglocal.DglocalError as e:\n"
+            "        print('ERROR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("ERROR tensor override exps=GPU9: unknown buffer type 'GPU9'; known: CPU"), lines
+    assert lines[1].startswith("ERROR RPC server 127.0.0.1:1: cannot connect"), lines
