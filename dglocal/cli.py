@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import DglocalError, ModelError
+from .errors import ConfigError, DglocalError, ModelError
 
 app = typer.Typer(
     name="dglocal", help="Run block-diffusion language models (DiffusionGemma) locally on llama.cpp.",
@@ -49,6 +49,9 @@ def handle_errors(fn):
             raise
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `dglocal info m.gguf | head -1`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no second error when Python flushes stdout at exit
+            raise typer.Exit(0) from None
         except Exception as e:  # noqa: BLE001 (the CLI's last line of defence: no traceback walls)
             debug = os.environ.get("DGLOCAL_DEBUG", "") not in ("", "0")
             message = str(e) if isinstance(e, DglocalError) else f"{type(e).__name__}: {e}"
@@ -184,8 +187,9 @@ def run(
     quant: Annotated[str, typer.Option(
         "--quant", help="Which GGUF of an HF repo to use (matched in the file name), or the type to convert "
                         "a safetensors repo to.")] = "Q4_K_M",
-    ctx_size: Annotated[int, typer.Option(
-        "-c", "--ctx-size", help="Context size in tokens (prompt, history and canvases).")] = 4096,
+    ctx_size: Annotated[Optional[int], typer.Option(
+        "-c", "--ctx-size", help="Context size in tokens (prompt, history and canvases). Default: 4096; the "
+                                 "Sudoku model: what a puzzle needs.", show_default=False)] = None,
     n_gpu_layers: Annotated[int, typer.Option(
         "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU; -1: all.")] = -1,
     threads: Annotated[Optional[int], typer.Option(
@@ -228,13 +232,18 @@ def run(
                    t_min=t_min, t_max=t_max, stability_threshold="off" if no_early_stop else stability,
                    confidence_threshold=confidence, seed=seed)
     path = resolve_model(model, quant)
-    if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
-        _plugin("sudoku").main(model=path, **_given(puzzle=prompt, steps=steps, threads=threads, seed=seed))
-        return
     GenerationConfig.from_metadata(read_header(path).kv, **options)  # bad options fail before the slow load
+    if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
+        if max_new_tokens is not None:
+            raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
+        generation = _given(**{k: v for k, v in options.items() if k not in ("max_new_tokens", "seed",
+                                                                               "max_denoising_steps")})
+        _plugin("sudoku").main(model=path, **_given(puzzle=prompt, steps=steps, threads=threads, seed=seed,
+                                                    n_ctx=ctx_size), generation=generation)
+        return
     interactive = ui.is_terminal()
     with ui.status(f"loading {path.name}"):
-        llm = dglocal.load(path, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers, n_threads=threads,
+        llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
                            seed=seed or 0, **placement_options(rpc, override_tensor, n_cpu_moe))
     with llm:
         view = ui.make_view(llm, interactive=interactive)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .errors import ConfigError
 
 # GGUF metadata key -> GenerationConfig field (keys written by the community converters, DESIGN.md §3)
@@ -45,6 +46,8 @@ class GenerationConfig:
         if isinstance(self.stop, str):
             set_("stop", (self.stop,))
         set_("stop", tuple(self.stop or ()))
+        if _is_int(self.seed) and self.seed == -1:  # llama.cpp's convention: -1 is a random seed
+            set_("seed", None)
         if isinstance(self.eos_token_id, int):
             set_("eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is not None:
@@ -69,8 +72,11 @@ class GenerationConfig:
             raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
         if self.confidence_threshold is not None:
             _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an integer in 0..2**64-1 (or -1: random), got {self.seed!r}")
+        if self.t_min < MIN_TEMPERATURE or self.t_max > MAX_TEMPERATURE:
+            raise ConfigError(f"temperatures must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the logits are "
+                              f"divided by them), got t_min={self.t_min} and t_max={self.t_max}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if self.eos_token_id is not None and any(t < 0 for t in self.eos_token_id):

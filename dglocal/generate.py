@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import checks
 from .config import GenerationConfig
-from .errors import ConfigError, ContextError, ModelError
+from .errors import BackendError, ConfigError, ContextError, ModelError
 from .sampler import (
     Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
     trim_eos,
@@ -154,19 +155,20 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def stream(
-    model, prompt: str | Sequence[int], *, seq=None, cached: list[int] | None = None, noise: Noise | None = None,
-    constraints=None, **options,
+    model, prompt: str | Sequence[int], *, seq=None, noise: Noise | None = None, constraints=None, **options,
 ) -> Iterator[Step | BlockText | Completion]:
     """Generate after `prompt`; yields Step drafts, BlockText per committed block, and a final Completion.
 
-    `seq`/`cached`: a sequence to reuse and the tokens it holds (a list, updated in place): only the part of
-    the prompt after their longest common prefix is encoded. Options are GenerationConfig fields.
+    `seq`: a sequence to reuse: only the part of the prompt after the longest common prefix with the tokens it
+    holds (`seq.tokens`) is encoded. Options are GenerationConfig fields.
     """
     t_start = time.perf_counter()
     config = GenerationConfig.from_metadata(model.metadata, **options)
     C = model.canvas_length
-    tokens = model.tokenize(prompt, add_special=True, parse_special=True) if isinstance(prompt, str) else prompt
-    tokens = [int(t) for t in tokens]
+    if isinstance(prompt, str):
+        tokens = model.tokenize(prompt, add_special=True, parse_special=True)
+    else:
+        tokens = checks.token_ids(prompt, model.n_vocab, "prompt token ids").tolist()
     if not tokens:
         raise ConfigError("the prompt is empty: the canvas needs at least one token to attend to")
     n_blocks = math.ceil(config.max_new_tokens / C)
@@ -177,18 +179,15 @@ def stream(
         )
     fixed = constraint_table(constraints, n_blocks * C, model.n_vocab)
     eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
+    checks.token_ids(list(eos_ids), model.n_vocab, "eos_token_id")
     noise = noise if noise is not None else SeededNoise(model.n_vocab, config.seed)
     if seq is None:
-        seq, cached = model.sequence(), []
-    elif cached is None or len(cached) != seq.n_past:
-        raise ConfigError("stream(seq=...) needs `cached`: the list of the tokens that sequence holds")
+        seq = model.sequence()
 
     # prompt cache: encode only what follows the longest common prefix with what the sequence holds
-    keep = _common_prefix(cached, tokens)
+    keep = _common_prefix(seq.tokens, tokens)
     if seq.n_past > keep:
         seq.truncate(keep)
-    del cached[keep:]
-    blocks: list[np.ndarray] = []  # the sequence holds (tokens + blocks)[:seq.n_past]
     out: list[int] = []
     steps: list[int] = []
     step_seconds = 0.0
@@ -202,7 +201,6 @@ def stream(
                 step_seconds += event.seconds
                 yield event
                 continue
-            blocks.append(event.tokens)
             steps.append(event.steps)
             new, eos = trim_eos(event.tokens[: config.max_new_tokens - len(out)], eos_ids)
             out += [int(t) for t in new]
@@ -223,8 +221,6 @@ def stream(
     finally:
         if events is not None:
             events.close()
-        held = tokens + [int(t) for b in blocks for t in b]
-        cached[:] = held[: seq.n_past]
 
     t_end = time.perf_counter()
     n_steps = sum(steps)
@@ -272,7 +268,7 @@ class ChatSession:
         self.template = _jinja_env().from_string(template)
         self.initial = [dict(m) for m in messages or ()]
         self.messages = [dict(m) for m in self.initial]
-        self.seq, self.cached = model.sequence(), []
+        self.seq = model.sequence()
 
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
         # BOS comes from the tokenizer (add_special), not from the template's bos_token
@@ -286,7 +282,7 @@ class ChatSession:
         options = {**self.options, **options}
         if options.get("seed") is None and hasattr(self.model, "next_seed"):
             options["seed"] = self.model.next_seed()  # reproducible under the model's load seed
-        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, cached=self.cached, **options)
+        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, **options)
         try:
             for event in events:
                 if isinstance(event, Completion):
@@ -305,12 +301,13 @@ class ChatSession:
         self.messages = [dict(m) for m in self.initial]
         self._ensure_sequence()
         self.seq.truncate(0)
-        self.cached.clear()
 
     def _ensure_sequence(self) -> None:
         # a model has one cache: if something else took it over, start a fresh sequence (full re-prefill)
+        if getattr(self.model, "closed", False):
+            raise BackendError("the model is closed")
         if not getattr(self.seq, "live", True):
-            self.seq, self.cached = self.model.sequence(), []
+            self.seq = self.model.sequence()
 
 
 def _jinja_env():

@@ -6,6 +6,7 @@ gguf-py's GGUFReader builds one numpy view per array element, which takes a minu
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class GGUFHeader:
     kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = field(default_factory=dict)
     tensors: list[TensorInfo] = field(default_factory=list)
     file_size: int = 0
+    data_start: int = 0
+    alignment: int = 32
 
     def get(self, key: str, default=None):
         return self.kv.get(key, default)
@@ -65,85 +68,146 @@ def _qtype(ttype: int) -> GGMLQuantizationType | int:
         return ttype
 
 
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
 def read_header(path) -> GGUFHeader:
-    """Read the metadata and tensor table of a GGUF file; ModelError names the file on failure."""
+    """Read and check the metadata and tensor table of a GGUF file; ModelError names the file and the fault.
+
+    The file is memory-mapped and every length is checked against the bytes left before it is used, so a
+    corrupt count or string length is an error, never a huge read. The tensor table must describe the data
+    exactly as llama.cpp lays it out (each tensor at the aligned end of the previous one, all inside the file),
+    which catches truncated files and shifted offsets before llama.cpp sees them.
+    """
+    import mmap
+
     path = Path(path)
     try:
-        data = path.read_bytes() if path.stat().st_size < (64 << 20) else None
-        if data is None:  # big model: the header sits at the front; grow the window until it fits
-            return _read_big(path)
-        return _parse(path, memoryview(data), len(data))
-    except (OSError, struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: not a readable GGUF file ({e})") from e
-
-
-def _read_big(path: Path) -> GGUFHeader:
-    size = path.stat().st_size
-    window = 32 << 20
-    while True:
         with open(path, "rb") as f:
-            buf = f.read(min(window, size))
-        try:
-            return _parse(path, memoryview(buf), size)
-        except (struct.error, IndexError):
-            if window >= size:
-                raise
-            window *= 4
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise ValueError(f"{size} bytes is too short for a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                header = _Parser(path, mm, size).parse()
+        check_tensors(header)
+        return header
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as e:
+        raise ModelError(f"{path}: not a valid GGUF file: {e}") from e
 
 
-def _parse(path: Path, buf: memoryview, file_size: int) -> GGUFHeader:
-    if bytes(buf[:4]) != GGUF_MAGIC:
-        raise ValueError("bad magic")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    pos = 24
+class _Parser:
+    def __init__(self, path: Path, buf, size: int):
+        self.path, self.buf, self.size, self.pos = path, buf, size, 0
 
-    def string(pos):
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        if pos + 8 + n > len(buf):
-            raise IndexError("string past end of buffer")
-        return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError(f"{what} at offset {self.pos} needs {n} bytes, the file has {self.size - self.pos} left")
 
-    def value(vtype, pos):
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        out = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return out
+
+    def string(self, what: str) -> str:
+        (n,) = self.unpack("<Q", what)
+        self.need(n, f"{what} ({n} bytes)")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, vtype: GGUFValueType, what: str):
         if vtype == GGUFValueType.STRING:
-            return string(pos)
-        fmt = _SCALAR[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+            return self.string(what)
+        if vtype not in _SCALAR:
+            raise ValueError(f"{what}: value type {vtype.name} inside an array")
+        return self.unpack(_SCALAR[vtype], what)[0]
 
-    header = GGUFHeader(path=path, version=version, file_size=file_size)
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        vtype, pos = GGUFValueType(vtype), pos + 4
-        sub = None
-        if vtype == GGUFValueType.ARRAY:
-            sub, n = struct.unpack_from("<IQ", buf, pos)
-            sub, pos = GGUFValueType(sub), pos + 12
-            if sub == GGUFValueType.STRING:
-                val = []
-                for _ in range(n):
-                    s, pos = string(pos)
-                    val.append(s)
+    def vtype(self, what: str) -> GGUFValueType:
+        (t,) = self.unpack("<I", what)
+        try:
+            return GGUFValueType(t)
+        except ValueError:
+            raise ValueError(f"{what}: unknown value type {t}") from None
+
+    def array(self, key: str):
+        sub = self.vtype(f"array type of {key}")
+        (n,) = self.unpack("<Q", f"array length of {key}")
+        if sub == GGUFValueType.STRING:
+            self.need(8 * n, f"{key}: {n} strings")  # each at least its length field
+            return sub, [self.string(f"{key}[{i}]") for i in range(n)]
+        if sub not in _SCALAR:
+            raise ValueError(f"{key}: arrays of {sub.name} are not supported")
+        dtype = np.dtype(_SCALAR[sub])
+        self.need(n * dtype.itemsize, f"{key}: {n} values")
+        val = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
+        self.pos += n * dtype.itemsize
+        return sub, val
+
+    def parse(self) -> GGUFHeader:
+        if bytes(self.buf[:4]) != GGUF_MAGIC:
+            raise ValueError("bad magic (not a GGUF file)")
+        self.pos = 4
+        version, n_tensors, n_kv = self.unpack("<IQQ", "header")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (this reader knows 2 and 3)")
+        # a key-value pair takes at least 12 bytes, a tensor entry at least 24: bound the counts by the file
+        if n_kv * 12 > self.size or n_tensors * 24 > self.size:
+            raise ValueError(f"{n_kv} keys and {n_tensors} tensors cannot fit in {self.size} bytes")
+        header = GGUFHeader(path=self.path, version=version, file_size=self.size)
+        for _ in range(n_kv):
+            key = self.string("key")
+            if key in header.kv:
+                raise ValueError(f"duplicate key {key}")
+            vtype, sub = self.vtype(f"type of {key}"), None
+            if vtype == GGUFValueType.ARRAY:
+                sub, val = self.array(key)
             else:
-                dtype = np.dtype(_SCALAR[sub])
-                end = pos + n * dtype.itemsize
-                if end > len(buf):
-                    raise IndexError("array past end of buffer")
-                val = np.frombuffer(buf[pos:end], dtype=dtype).tolist()
-                pos = end
-        else:
-            val, pos = value(vtype, pos)
-        header.kv[key] = val
-        header.kv_types[key] = (vtype, sub)
+                val = self.value(vtype, key)
+            header.kv[key] = val
+            header.kv_types[key] = (vtype, sub)
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string("tensor name")
+            (n_dims,) = self.unpack("<I", f"dimensions of {name}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (1..{MAX_DIMS})")
+            shape = self.unpack(f"<{n_dims}Q", f"shape of {name}")
+            ttype, offset = self.unpack("<IQ", f"type and offset of {name}")
+            infos.append((name, tuple(shape), _qtype(ttype), offset))
+        align = header.kv.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
+        data_start = (self.pos + align - 1) // align * align
+        header.tensors = [TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos]
+        header.data_start, header.alignment = data_start, align
+        return header
 
-    infos = []
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        infos.append((name, tuple(shape), _qtype(ttype), offset))
-    align = int(header.kv.get("general.alignment", 32))
-    data_start = (pos + align - 1) // align * align
-    header.tensors = [TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos]
-    return header
+
+def check_tensors(header: GGUFHeader) -> None:
+    """Each tensor: a known type, a shape its blocks divide, its data where llama.cpp expects it, in the file."""
+    expected = header.data_start
+    seen = set()
+    for t in header.tensors:
+        if t.name in seen:
+            raise ValueError(f"duplicate tensor {t.name}")
+        seen.add(t.name)
+        if any(d <= 0 or d >= 1 << 40 for d in t.shape):
+            raise ValueError(f"tensor {t.name} has shape {list(t.shape)}")
+        if t.type not in GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {t.name} has type id {int(t.type)}, which this version does not know")
+        block = GGML_QUANT_SIZES[t.type][0]
+        if t.shape[0] % block:
+            raise ValueError(f"tensor {t.name}: {t.shape[0]} columns are not a multiple of {t.type.name}'s "
+                             f"block of {block}")
+        if t.offset != expected:
+            raise ValueError(f"tensor {t.name} starts at byte {t.offset}, expected {expected} (after the previous "
+                             f"tensor, aligned to {header.alignment})")
+        end = t.offset + t.nbytes
+        if end > header.file_size:
+            raise ValueError(f"tensor {t.name} ends at byte {end}, past the end of the file ({header.file_size} "
+                             f"bytes): truncated?")
+        expected = (end + header.alignment - 1) // header.alignment * header.alignment

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendError, ContextError, ModelError
+from . import checks
+from .errors import BackendError, ConfigError, ContextError, ModelError
 from .gguf_read import read_header
 from .placement import placement
-
-ARCH = "diffusion-gemma"
 
 
 @dataclass
@@ -36,82 +35,95 @@ class Denoised:
     logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
 
 
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}
+
+
 class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1,
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
                  swa_full: bool = True, flash_attn: bool | None = None, extra_bufts: bool = True,
                  rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0):
-        from . import _native as nat
-
+        self._ctx = self._model = None
+        self._stack = ExitStack()
+        seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
+                                   n_ubatch=n_ubatch, kv_type=kv_type, kv_types=KV_TYPES)
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")
-        self.metadata = read_header(self.path).kv  # raises ModelError on a malformed file
-        arch = self.metadata.get("general.architecture")
-        if arch != ARCH:
-            raise ModelError(f"{self.path}: architecture is {arch!r}, dglocal runs {ARCH!r} models")
-        self.canvas_length = int(self.metadata["diffusion.canvas_length"])
+        header = read_header(self.path)  # raises ModelError on a malformed file
+        self.metadata = header.kv
+        self.canvas_length = checks.model_file(self.path, header)
+        if n_ctx < self.canvas_length + 1:
+            raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {self.canvas_length + 1}")
         # generations without their own seed draw one from here: a fixed load seed makes a run reproducible
         self._rng = np.random.default_rng(seed)
-        self._nat = nat
-        self._ll = nat._ll
-        self._stack = ExitStack()
-        nat.init()
+        try:  # whatever exists when a step fails (or Ctrl-C arrives) is freed
+            self._open(n_ctx, n_gpu_layers, n_threads, max(n_ubatch, self.canvas_length), kv_type, swa_full,
+                       flash_attn, extra_bufts, placement(rpc, tensor_overrides, n_cpu_moe))
+        except BaseException:
+            self.close()
+            raise
+        self._sequence: Sequence | None = None
+        self._default: Sequence | None = None  # the sequence stream() reuses across calls
 
+    def _open(self, n_ctx, n_gpu_layers, n_threads, n_ubatch, kv_type, swa_full, flash_attn, extra_bufts, where):
+        from . import _native as nat
+
+        self._nat, self._ll = nat, nat._ll
+        nat.init()
         mparams = self._ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # llama.cpp's CPU "extra" buffer types (repacked / AMX weight layouts): its CPU speed, on by default
         mparams.use_extra_bufts = bool(extra_bufts)
-        where = placement(rpc, tensor_overrides, n_cpu_moe)  # keeps the arrays mparams points to alive
-        where.apply(mparams)
+        where.apply(mparams)  # `where` keeps the arrays mparams points to alive
         self._model = self._ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise ModelError(f"{self.path}: llama.cpp could not load it: {nat.last_errors() or 'unknown error'}")
         self._stack.callback(self._ll.llama_model_free, self._model)
 
-        n_ubatch = max(n_ubatch, self.canvas_length)  # a canvas is one bidirectional micro-batch
-        if n_ctx < self.canvas_length + 1:
-            self.close()
-            raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {self.canvas_length + 1}")
         cparams = self._ll.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ubatch
-        cparams.n_ubatch = n_ubatch
+        cparams.n_batch = cparams.n_ubatch = n_ubatch  # a canvas is one bidirectional micro-batch
         cparams.n_seq_max = 1
-        threads = n_threads or os.cpu_count() or 1
-        cparams.n_threads = cparams.n_threads_batch = threads
-        kv = {"f16": 1, "f32": 0, "q8_0": 8}
-        if kv_type not in kv:
-            self.close()
-            raise ModelError(f"kv_type must be one of {sorted(kv)}, got {kv_type!r}")
-        cparams.type_k = cparams.type_v = kv[kv_type]
+        cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
         # a full-size SWA cache: the canvas never evicts prefix keys, and chat turns can truncate to any prefix
         cparams.swa_full = swa_full
         if flash_attn is not None:
             cparams.flash_attn_type = 1 if flash_attn else 0
         self._ctx = self._ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            err = nat.last_errors()
-            self.close()
-            raise BackendError(f"could not create a llama.cpp context (n_ctx={n_ctx}): {err or 'unknown error'}")
+            raise BackendError(f"could not create a llama.cpp context (n_ctx={n_ctx}): "
+                               f"{nat.last_errors() or 'unknown error'}")
         self._stack.callback(self._ll.llama_free, self._ctx)  # ExitStack: freed before the model
 
         self._vocab = self._ll.llama_model_get_vocab(self._model)
         self.n_vocab = self._ll.llama_vocab_n_tokens(self._vocab)
         self.n_ctx = self._ll.llama_n_ctx(self._ctx)
-        self.n_ubatch = n_ubatch
+        # llama.cpp rounds n_ctx up and may cap n_batch / n_ubatch by it: feed it what it actually accepts
+        self.n_ubatch = min(self._ll.llama_n_batch(self._ctx), self._ll.llama_n_ubatch(self._ctx))
+        if self.n_ubatch < self.canvas_length:
+            raise ContextError(f"n_ctx {self.n_ctx} gives micro-batches of {self.n_ubatch} tokens, under the "
+                               f"canvas of {self.canvas_length}: raise n_ctx")
         if nat.llama_dg_canvas_length(self._model) != self.canvas_length:
-            self.close()
             raise BackendError("the backend and the GGUF disagree on the canvas length")
         self.eos_ids = self._eos_ids()
-        self._sequence: Sequence | None = None
-        self._default: tuple[Sequence, list[int]] | None = None  # the sequence stream() reuses, and its tokens
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Free the context and the weights. Every Sequence and chat made from this model stops working."""
         self._stack.close()
         self._ctx = self._model = None
+        self._sequence = self._default = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def check_open(self) -> None:
+        if self._ctx is None:
+            raise BackendError("the model is closed")
 
     def __enter__(self):
         return self
@@ -122,6 +134,9 @@ class Model:
     # -- tokenizer -----------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self.check_open()
+        if not isinstance(text, str):
+            raise ConfigError(f"tokenize takes a str, got {type(text).__name__}")
         data = text.encode("utf-8")
         n_max = len(data) + 16
         for _ in range(2):  # a negative count is the size needed (byte-fallback tokens can outnumber bytes)
@@ -133,6 +148,8 @@ class Model:
         raise BackendError(f"tokenization failed: llama.cpp asked for {n_max} tokens twice")
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        self.check_open()
+        token = checks.integer("token", token, 0, self.n_vocab - 1)
         buf = ctypes.create_string_buffer(64)
         n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -141,7 +158,8 @@ class Model:
         return buf.raw[:n]
 
     def detokenize(self, tokens, *, special: bool = False) -> str:
-        return b"".join(self.token_piece(int(t), special=special) for t in tokens).decode("utf-8", "replace")
+        ids = checks.token_ids(tokens, self.n_vocab)
+        return b"".join(self.token_piece(int(t), special=special) for t in ids).decode("utf-8", "replace")
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = self.metadata.get("diffusion.eos_token_ids")
@@ -157,8 +175,7 @@ class Model:
 
     def sequence(self) -> "Sequence":
         """The context's one KV-cache sequence, emptied; a sequence made earlier becomes unusable."""
-        if self._ctx is None:
-            raise BackendError("the model is closed")
+        self.check_open()
         self._sequence = Sequence(self)
         return self._sequence
 
@@ -167,12 +184,12 @@ class Model:
         a final Completion (dglocal.generate.stream). Consecutive calls reuse the cached common prefix."""
         from . import generate as gen
 
-        if self._default is None or not self._default[0].live:
-            self._default = (self.sequence(), [])
-        seq, cached = self._default
+        self.check_open()
+        if self._default is None or not self._default.live:
+            self._default = self.sequence()
         if options.get("seed") is None:
             options["seed"] = self.next_seed()
-        return gen.stream(self, prompt, seq=seq, cached=cached, **options)
+        return gen.stream(self, prompt, seq=self._default, **options)
 
     def next_seed(self) -> int:
         """A seed for a generation that was given none, drawn from the load seed's generator."""
@@ -188,11 +205,12 @@ class Model:
         """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
         from .generate import ChatSession
 
+        self.check_open()
         return ChatSession(self, messages, **options)
 
 
 class Sequence:
-    """One KV-cache sequence: encoder prefill/commit, decoder denoise, truncation."""
+    """One KV-cache sequence: encoder prefill/commit, decoder denoise, truncation. `tokens` is what it holds."""
 
     def __init__(self, model: Model, seq_id: int = 0):
         self.model = model
@@ -200,6 +218,7 @@ class Sequence:
         self._ll = model._ll
         self._mem = self._ll.llama_get_memory(model._ctx)
         self._ll.llama_memory_clear(self._mem, True)
+        self.tokens: list[int] = []
         # counters: prompt tokens encoded, block tokens committed, decoder passes
         self.n_prefilled = 0
         self.n_committed = 0
@@ -207,22 +226,18 @@ class Sequence:
 
     @property
     def live(self) -> bool:
-        """False once a newer model.sequence() has taken over the context's cache."""
-        return self.model._sequence is self
+        """False once the model is closed or a newer model.sequence() has taken over the context's cache."""
+        return not self.model.closed and self.model._sequence is self
 
     def _check_live(self) -> None:
-        if not self.live:
+        self.model.check_open()
+        if self.model._sequence is not self:
             raise BackendError("this sequence was replaced by a newer model.sequence() and its cache is gone")
 
     @property
     def n_past(self) -> int:
-        return int(self._ll.llama_memory_seq_pos_max(self._mem, self.seq_id)) + 1
-
-    def _check_tokens(self, tokens) -> np.ndarray:
-        toks = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
-        if toks.size and (toks.min() < 0 or toks.max() >= self.model.n_vocab):
-            raise ValueError(f"token ids must be in [0, {self.model.n_vocab}), got {toks.min()}..{toks.max()}")
-        return toks
+        self._check_live()
+        return len(self.tokens)
 
     def prefill(self, tokens, *, logits_last: bool = False) -> np.ndarray | None:
         """Run the causal encoder over `tokens`, appending them to the cache. With logits_last, return the
@@ -238,15 +253,15 @@ class Sequence:
 
     def _encode(self, tokens, logits_last: bool) -> np.ndarray | None:
         self._check_live()
-        toks = self._check_tokens(tokens)
-        if self.n_past + toks.size > self.model.n_ctx:
-            raise ContextError(f"{self.n_past} cached + {toks.size} new tokens exceed n_ctx {self.model.n_ctx}")
+        toks = checks.token_ids(tokens, self.model.n_vocab)
+        if len(self.tokens) + toks.size > self.model.n_ctx:
+            raise ContextError(f"{len(self.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.model.n_ctx}")
         step = self.model.n_ubatch
         batch = self._ll.llama_batch_init(step, 0, 1)
         try:
             for start in range(0, toks.size, step):
                 chunk = toks[start:start + step]
-                pos0 = self.n_past
+                pos0 = len(self.tokens)
                 for i, t in enumerate(chunk):
                     batch.token[i] = int(t)
                     batch.pos[i] = pos0 + i
@@ -260,6 +275,7 @@ class Sequence:
                     self._ll.llama_memory_seq_rm(self._mem, self.seq_id, pos0, -1)
                     raise BackendError(f"encoder pass failed (llama_decode returned {ret}): "
                                        f"{self.model._nat.last_errors()}")
+                self.tokens += chunk.tolist()
         finally:
             self._ll.llama_batch_free(batch)
         if logits_last and toks.size:
@@ -269,24 +285,27 @@ class Sequence:
 
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
                 return_logits: bool = False) -> Denoised:
-        """Decoder pass over `canvas` at positions n_past.. ; the cache is left as it was.
+        """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
         self_condition=True feeds the soft embedding left by the previous denoise call (its logits / its
         temperature); False feeds zeros, as at the first step of a canvas."""
         self._check_live()
         nat = self.model._nat
-        toks = self._check_tokens(canvas)
+        toks = checks.token_ids(canvas, self.model.n_vocab, "canvas ids")
         n = toks.size
+        if n != self.model.canvas_length:
+            raise ConfigError(f"the canvas has {n} tokens, the model's canvas_length is {self.model.canvas_length}")
+        temperature = checks.temperature(temperature)
         u = None
         if uniforms is not None:
             u = np.ascontiguousarray(uniforms, dtype=np.float32).reshape(-1)
-            if u.size != n:
-                raise ValueError(f"uniforms has {u.size} values for a canvas of {n}")
+            if u.size != n or not ((u >= 0) & (u <= 1)).all():
+                raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
         argmax = np.empty(n, np.int32)
         sampled = np.empty(n, np.int32) if u is not None else None
         entropy = np.empty(n, np.float32)
         ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
         status = nat.llama_dg_denoise(
-            self.model._ctx, self.seq_id, ptr(toks, nat.c_int32_p), n, float(temperature),
+            self.model._ctx, self.seq_id, ptr(toks, nat.c_int32_p), n, temperature,
             ptr(u, nat.c_float_p), bool(self_condition), bool(return_logits),
             ptr(argmax, nat.c_int32_p), ptr(sampled, nat.c_int32_p), ptr(entropy, nat.c_float_p))
         if status != 0:
@@ -302,10 +321,10 @@ class Sequence:
     def truncate(self, n: int) -> None:
         """Keep the first n cached tokens (multi-turn reuse)."""
         self._check_live()
-        if not 0 <= n <= self.n_past:
-            raise ValueError(f"cannot truncate to {n}: the cache holds {self.n_past} tokens")
+        n = checks.integer("truncate length", n, 0, len(self.tokens))
         if not self._ll.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
             raise BackendError(f"the KV cache cannot be truncated to {n} tokens (SWA cache without swa_full?)")
+        del self.tokens[n:]
 
 
 def load(path, **opts) -> Model:

@@ -47,13 +47,13 @@ class EvalResult:
     results: list[Solved] = field(repr=False, default_factory=list)
 
 
-def load_model(path, *, threads: int | None = None):
+def load_model(path, *, threads: int | None = None, n_ctx: int | None = None):
     """The Sudoku GGUF on the backend; ModelError if it is not a Sudoku model. The model is tiny, so the KV
     cache stays f32 and flash attention off (the numbers then match the reference at ~1e-4), and one thread is
     the default: its matrices are too small to split, and spinning thread barriers on a busy CPU cost ~50x."""
     import dglocal
 
-    model = dglocal.load(path, n_ctx=N_CTX, n_threads=threads or 1, kv_type="f32", flash_attn=False)
+    model = dglocal.load(path, n_ctx=n_ctx or N_CTX, n_threads=threads or 1, kv_type="f32", flash_attn=False)
     if model.n_vocab != sc.VOCAB_SIZE or model.canvas_length != sc.CANVAS_LENGTH:
         model.close()
         raise ModelError(f"{path}: not a Sudoku model (vocabulary {model.n_vocab}, canvas {model.canvas_length}; "
@@ -62,12 +62,13 @@ def load_model(path, *, threads: int | None = None):
 
 
 def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed: int | None = None,
-                 pin_givens: bool = False) -> Iterator[Step | Solved]:
-    """Denoise one puzzle: every Step (the draft board), then the Solved outcome."""
+                 pin_givens: bool = False, **generation) -> Iterator[Step | Solved]:
+    """Denoise one puzzle: every Step (the draft board), then the Solved outcome. `generation`: other
+    GenerationConfig fields (entropy_bound, t_min, ...)."""
     t0 = time.perf_counter()
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     events = model.stream(sc.encode_prompt(puzzle), max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps,
-                          seed=seed, constraints=constraints)
+                          seed=seed, constraints=constraints, **generation)
     try:
         for event in events:
             if isinstance(event, Step):
@@ -122,12 +123,13 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
 
 
 def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None, pin_givens: bool = False,
-             on_result=None) -> EvalResult:
+             on_result=None, **generation) -> EvalResult:
     """Solve every puzzle (puzzle i with seed + i when a seed is given) and score it as the reference eval does."""
     t0 = time.perf_counter()
     results, blanks, right = [], 0, 0
     for i, (puzzle, solution) in enumerate(pairs):
-        r = solve(model, puzzle, steps=steps, seed=None if seed is None else seed + i, pin_givens=pin_givens)
+        r = solve(model, puzzle, steps=steps, seed=None if seed is None else seed + i, pin_givens=pin_givens,
+                  **generation)
         results.append(r)
         if solution is not None:
             for p, s, g in zip(puzzle, solution, r.grid):
@@ -149,7 +151,7 @@ def write_grids(path, results: Sequence[Solved]) -> None:
 
 def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
          steps: int | None = None, threads: int | None = None, seed: int | None = None,
-         pin_givens: bool = False) -> None:
+         pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None) -> None:
     """The `dglocal sudoku` command (rendering through dglocal.ui)."""
     from . import ui
 
@@ -159,10 +161,10 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
     cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
-    options = dict(steps=steps, seed=seed, pin_givens=pin_givens)
+    options = dict(steps=steps, seed=seed, pin_givens=pin_givens, **(generation or {}))
 
     with ui.status(f"loading {Path(model).name}"):
-        llm = load_model(model, threads=threads)
+        llm = load_model(model, threads=threads, n_ctx=n_ctx)
     with llm:
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:
@@ -208,7 +210,10 @@ def _solve_lines(llm, ui, options, output) -> None:
         except ConfigError as e:
             ui.print_error(str(e))
             continue
-        done.append(_solve_live(llm, cells, ui, options))
+        try:
+            done.append(_solve_live(llm, cells, ui, options))
+        except KeyboardInterrupt:  # Ctrl-C stops this puzzle, as it stops an answer in the chat
+            ui.print_status("stopped")
     if output is not None:
         write_grids(output, done)
     if interactive:

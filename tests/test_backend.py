@@ -12,7 +12,7 @@ import pytest
 import tiny
 from reference_harness import ReferenceModel, encoder_logits
 
-from dglocal.errors import BackendError, ContextError, ModelError
+from dglocal.errors import ConfigError, BackendError, ContextError, ModelError
 
 pytestmark = pytest.mark.backend
 
@@ -106,16 +106,22 @@ def test_truncate_then_continue(model, ref):
 def test_invalid_arguments_raise(model):
     seq = model.sequence()
     seq.prefill(prompt(4))
-    with pytest.raises(ValueError):
-        seq.denoise(np.full(C, tiny.VOCAB, np.int32), temperature=1.0)
-    with pytest.raises(BackendError, match="invalid argument"):
-        seq.denoise(canvas(1), temperature=0.0)
-    with pytest.raises(BackendError, match="invalid argument"):
-        seq.denoise(canvas(1), temperature=1.0, uniforms=np.full(C, 2.0))
-    with pytest.raises(ValueError):
-        seq.denoise(canvas(1), temperature=1.0, uniforms=np.zeros(C - 1))
-    with pytest.raises(BackendError, match="micro-batch"):
-        seq.denoise(np.zeros(model.n_ubatch + 1, np.int32), temperature=1.0)
+    bad = [
+        (dict(canvas=np.full(C, tiny.VOCAB, np.int32)), r"canvas ids must be in \[0, 512\), got 512"),
+        (dict(canvas=np.full(C, 2**32, np.int64)), r"got 4294967296"),  # no wrap to 0
+        (dict(canvas=np.full(C, 3.7)), "canvas ids must be integers"),  # no truncation to 3
+        (dict(canvas=canvas(1)[:-1]), f"the canvas has {C - 1} tokens, the model's canvas_length is {C}"),
+        (dict(canvas=np.zeros(model.n_ubatch + 1, np.int32)), "canvas_length"),
+        (dict(temperature=0.0), r"temperature must be a number in \[0.0001, 10000\], got 0.0"),
+        (dict(temperature=1e-45), "temperature must be"),
+        (dict(temperature=float("nan")), "temperature must be"),
+        (dict(uniforms=np.full(C, 2.0)), r"uniforms must be 16 numbers in \[0, 1\]"),
+        (dict(uniforms=np.zeros(C - 1)), "uniforms must be"),
+    ]
+    for kw, message in bad:
+        args = dict(canvas=canvas(1), temperature=1.0) | kw
+        with pytest.raises(ConfigError, match=message):
+            seq.denoise(args.pop("canvas"), **args)
     assert seq.n_past == 4
     # the sequence still works after the refusals
     seq.denoise(canvas(1), temperature=1.0, self_condition=False)

@@ -167,18 +167,18 @@ def test_context_error_before_any_work(tm):
     small = ReferenceModel(tm, n_ctx=60)
     seq = small.sequence()
     with pytest.raises(ContextError, match="n_ctx 60"):
-        next(stream(small, PROMPT, seq=seq, cached=[], **BASE))  # 21 + 3 * 16 = 69 > 60
+        next(stream(small, PROMPT, seq=seq, **BASE))  # 21 + 3 * 16 = 69 > 60
     assert seq.n_prefilled == 0 and seq.n_denoise == 0
 
 
 def test_break_leaves_the_sequence_consistent(model):
-    seq, cached = model.sequence(), []
-    it = stream(model, PROMPT, seq=seq, cached=cached, seed=3, eos_token_id=(), **BASE)
+    seq = model.sequence()
+    it = stream(model, PROMPT, seq=seq, seed=3, eos_token_id=(), **BASE)
     for e in it:
         if isinstance(e, Step) and e.block == 1 and e.step == 2:
             break
     it.close()
-    assert seq.n_past == len(cached) == len(PROMPT) + C and cached[: len(PROMPT)] == PROMPT
+    assert seq.n_past == len(seq.tokens) == len(PROMPT) + C and seq.tokens[: len(PROMPT)] == PROMPT
 
     class Interrupting:  # KeyboardInterrupt from inside the backend call
         def __init__(self, seq, after):
@@ -194,10 +194,10 @@ def test_break_leaves_the_sequence_consistent(model):
             return self.seq.denoise(*a, **kw)
 
     with pytest.raises(KeyboardInterrupt):
-        list(stream(model, PROMPT, seq=Interrupting(seq, 9), cached=cached, seed=3, eos_token_id=(), **BASE))
-    assert seq.n_past == len(cached) == len(PROMPT) + C  # block 0 committed, block 1 never finished
+        list(stream(model, PROMPT, seq=Interrupting(seq, 9), seed=3, eos_token_id=(), **BASE))
+    assert seq.n_past == len(seq.tokens) == len(PROMPT) + C  # block 0 committed, block 1 never finished
     # the sequence is still usable: it reuses the whole prompt and gives the fresh-sequence answer
-    again = generate(model, PROMPT, seq=seq, cached=cached, seed=3, eos_token_id=(), **BASE)
+    again = generate(model, PROMPT, seq=seq, seed=3, eos_token_id=(), **BASE)
     assert again.stats.prefilled_tokens == 0
     assert again.tokens == generate(model, PROMPT, seed=3, eos_token_id=(), **BASE).tokens
 
@@ -206,7 +206,7 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_session(model):
     opts = dict(BASE, max_new_tokens=32, eos_token_id=())
     chat = ChatSession(model, **opts)
     first = chat.send("hi there", seed=1)
-    held = list(chat.cached)
+    held = list(chat.seq.tokens)
     before = chat.seq.n_prefilled
     second = chat.send("and then?", seed=2)
     prompt2 = chat.prompt_tokens(chat.messages[:-1])
@@ -221,4 +221,4 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_session(model):
     assert fresh.tokens == second.tokens and fresh.text == second.text
     assert first.text == chat.messages[1]["content"]
     chat.reset()
-    assert chat.seq.n_past == 0 and chat.cached == [] and chat.messages == []
+    assert chat.seq.n_past == 0 and chat.seq.tokens == [] and chat.messages == []
