@@ -1,4 +1,4 @@
-"""`dglocal bench MODEL`: block-diffusion speed beside autoregressive decode of the same weights (DESIGN.md §5).
+"""`dglocal bench MODEL`: block-diffusion speed beside autoregressive decode of the same weights (docs/performance.md).
 
 One process, one build, one set of weights, batch size 1:
 - fixed-step generations (early stop off, EOS ignored, so every canvas takes exactly N denoise steps);

@@ -17,7 +17,7 @@ import numpy as np
 from .checks import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .errors import ConfigError
 
-# GGUF metadata key -> GenerationConfig field (keys written by the community converters, DESIGN.md §3)
+# GGUF metadata key -> GenerationConfig field (keys written by the community converters, docs/gguf.md)
 METADATA_KEYS = {
     "diffusion.eb_max_steps": "max_denoising_steps",
     "diffusion.eb_t_min": "t_min",

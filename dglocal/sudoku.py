@@ -8,7 +8,7 @@ The prompt is built from token ids (`sudoku_core.encode_prompt`), never through 
 digits per puzzle, the model's own sampler settings. Every returned grid is judged by `check_grid`: a grid that
 breaks a rule or changes a given is unsolved. The givens are not pinned in the canvas by default: the model was
 trained without clamping, and clamping at inference only on a model trained that way made it worse (train and
-sample alike, SUDOKU-NOTES.md); `pin_givens=True` pins them through `constraints`.
+sample alike, docs/sudoku.md); `pin_givens=True` pins them through `constraints`.
 """
 
 from __future__ import annotations

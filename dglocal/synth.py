@@ -2,8 +2,7 @@
 
 For measuring speed where the real weights are not at hand (`dglocal synth`, then `dglocal bench`).
 
-- Hyperparameters and tokenizer: the vocab-only Gemma 4 GGUF of the pinned sdist (the 26B-A4B's, DESIGN.md
-  §3) plus what it lacks (canvas 256, proportional RoPE 0.25, reference generation defaults); the smaller
+- Hyperparameters and tokenizer: the vocab-only Gemma 4 GGUF of the pinned sdist (the 26B-A4B's, docs/gguf.md) plus what it lacks (canvas 256, proportional RoPE 0.25, reference generation defaults); the smaller
   presets scale the widths and layer count down and keep the real 262144-token vocabulary.
 - Tensor table: `convert.schema.tensor_plan`, the converter's own; values: matrices ~N(0, 1/fan_in), norms,
   scales and layer scalars ~U(0.8, 1.2), rope_freqs as the converter makes them.
@@ -40,7 +39,7 @@ from .gguf_read import read_header
 POOL_ROWS = 32            # random rows encoded per matrix (at least); the output is drawn from their blocks
 POOL_BLOCKS = 512
 CHUNK_BYTES = 64 << 20    # output bytes per write: bounds peak memory whatever the tensor size
-EOS_IDS = [1, 106, 50]    # the real checkpoint's EOS set (DESIGN.md §2)
+EOS_IDS = [1, 106, 50]    # the real checkpoint's EOS set (docs/gguf.md)
 
 # Scaled-down presets: TextParams overrides of the 26B-A4B, plus kv heads as (sliding, full) layers. Widths keep
 # the 26B's divisibility (hidden a multiple of 256; ffn and expert widths not), so llama.cpp picks the same
@@ -76,7 +75,7 @@ def vocab_path() -> Path:
 
 
 def params_from_vocab(kv: dict) -> TextParams:
-    """26B-A4B TextParams from the vocab GGUF's `gemma4.*` keys; what the file lacks from DESIGN.md §1/§2."""
+    """26B-A4B TextParams from the vocab GGUF's `gemma4.*` keys; what the file lacks from docs/model.md."""
     arch = kv["general.architecture"]
     g = lambda key: kv[f"{arch}.{key}"]  # noqa: E731
     swa = [bool(s) for s in g("attention.sliding_window_pattern")]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.backend
 
 W = tiny.TEXT["sliding_window"]
 C = tiny.CANVAS
-ATOL = 2e-4  # fp32 conversions match the reference to ~1e-4 (DESIGN.md §4)
+ATOL = 2e-4  # fp32 conversions match the reference to ~1e-4 (docs/quantization.md)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`dglocal.synth` (random-weight GGUFs with the real shapes) and `dglocal.bench` (issue 7): correctness, not speed.
 
-The 26B-A4B figures are written out here from the vocab-only Gemma 4 GGUF's own keys and DESIGN.md §1/§3, not from
+The 26B-A4B figures are written out here from the vocab-only Gemma 4 GGUF's own keys and docs/model.md and docs/gguf.md, not from
 synth's table, so a mis-read hyperparameter fails.
 """
 
@@ -73,7 +73,7 @@ def test_26b_preset_is_the_vocab_files_hyperparameters(vocab_kv):
     assert p.canvas_length == 256 and p.partial_rotary_factor == 0.25
 
     plan = {t.name: t.ggml_shape for t in schema.tensor_plan(p)}
-    assert len(plan) == 692  # as the community files (DESIGN.md §3)
+    assert len(plan) == 692  # as the community files (docs/gguf.md)
     assert plan["token_embd.weight"] == (2816, N_VOCAB)
     assert plan["blk.0.ffn_gate_up_exps.weight"] == (2816, 1408, 128)
     assert plan["blk.0.ffn_down_exps.weight"] == (704, 2816, 128)

@@ -1,4 +1,4 @@
-"""Tiny random DiffusionGemma checkpoints built with the reference classes (DESIGN.md §4).
+"""Tiny random DiffusionGemma checkpoints built with the reference classes (docs/testing.md).
 
 `tiny_model()` gives a float32 reference model whose weights are re-drawn so that every tensor
 matters: the reference init leaves norms, router scales, per_expert_scale and layer_scalar at
@@ -68,7 +68,7 @@ GENERATION = dict(
 )
 
 def vocab_gguf() -> Path:
-    """The vocab-only Gemma 4 GGUF shipped in the pinned llama-cpp-python sdist (DESIGN.md §3)."""
+    """The vocab-only Gemma 4 GGUF shipped in the pinned llama-cpp-python sdist (docs/gguf.md)."""
     from dglocal.upstream import VOCAB_GEMMA4, sdist_file
 
     return Path(os.environ.get("DGLOCAL_VOCAB_GGUF") or sdist_file(VOCAB_GEMMA4))
