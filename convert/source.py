@@ -8,6 +8,7 @@ checkpoint) or a `per_layer_config` block (transformers 5.23 save_pretrained).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,72 +88,96 @@ def read_json(path: Path, required: bool = True) -> dict:
         raise ConvertError(f"{path}: unreadable ({e})") from e
 
 
+def _checked(path: Path, key: str, value, kind, low, high):
+    """`value` as `kind` (int or float) in [low, high]; ConvertError names the key and the value otherwise."""
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise ConvertError(f"{path}: {key} must be {what} in {low}..{high}, got {value!r}")
+    return kind(value)
+
+
 def read_params(directory: Path) -> TextParams:
     """Normalise config.json (either form) into TextParams; ConvertError names the key at fault."""
     path = directory / "config.json"
     config = read_json(path)
-    if config.get("model_type") != MODEL_TYPE:
-        raise ConvertError(f"{path}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise ConvertError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
     text = config.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise ConvertError(f"{path}: text_config is not an object")
 
-    def get(key, default=None):
+    def get(key, default=None, kind=int, low=1, high=1 << 24):
         value = text.get(key, default)
         if value is None:
             raise ConvertError(f"{path}: text_config.{key} missing")
-        return value
+        return _checked(path, f"text_config.{key}", value, kind, low, high)
 
-    n_layer = int(get("num_hidden_layers"))
+    n_layer = get("num_hidden_layers", high=4096)
     layer_types = text.get("layer_types") or [
         "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)]
-    if len(layer_types) != n_layer or set(layer_types) - {"sliding_attention", "full_attention"}:
+    if not isinstance(layer_types, list) or len(layer_types) != n_layer \
+            or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise ConvertError(f"{path}: text_config.layer_types does not list {n_layer} sliding/full layers")
-
-    head_dim = int(get("head_dim", 256))
-    n_kv = int(get("num_key_value_heads", 4))
+    head_dim = get("head_dim", 256)
+    n_kv = get("num_key_value_heads", 4)
     per_layer = text.get("per_layer_config")
     if per_layer is None:  # published form; defaults as DiffusionGemmaTextConfig.__post_init__
         full = {"head_dim": text.get("global_head_dim") or 512}
         if text.get("num_global_key_value_heads") is not None:
             full["num_key_value_heads"] = text["num_global_key_value_heads"]
         per_layer = {str(i): full for i, t in enumerate(layer_types) if t == "full_attention"}
+    if not isinstance(per_layer, dict) or not all(isinstance(c, dict) for c in per_layer.values()):
+        raise ConvertError(f"{path}: text_config.per_layer_config is not an object of objects")
     layer_cfg = [per_layer.get(str(i), per_layer.get(i, {})) for i in range(n_layer)]
-    head_dims = [int(c.get("head_dim", head_dim)) for c in layer_cfg]
+    head_dims = [_checked(path, f"per-layer head_dim of layer {i}", c.get("head_dim", head_dim), int, 1, 1 << 16)
+                 for i, c in enumerate(layer_cfg)]
+    kv_heads = [_checked(path, f"per-layer num_key_value_heads of layer {i}", c.get("num_key_value_heads", n_kv),
+                         int, 1, 1 << 16) for i, c in enumerate(layer_cfg)]
     swa_dims = {d for d, t in zip(head_dims, layer_types) if t == "sliding_attention"}
     full_dims = {d for d, t in zip(head_dims, layer_types) if t == "full_attention"}
     if len(swa_dims) > 1 or len(full_dims) != 1:
         raise ConvertError(f"{path}: per-layer head_dim must be one value per layer type, got "
                            f"sliding {sorted(swa_dims)} full {sorted(full_dims)}")
-
     rope = text.get("rope_parameters") or {}
     rope_full = rope.get("full_attention", {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                            "rope_theta": 1_000_000.0})
-    rope_swa = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
-    if rope_full.get("rope_type") != "proportional" or rope_swa.get("rope_type", "default") != "default":
-        raise ConvertError(f"{path}: text_config.rope_parameters: expected proportional (full) and "
-                           f"default (sliding) RoPE, got {rope_full.get('rope_type')!r}/{rope_swa.get('rope_type')!r}")
+                                            "rope_theta": 1_000_000.0}) if isinstance(rope, dict) else None
+    rope_swa = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0}) \
+        if isinstance(rope, dict) else None
+    if not isinstance(rope_full, dict) or not isinstance(rope_swa, dict) \
+            or rope_full.get("rope_type") != "proportional" or rope_swa.get("rope_type", "default") != "default":
+        raise ConvertError(f"{path}: text_config.rope_parameters: expected proportional (full) and default "
+                           f"(sliding) RoPE, got {rope!r:.120}")
+
+    def rope_value(part, name, key, default, low, high):
+        return _checked(path, f"text_config.rope_parameters.{name}.{key}", part.get(key, default), float, low, high)
 
     return TextParams(
-        vocab_size=int(get("vocab_size", 262_144)),
-        hidden_size=int(get("hidden_size")),
-        intermediate_size=int(get("intermediate_size")),
+        vocab_size=get("vocab_size", 262_144, high=1 << 24),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
         num_hidden_layers=n_layer,
-        num_attention_heads=int(get("num_attention_heads")),
+        num_attention_heads=get("num_attention_heads", high=1 << 16),
         layer_types=tuple(layer_types),
-        head_count_kv=tuple(int(c.get("num_key_value_heads", n_kv)) for c in layer_cfg),
+        head_count_kv=tuple(kv_heads),
         head_dim=swa_dims.pop() if swa_dims else head_dim,
         global_head_dim=full_dims.pop(),
-        sliding_window=int(get("sliding_window", 512)),  # raw JSON: never the halved in-memory value
-        rope_theta=float(rope_full.get("rope_theta", 1_000_000.0)),
-        rope_theta_swa=float(rope_swa.get("rope_theta", 10_000.0)),
-        partial_rotary_factor=float(rope_full.get("partial_rotary_factor", 1.0)),
-        partial_rotary_factor_swa=float(rope_swa.get("partial_rotary_factor", 1.0)),
-        num_experts=int(get("num_experts")),
-        top_k_experts=int(get("top_k_experts")),
-        moe_intermediate_size=int(get("moe_intermediate_size")),
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        final_logit_softcapping=float(get("final_logit_softcapping", 30.0)),
-        max_position_embeddings=int(get("max_position_embeddings", 131_072)),
-        canvas_length=int(config.get("canvas_length") or 256),
+        sliding_window=get("sliding_window", 512),  # raw JSON: never the halved in-memory value
+        rope_theta=rope_value(rope_full, "full_attention", "rope_theta", 1_000_000.0, 1e-3, 1e12),
+        rope_theta_swa=rope_value(rope_swa, "sliding_attention", "rope_theta", 10_000.0, 1e-3, 1e12),
+        partial_rotary_factor=rope_value(rope_full, "full_attention", "partial_rotary_factor", 1.0, 1e-6, 1.0),
+        partial_rotary_factor_swa=rope_value(rope_swa, "sliding_attention", "partial_rotary_factor", 1.0, 1e-6, 1.0),
+        num_experts=get("num_experts", high=1 << 16),
+        top_k_experts=get("top_k_experts", high=1 << 16),
+        moe_intermediate_size=get("moe_intermediate_size"),
+        rms_norm_eps=get("rms_norm_eps", 1e-6, float, 0.0, 1.0),
+        final_logit_softcapping=get("final_logit_softcapping", 30.0, float, 1e-3, 1e6),
+        max_position_embeddings=get("max_position_embeddings", 131_072, high=1 << 31),
+        canvas_length=_checked(path, "canvas_length", config.get("canvas_length", 256), int, 1, 65536),
     )
 
 
@@ -232,15 +257,39 @@ def _read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds file size {size}")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ConvertError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: the safetensors header is not a JSON object")
     base = 8 + n
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        start, end = (base + o for o in meta["data_offsets"])
-        if end > size:
-            raise ConvertError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
-        out[name] = SourceTensor(name, path, meta["dtype"], tuple(meta["shape"]), start, end)
+        out[name] = _source_tensor(path, name, meta, base, size)
     return out
+
+
+def _source_tensor(path: Path, name: str, meta, base: int, size: int) -> SourceTensor:
+    """One header entry, checked: known dtype, a shape of non-negative ints, a byte range of exactly
+    shape x dtype size inside the file (a mismatch would give a runnable file with wrong weights)."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(meta, dict):
+        raise ConvertError(f"{where}: its header entry is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise ConvertError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ConvertError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ConvertError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+    start, end = base + offsets[0], base + offsets[1]
+    expected = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+    if end - start != expected:
+        raise ConvertError(f"{where}: data_offsets span {end - start} bytes, its shape {shape} of {dtype} needs "
+                           f"{expected}")
+    if end > size:
+        raise ConvertError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
+    return SourceTensor(name, path, dtype, tuple(shape), start, end)

@@ -109,6 +109,8 @@ def write_tokenizer(w: GGUFWriter, source) -> None:
     if isinstance(source, list):
         for key, value, vtype, sub in source:
             w.add_key_value(key, value, vtype, sub)
+        tokens = next((value for key, value, _, _ in source if key == "tokenizer.ggml.tokens"), [])
+        _add_mask_id(w, tokens)
         return
     if isinstance(source, WordLevelVocab):
         w.add_tokenizer_model("gpt2")
@@ -131,5 +133,17 @@ def write_tokenizer(w: GGUFWriter, source) -> None:
     w.add_token_scores(scores)
     w.add_token_types(types)
     special.add_to_gguf(w)
+    _add_mask_id(w, [t.decode() for t in tokens])
     w.add_add_space_prefix(False)
     w.add_add_bos_token(True)
+
+
+def _add_mask_id(w: GGUFWriter, tokens) -> None:
+    """tokenizer.ggml.mask_token_id for a vocabulary with a `<mask>` token (Gemma 4: id 4), if the source did not
+    give one: llama.cpp's DiffusionGemma readers refuse files without it."""
+    key = "tokenizer.ggml.mask_token_id"
+    if any(key in kv for kv in w.kv_data):
+        return
+    ids = [i for i, t in enumerate(tokens) if t == "<mask>"]
+    if ids:
+        w.add_mask_token_id(ids[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, quants
 
-from dglocal.errors import BUILD_HINT, BackendError, ConvertError
+from dglocal.errors import BUILD_HINT, BackendError, ConvertError, os_error_text, remove_quietly
 
 from . import schema
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
@@ -110,10 +111,9 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             quantize_gguf(staging, partial, type, force=True)
         os.replace(partial, output)
     except OSError as e:
-        raise ConvertError(f"{output}: write failed ({e})") from e
+        raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
     finally:
-        for path in (partial, staging):
-            path.unlink(missing_ok=True)
+        remove_quietly(partial, staging)
     return ConvertResult(output, type.lower(), len(plan), output.stat().st_size, skipped, notes)
 
 
@@ -165,6 +165,15 @@ def encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
     return quants.quantize(rows, qtype)  # bf16 / q8_0, row-wise so chunking changes nothing
 
 
+def _disk_hint(dst: Path) -> str:
+    """llama.cpp reports a full disk as a short write or an iostream error: say what it is."""
+    try:
+        free = shutil.disk_usage(dst.parent).free
+    except OSError:
+        return ""
+    return "disk full? " if free < (1 << 20) else ""
+
+
 def _quantizer(ftype_name: str):
     """dglocal._native (the patched llama.cpp), imported only when a llama.cpp quant type is asked for."""
     try:
@@ -197,10 +206,10 @@ def quantize_gguf(src, dst, ftype_name: str, *, nthread: int = 0, force: bool = 
         rc = nat._ll.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
         if rc != 0 or not partial.is_file():
             raise ConvertError(f"{src}: llama.cpp could not quantize it to {ftype_name} (code {rc}): "
-                               f"{nat.last_errors() or 'no error logged'}")
+                               f"{_disk_hint(dst)}{nat.last_errors() or 'no error logged'}")
         os.replace(partial, dst)
     except OSError as e:
-        raise ConvertError(f"{dst}: write failed ({e})") from e
+        raise ConvertError(f"{dst}: write failed: {os_error_text(e)} ({e})") from e
     finally:
-        partial.unlink(missing_ok=True)
+        remove_quietly(partial)
     return dst

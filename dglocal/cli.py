@@ -5,10 +5,12 @@ Errors end as one red line and exit code 1; DGLOCAL_DEBUG=1 prints the traceback
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import signal
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -44,7 +46,8 @@ def handle_errors(fn):
         from . import ui
 
         try:
-            return fn(*args, **kwargs)
+            with _terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, _USAGE_ERRORS, SystemExit):  # typer reports usage errors (exit 2)
             raise
         except KeyboardInterrupt:
@@ -61,6 +64,23 @@ def handle_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so partial files are removed and native handles freed on the way out."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- model resolution ----------------------------------------------------------------------------------------

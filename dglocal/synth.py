@@ -33,7 +33,7 @@ from .convert import schema
 from .convert.source import GENERATION_DEFAULTS, TextParams
 from .convert.tokenizer import write_tokenizer
 from .convert.writer import DIRECT_TYPES, Progress, encode_rows, file_type, quantize_gguf
-from .errors import ConvertError
+from .errors import ConvertError, os_error_text, remove_quietly
 from .gguf_read import read_header
 
 POOL_ROWS = 32            # random rows encoded per matrix (at least); the output is drawn from their blocks
@@ -150,9 +150,9 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         _write(partial, plan, types, pools, params, gen, tok, name, int(ftype), preset, seed, progress)
         os.replace(partial, output)
     except OSError as e:
-        raise ConvertError(f"{output}: write failed ({e})") from e
+        raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
     finally:
-        partial.unlink(missing_ok=True)
+        remove_quietly(partial)
         shutil.rmtree(probe_dir, ignore_errors=True)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     mix = dict(Counter(q.name for q in types.values()))
