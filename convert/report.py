@@ -11,8 +11,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 
 from dglocal.errors import ConvertError
 
-from . import schema
+from .. import checks
 from ..gguf_read import read_header
+from . import schema
 from .source import read_generation, read_params, resolve_source
 from .writer import DIRECT_TYPES, file_type
 
@@ -116,6 +117,8 @@ def info(path) -> ModelInfo:
     """Summarise a GGUF (dglocal's or a community file) from its header alone."""
     h = read_header(path)
     arch = h.get("general.architecture", "?")
+    if arch == "diffusion-gemma":
+        checks.model_file(path, h)  # what the runtime would refuse, info reports as broken too
     counts, sizes = Counter(), Counter()
     for t in h.tensors:
         name = getattr(t.type, "name", f"type {t.type}")

@@ -42,6 +42,9 @@ llama_dg_denoise = _bind(
     ctypes.c_int32,
 )
 
+# void llama_dg_set_abort_flag(struct llama_context * ctx, const volatile int32_t * flag);
+llama_dg_set_abort_flag = _bind("llama_dg_set_abort_flag", [_ll.llama_context_p_ctypes, c_int32_p], None)
+
 DG_STATUS = {
     -1: "the model is not diffusion-gemma",
     -2: "invalid argument",
@@ -49,6 +52,7 @@ DG_STATUS = {
     -4: "the canvas does not fit the context",
     -5: "could not allocate the self-conditioning buffer",
     -6: "the decoder pass failed",
+    -7: "interrupted",
 }
 
 # llama.cpp logs to stderr by default; keep its errors to explain failed calls, print only with DGLOCAL_DEBUG

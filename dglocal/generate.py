@@ -164,6 +164,8 @@ def stream(
     """
     t_start = time.perf_counter()
     config = GenerationConfig.from_metadata(model.metadata, **options)
+    eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
+    checks.token_ids(list(eos_ids), model.n_vocab, "eos_token_id")
     C = model.canvas_length
     if isinstance(prompt, str):
         tokens = model.tokenize(prompt, add_special=True, parse_special=True)
@@ -178,8 +180,6 @@ def stream(
             f"prompt ({len(tokens)} tokens) + {n_blocks} canvases of {C} = {needed} tokens > n_ctx {model.n_ctx}"
         )
     fixed = constraint_table(constraints, n_blocks * C, model.n_vocab)
-    eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
-    checks.token_ids(list(eos_ids), model.n_vocab, "eos_token_id")
     noise = noise if noise is not None else SeededNoise(model.n_vocab, config.seed)
     if seq is None:
         seq = model.sequence()

@@ -69,6 +69,8 @@ def _qtype(ttype: int) -> GGMLQuantizationType | int:
 
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_STRING = 64 << 20  # chat templates are tens of KB; a longer string is a corrupt length
+MAX_ARRAY = 1 << 24  # vocabularies and merge lists are well under a million entries
 
 
 def read_header(path) -> GGUFHeader:
@@ -114,6 +116,8 @@ class _Parser:
 
     def string(self, what: str) -> str:
         (n,) = self.unpack("<Q", what)
+        if n > MAX_STRING:  # inside the file or not, no GGUF string is this long: a corrupt length
+            raise ValueError(f"{what} at offset {self.pos - 8} claims {n} bytes (at most {MAX_STRING})")
         self.need(n, f"{what} ({n} bytes)")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
         self.pos += n
@@ -136,6 +140,8 @@ class _Parser:
     def array(self, key: str):
         sub = self.vtype(f"array type of {key}")
         (n,) = self.unpack("<Q", f"array length of {key}")
+        if n > MAX_ARRAY:
+            raise ValueError(f"{key}: an array of {n} values at offset {self.pos - 8} (at most {MAX_ARRAY})")
         if sub == GGUFValueType.STRING:
             self.need(8 * n, f"{key}: {n} strings")  # each at least its length field
             return sub, [self.string(f"{key}[{i}]") for i in range(n)]

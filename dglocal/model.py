@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,18 @@ class Model:
 
         self._nat, self._ll = nat, nat._ll
         nat.init()
+        # native calls run on a worker thread so that Ctrl-C, caught here, can raise the abort flag they poll
+        self._abort = ctypes.c_int32(0)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dglocal-native")
+        self._stack.callback(self._worker.shutdown)
         mparams = self._ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # llama.cpp's CPU "extra" buffer types (repacked / AMX weight layouts): its CPU speed, on by default
         mparams.use_extra_bufts = bool(extra_bufts)
+        progress = self._ll.llama_progress_callback(lambda _p, _d: not self._abort.value)  # False: stop loading
+        mparams.progress_callback = progress
         where.apply(mparams)  # `where` keeps the arrays mparams points to alive
-        self._model = self._ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self._model = self.native(self._ll.llama_model_load_from_file, str(self.path).encode(), mparams)
         if not self._model:
             raise ModelError(f"{self.path}: llama.cpp could not load it: {nat.last_errors() or 'unknown error'}")
         self._stack.callback(self._ll.llama_model_free, self._model)
@@ -91,11 +98,13 @@ class Model:
         cparams.swa_full = swa_full
         if flash_attn is not None:
             cparams.flash_attn_type = 1 if flash_attn else 0
-        self._ctx = self._ll.llama_init_from_model(self._model, cparams)
+        self._ctx = self.native(self._ll.llama_init_from_model, self._model, cparams)
         if not self._ctx:
             raise BackendError(f"could not create a llama.cpp context (n_ctx={n_ctx}): "
                                f"{nat.last_errors() or 'unknown error'}")
         self._stack.callback(self._ll.llama_free, self._ctx)  # ExitStack: freed before the model
+        nat.llama_dg_set_abort_flag(self._ctx, ctypes.byref(self._abort))
+        self._stack.callback(self._worker.shutdown)  # LIFO: no native call is running when the context goes
 
         self._vocab = self._ll.llama_model_get_vocab(self._model)
         self.n_vocab = self._ll.llama_vocab_n_tokens(self._vocab)
@@ -110,6 +119,24 @@ class Model:
         self.eos_ids = self._eos_ids()
 
     # -- lifetime ------------------------------------------------------------------------------------------
+
+    def native(self, fn, *args):
+        """Run a native call on the worker thread. Ctrl-C meanwhile sets the abort flag, which llama.cpp polls
+        between graph nodes; the KeyboardInterrupt is raised here once the stopped call has returned."""
+        future = self._worker.submit(fn, *args)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            self._abort.value = 1
+            try:
+                while not future.done():
+                    try:
+                        future.exception()  # wait for the call to stop; a second Ctrl-C does not cut this short
+                    except KeyboardInterrupt:
+                        pass
+            finally:
+                self._abort.value = 0
+            raise
 
     def close(self) -> None:
         """Free the context and the weights. Every Sequence and chat made from this model stops working."""
@@ -269,7 +296,7 @@ class Sequence:
                     batch.seq_id[i][0] = self.seq_id
                     batch.logits[i] = logits_last and start + i == toks.size - 1
                 batch.n_tokens = len(chunk)
-                ret = self._ll.llama_decode(self.model._ctx, batch)
+                ret = self.model.native(self._ll.llama_decode, self.model._ctx, batch)
                 if ret != 0:
                     # a failed ubatch may leave part of the chunk in the cache: drop it, the cache stays consistent
                     self._ll.llama_memory_seq_rm(self._mem, self.seq_id, pos0, -1)
@@ -304,8 +331,8 @@ class Sequence:
         sampled = np.empty(n, np.int32) if u is not None else None
         entropy = np.empty(n, np.float32)
         ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
-        status = nat.llama_dg_denoise(
-            self.model._ctx, self.seq_id, ptr(toks, nat.c_int32_p), n, temperature,
+        status = self.model.native(
+            nat.llama_dg_denoise, self.model._ctx, self.seq_id, ptr(toks, nat.c_int32_p), n, temperature,
             ptr(u, nat.c_float_p), bool(self_condition), bool(return_logits),
             ptr(argmax, nat.c_int32_p), ptr(sampled, nat.c_int32_p), ptr(entropy, nat.c_float_p))
         if status != 0:
