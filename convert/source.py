@@ -183,13 +183,28 @@ def read_params(directory: Path) -> TextParams:
 
 def read_generation(directory: Path) -> dict:
     """Sampler settings from generation_config.json, reference defaults where absent or null."""
-    gen = read_json(directory / "generation_config.json", required=False)
+    path = directory / "generation_config.json"
+    gen = read_json(path, required=False)
+    if not isinstance(gen, dict):
+        raise ConvertError(f"{path}: not a JSON object")
     sampler = gen.get("sampler_config") or {}
     out = {k: gen.get(k) for k in GENERATION_DEFAULTS if k != "entropy_bound"}
     out["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
     out = {k: (GENERATION_DEFAULTS[k] if v is None else v) for k, v in out.items()}
     eos = gen.get("eos_token_id")
-    out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos or [])
+    out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in out["eos_token_id"]):
+        raise ConvertError(f"{path}: eos_token_id must be token ids, got {eos!r:.80}")
+    from dglocal.config import GenerationConfig  # the runtime's own checks: a file it would refuse is not written
+    from dglocal.errors import ConfigError
+
+    try:
+        GenerationConfig(**{k: float(v) if isinstance(v, int) and k in ("t_min", "t_max") else v
+                            for k, v in out.items() if k != "eos_token_id"})
+    except (ConfigError, TypeError) as e:
+        raise ConvertError(f"{path}: {e}") from None
+    if out["max_denoising_steps"] >= 2**31 or out["stability_threshold"] >= 2**31:
+        raise ConvertError(f"{path}: max_denoising_steps and stability_threshold must be below 2**31")
     return out
 
 

@@ -13,7 +13,8 @@ from .errors import ConfigError, ModelError
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_CTX = 2**31 - 1  # llama.cpp's n_ctx is a uint32, positions int32
 MAX_CANVAS = 65536
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below, logits / T overflows f32 into NaN probabilities
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses  # below, logits / T overflows f32 into NaN probabilities
 
 
 def integer(name: str, value, low: int, high: int) -> int:
@@ -85,6 +86,8 @@ def model_file(path, header) -> int:
         if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < n_vocab for t in eos):
             raise ModelError(f"{path}: diffusion.eos_token_ids must be token ids below {n_vocab}, got {eos!r:.80}")
     for t in header.tensors:
+        if getattr(t.type, "name", "") in INTEGER_TYPES:
+            raise ModelError(f"{path}: tensor {t.name} has type {t.type.name}; weights are float or quantized")
         # norms and scalars are multiplied into f32 activations; llama.cpp's binary ops abort on f16/bf16 there
         if len(t.shape) == 1 and getattr(t.type, "name", "") != "F32":
             raise ModelError(f"{path}: tensor {t.name} is {getattr(t.type, 'name', t.type)}; 1-D tensors (norms, "
