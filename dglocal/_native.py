@@ -42,6 +42,19 @@ llama_dg_denoise = _bind(
     ctypes.c_int32,
 )
 
+class llama_dg_canvas(ctypes.Structure):
+    """struct llama_dg_canvas: one canvas of a batched denoise call."""
+
+    _fields_ = [("seq_id", ctypes.c_int32), ("tokens", c_int32_p), ("n_tokens", ctypes.c_int32),
+                ("temperature", ctypes.c_float), ("uniforms", c_float_p), ("self_condition", ctypes.c_bool),
+                ("argmax", c_int32_p), ("sampled", c_int32_p), ("entropy", c_float_p)]
+
+
+# int32_t llama_dg_denoise_batch(struct llama_context * ctx, struct llama_dg_canvas * canvases, int32_t n_canvases,
+#                                bool logits);
+llama_dg_denoise_batch = _bind("llama_dg_denoise_batch", [_ll.llama_context_p_ctypes, ctypes.POINTER(llama_dg_canvas),
+                                                          ctypes.c_int32, ctypes.c_bool], ctypes.c_int32)
+
 # void llama_dg_set_abort_flag(struct llama_context * ctx, const volatile int32_t * flag);
 llama_dg_set_abort_flag = _bind("llama_dg_set_abort_flag", [_ll.llama_context_p_ctypes, c_int32_p], None)
 

@@ -237,6 +237,8 @@ def run(
                              "(confidence_threshold). Default: from the model.", show_default=False)] = None,
     no_early_stop: Annotated[bool, typer.Option(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
+    no_guide: Annotated[bool, typer.Option(
+        "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -259,7 +261,7 @@ def run(
         generation = _given(**{k: v for k, v in options.items() if k not in ("max_new_tokens", "seed",
                                                                                "max_denoising_steps")})
         _plugin("sudoku").main(model=path, **_given(puzzle=prompt, steps=steps, threads=threads, seed=seed,
-                                                    n_ctx=ctx_size), generation=generation)
+                                                    n_ctx=ctx_size), generation=generation, guide=not no_guide)
         return
     interactive = ui.is_terminal()
     with ui.status(f"loading {path.name}"):
@@ -448,11 +450,15 @@ def sudoku(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Most denoising steps.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default=False)] = None,
+    no_guide: Annotated[bool, typer.Option(
+        "--no-guide", help="The model alone: do not re-noise cells that break a rule.")] = False,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", help="With --eval: puzzles denoised per forward. Default: 16.", show_default=False)] = None,
 ):
     """Solve a Sudoku with the diffusion model, the board filling in live (or evaluate a puzzle file)."""
     path = resolve_model(model)
     _plugin("sudoku").main(model=path, **_given(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
-                                                threads=threads, seed=seed))
+                                                threads=threads, seed=seed, batch=batch), guide=not no_guide)
 
 
 if __name__ == "__main__":

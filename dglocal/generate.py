@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,7 @@ class Step:
     mean_entropy: float
     early_stop: bool
     seconds: float  # the denoise call plus the host-side sampler work
+    guided: np.ndarray | None = None  # positions the guide re-noised at this step (None without a guide)
 
 
 @dataclass
@@ -81,13 +82,54 @@ class Completion:
     stats: Stats = field(repr=False)
 
 
-def generate_steps(
+@dataclass
+class DenoiseCall:
+    """A decoder pass a generation needs; the driver answers it with the Denoised result (batched or not)."""
+
+    seq: object
+    canvas: np.ndarray
+    temperature: float
+    uniforms: np.ndarray
+    self_condition: bool
+
+    def request(self) -> tuple:
+        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition
+
+    def run(self):
+        return self.seq.denoise(self.canvas, temperature=self.temperature, uniforms=self.uniforms,
+                                self_condition=self.self_condition)
+
+
+def serve_single(calls: Iterator):
+    """Drive a generator that yields DenoiseCalls (answered one at a time, here) among its events."""
+    result = None
+    try:
+        while True:
+            item = calls.send(result)
+            result = None
+            if isinstance(item, DenoiseCall):
+                result = item.run()
+            else:
+                yield item
+    except StopIteration:
+        return
+    finally:
+        calls.close()
+
+
+def generate_steps(seq, config: GenerationConfig, **kwargs) -> Iterator[Step | Block]:
+    """`canvas_steps` with each denoise call run on `seq` as it comes."""
+    return serve_single(canvas_steps(seq, config, **kwargs))
+
+
+def canvas_steps(
     seq, config: GenerationConfig, *, canvas_length: int, eos_ids: Sequence[int], noise: Noise,
-    constraints: np.ndarray | None = None,
-) -> Iterator[Step | Block]:
-    """Denoise canvases after what `seq` holds; yields every Step, then the Block. Ends after an EOS block or
-    ceil(max_new_tokens / C) blocks. A block is committed when the next one starts, as the reference does, so
-    the last block is never encoded. `constraints`: int64[blocks * C], -1 where free."""
+    constraints: np.ndarray | None = None, guide: Guide | None = None,
+) -> Iterator[DenoiseCall | Step | Block]:
+    """Denoise canvases after what `seq` holds; yields a DenoiseCall per step (send it the result), every Step,
+    then the Block. Ends after an EOS block or ceil(max_new_tokens / C) blocks. A block is committed when the next
+    one starts, as the reference does, so the last block is never encoded. `constraints`: int64[blocks * C], -1
+    where free. `guide(draft, accepted)`: positions an outside rule finds wrong (see docs/guides.md)."""
     C, N = canvas_length, config.max_denoising_steps
     n_blocks = math.ceil(config.max_new_tokens / C)
     block_tokens = None
@@ -103,7 +145,7 @@ def generate_steps(
             if held is not None:
                 canvas = np.where(held, pinned, canvas)
             T = temperature(s, N, config.t_min, config.t_max)
-            out = seq.denoise(canvas, temperature=T, uniforms=noise.uniforms(C), self_condition=i > 0)
+            out = yield DenoiseCall(seq, canvas, T, noise.uniforms(C), i > 0)
             argmax = np.asarray(out.argmax, dtype=np.int64)
             sampled = np.asarray(out.sampled, dtype=np.int64)
             entropy = np.asarray(out.entropy, dtype=np.float32)
@@ -111,12 +153,16 @@ def generate_steps(
                 argmax, sampled = np.where(held, pinned, argmax), np.where(held, pinned, sampled)
                 entropy = np.where(held, np.float32(0), entropy)
             accepted = accept_mask(entropy, config.entropy_bound)
+            flagged = guide_mask(guide, argmax, accepted, b, C)
+            if flagged is not None:
+                accepted = accepted & ~flagged  # re-noised instead of kept
             canvas = np.where(accepted, sampled, noise.tokens(C))  # re-noise everything not accepted
             stop = False
             if history is not None:
                 stable = history.update(argmax)  # updated every step, as the reference
-                stop = stable and is_confident(entropy, config.confidence_threshold)
-            yield Step(b, i + 1, argmax, accepted, T, float(entropy.mean()), stop, time.perf_counter() - t0)
+                objects = flagged is not None and bool(flagged.any())  # no early stop while the guide objects
+                stop = stable and is_confident(entropy, config.confidence_threshold) and not objects
+            yield Step(b, i + 1, argmax, accepted, T, float(entropy.mean()), stop, time.perf_counter() - t0, flagged)
             if stop:
                 break
         block_tokens = argmax
@@ -125,6 +171,23 @@ def generate_steps(
         yield Block(b, block_tokens, i + 1, eos)
         if eos:
             return
+
+
+Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
+
+
+def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, block: int, C: int) -> np.ndarray | None:
+    """The guide's verdict on a draft as a boolean mask over the canvas (None without a guide)."""
+    if guide is None:
+        return None
+    positions = guide(draft.copy(), accepted.copy())
+    mask = np.zeros(C, dtype=bool)
+    idx = np.fromiter((int(p) for p in positions), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= C):
+        raise ConfigError(f"the guide returned position {int(idx.min() if idx.min() < 0 else idx.max())} outside "
+                          f"the canvas of {C}")
+    mask[idx] = True
+    return mask
 
 
 def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray | None:
@@ -154,14 +217,20 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(mismatch[0]) if len(mismatch) else n
 
 
-def stream(
-    model, prompt: str | Sequence[int], *, seq=None, noise: Noise | None = None, constraints=None, **options,
-) -> Iterator[Step | BlockText | Completion]:
+def stream(model, prompt: str | Sequence[int], **kwargs) -> Iterator[Step | BlockText | Completion]:
     """Generate after `prompt`; yields Step drafts, BlockText per committed block, and a final Completion.
 
     `seq`: a sequence to reuse: only the part of the prompt after the longest common prefix with the tokens it
-    holds (`seq.tokens`) is encoded. Options are GenerationConfig fields.
+    holds (`seq.tokens`) is encoded. `guide`: see canvas_steps. Options are GenerationConfig fields.
     """
+    return serve_single(stream_calls(model, prompt, **kwargs))
+
+
+def stream_calls(
+    model, prompt: str | Sequence[int], *, seq=None, noise: Noise | None = None, constraints=None, guide=None,
+    **options,
+) -> Iterator[DenoiseCall | Step | BlockText | Completion]:
+    """`stream` with its DenoiseCalls left to the driver (dglocal.schedule batches them across generations)."""
     t_start = time.perf_counter()
     config = GenerationConfig.from_metadata(model.metadata, **options)
     eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
@@ -195,8 +264,12 @@ def stream(
     try:
         seq.prefill(tokens[keep:])
         t_gen = time.perf_counter()
-        events = generate_steps(seq, config, canvas_length=C, eos_ids=eos_ids, noise=noise, constraints=fixed)
-        for event in events:
+        events = canvas_steps(seq, config, canvas_length=C, eos_ids=eos_ids, noise=noise, constraints=fixed,
+                              guide=guide)
+        for event in _relay(events):
+            if isinstance(event, DenoiseCall):
+                event.result = yield event
+                continue
             if isinstance(event, Step):
                 step_seconds += event.seconds
                 yield event
@@ -235,6 +308,19 @@ def stream(
         total_seconds=t_end - t_start,
     )
     yield Completion(text, out, finish, stats)
+
+
+def _relay(calls: Iterator):
+    """Iterate a call-yielding generator from a for loop: a DenoiseCall's answer is read back from its `result`
+    attribute (set by the loop body) and sent on."""
+    result = None
+    while True:
+        try:
+            item = calls.send(result)
+        except StopIteration:
+            return
+        yield item
+        result = getattr(item, "result", None) if isinstance(item, DenoiseCall) else None
 
 
 def _tokens_for_text(model, tokens: list[int], n_chars: int) -> list[int]:

@@ -43,11 +43,13 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1,
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
                  swa_full: bool = True, flash_attn: bool | None = None, extra_bufts: bool = True,
-                 rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0):
+                 rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
+                 n_seq_max: int = 1):
         self._ctx = self._model = None
         self._stack = ExitStack()
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
                                    n_ubatch=n_ubatch, kv_type=kv_type, kv_types=KV_TYPES)
+        self.n_seq_max = checks.integer("n_seq_max", n_seq_max, 1, checks.MAX_SEQ)
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")
@@ -64,7 +66,7 @@ class Model:
         except BaseException:
             self.close()
             raise
-        self._sequence: Sequence | None = None
+        self._sequences: dict[int, Sequence] = {}  # the live sequence of each id
         self._default: Sequence | None = None  # the sequence stream() reuses across calls
 
     def _open(self, n_ctx, n_gpu_layers, n_threads, n_ubatch, kv_type, swa_full, flash_attn, extra_bufts, where):
@@ -91,7 +93,8 @@ class Model:
         cparams = self._ll.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_ubatch  # a canvas is one bidirectional micro-batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = self.n_seq_max
+        # one cache stream per sequence (llama.cpp's default): attention spans a sequence's own cells only
         cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
         # a full-size SWA cache: the canvas never evicts prefix keys, and chat turns can truncate to any prefix
@@ -108,7 +111,7 @@ class Model:
 
         self._vocab = self._ll.llama_model_get_vocab(self._model)
         self.n_vocab = self._ll.llama_vocab_n_tokens(self._vocab)
-        self.n_ctx = self._ll.llama_n_ctx(self._ctx)
+        self.n_ctx = self._ll.llama_n_ctx_seq(self._ctx)  # per sequence: n_ctx / n_seq_max
         # llama.cpp rounds n_ctx up and may cap n_batch / n_ubatch by it: feed it what it actually accepts
         self.n_ubatch = min(self._ll.llama_n_batch(self._ctx), self._ll.llama_n_ubatch(self._ctx))
         if self.n_ubatch < self.canvas_length:
@@ -142,7 +145,7 @@ class Model:
         """Free the context and the weights. Every Sequence and chat made from this model stops working."""
         self._stack.close()
         self._ctx = self._model = None
-        self._sequence = self._default = None
+        self._sequences, self._default = {}, None
 
     @property
     def closed(self) -> bool:
@@ -200,11 +203,51 @@ class Model:
 
     # -- sequences and generation ---------------------------------------------------------------------------
 
-    def sequence(self) -> "Sequence":
-        """The context's one KV-cache sequence, emptied; a sequence made earlier becomes unusable."""
+    def sequence(self, seq_id: int = 0) -> "Sequence":
+        """KV-cache sequence `seq_id` (0..n_seq_max-1), emptied; an earlier Sequence of that id becomes unusable."""
         self.check_open()
-        self._sequence = Sequence(self)
-        return self._sequence
+        seq_id = checks.integer("seq_id", seq_id, 0, self.n_seq_max - 1)
+        self._sequences[seq_id] = Sequence(self, seq_id)
+        return self._sequences[seq_id]
+
+    def denoise_batch(self, requests, *, return_logits: bool = False) -> list["Denoised"]:
+        """One decoder pass per group of canvases that fits a micro-batch: `requests` are (sequence, canvas,
+        temperature, uniforms or None, self_condition) of distinct sequences; results in the same order."""
+        items = [Sequence._request(*r) for r in requests]
+        if len({id(r[0]) for r in items}) != len(items):
+            raise ConfigError("denoise_batch: each sequence may appear once per call")
+        per = max(1, self.n_ubatch // self.canvas_length)
+        out: list[Denoised] = []
+        for k in range(0, len(items), per):
+            out += self._denoise_group(items[k:k + per], return_logits)
+        return out
+
+    def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
+        nat, n = self._nat, self.canvas_length
+        results, arrays = [], []
+        canvases = (nat.llama_dg_canvas * len(items))()
+        for c, (seq, toks, temperature, u, sc) in zip(canvases, items):
+            res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
+                           np.empty(n, np.float32))
+            arrays.append((toks, u))  # kept alive through the call
+            ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
+            c.seq_id, c.tokens, c.n_tokens, c.temperature = seq.seq_id, ptr(toks, nat.c_int32_p), n, temperature
+            c.uniforms, c.self_condition = ptr(u, nat.c_float_p), sc
+            c.argmax, c.sampled = ptr(res.argmax, nat.c_int32_p), ptr(res.sampled, nat.c_int32_p)
+            c.entropy = ptr(res.entropy, nat.c_float_p)
+            results.append(res)
+        status = self.native(nat.llama_dg_denoise_batch, self._ctx, canvases, len(items), bool(return_logits))
+        if status != 0:
+            err = ContextError if status == -4 else BackendError
+            raise err(f"denoise failed: {nat.DG_STATUS.get(status, status)}: {nat.last_errors()}")
+        if return_logits:
+            lp = self._ll.llama_get_logits(self._ctx)
+            logits = np.ctypeslib.as_array(lp, shape=(n * len(items), self.n_vocab))
+            for k, res in enumerate(results):
+                res.logits = logits[k * n:(k + 1) * n].copy()
+        for seq, *_ in items:
+            seq.n_denoise += 1
+        return results
 
     def stream(self, prompt, **options):
         """Generate after `prompt` (text or token ids); yields Step drafts, BlockText per committed block and
@@ -228,6 +271,14 @@ class Model:
             pass
         return event
 
+    def generate_many(self, prompts, *, seed: int | None = None, **options):
+        """`generate` for every prompt, up to n_seq_max canvases per forward (dglocal.schedule); with a seed,
+        prompt i's noise comes from (seed, i): its result does not depend on the batch. A list of Completions."""
+        from .schedule import generate_many
+
+        self.check_open()
+        return generate_many(self, prompts, seed=seed, **options)
+
     def chat(self, messages=None, **options):
         """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
         from .generate import ChatSession
@@ -244,7 +295,7 @@ class Sequence:
         self.seq_id = seq_id
         self._ll = model._ll
         self._mem = self._ll.llama_get_memory(model._ctx)
-        self._ll.llama_memory_clear(self._mem, True)
+        self._ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self.tokens: list[int] = []
         # counters: prompt tokens encoded, block tokens committed, decoder passes
         self.n_prefilled = 0
@@ -254,11 +305,11 @@ class Sequence:
     @property
     def live(self) -> bool:
         """False once the model is closed or a newer model.sequence() has taken over the context's cache."""
-        return not self.model.closed and self.model._sequence is self
+        return not self.model.closed and self.model._sequences.get(self.seq_id) is self
 
     def _check_live(self) -> None:
         self.model.check_open()
-        if self.model._sequence is not self:
+        if self.model._sequences.get(self.seq_id) is not self:
             raise BackendError("this sequence was replaced by a newer model.sequence() and its cache is gone")
 
     @property
@@ -313,37 +364,27 @@ class Sequence:
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
                 return_logits: bool = False) -> Denoised:
         """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
-        self_condition=True feeds the soft embedding left by the previous denoise call (its logits / its
+        self_condition=True feeds the soft embedding left by this sequence's previous denoise (its logits / its
         temperature); False feeds zeros, as at the first step of a canvas."""
-        self._check_live()
-        nat = self.model._nat
-        toks = checks.token_ids(canvas, self.model.n_vocab, "canvas ids")
-        n = toks.size
-        if n != self.model.canvas_length:
-            raise ConfigError(f"the canvas has {n} tokens, the model's canvas_length is {self.model.canvas_length}")
-        temperature = checks.temperature(temperature)
+        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition)],
+                                        return_logits=return_logits)[0]
+
+    @staticmethod
+    def _request(seq, canvas, temperature, uniforms=None, self_condition=True):
+        """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool)."""
+        if not isinstance(seq, Sequence):
+            raise ConfigError(f"denoise requests start with a Sequence, got {type(seq).__name__}")
+        seq._check_live()
+        toks = checks.token_ids(canvas, seq.model.n_vocab, "canvas ids")
+        n = seq.model.canvas_length
+        if toks.size != n:
+            raise ConfigError(f"the canvas has {toks.size} tokens, the model's canvas_length is {n}")
         u = None
         if uniforms is not None:
             u = np.ascontiguousarray(uniforms, dtype=np.float32).reshape(-1)
             if u.size != n or not ((u >= 0) & (u <= 1)).all():
                 raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
-        argmax = np.empty(n, np.int32)
-        sampled = np.empty(n, np.int32) if u is not None else None
-        entropy = np.empty(n, np.float32)
-        ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
-        status = self.model.native(
-            nat.llama_dg_denoise, self.model._ctx, self.seq_id, ptr(toks, nat.c_int32_p), n, temperature,
-            ptr(u, nat.c_float_p), bool(self_condition), bool(return_logits),
-            ptr(argmax, nat.c_int32_p), ptr(sampled, nat.c_int32_p), ptr(entropy, nat.c_float_p))
-        if status != 0:
-            err = ContextError if status == -4 else BackendError
-            raise err(f"denoise failed: {nat.DG_STATUS.get(status, status)}: {nat.last_errors()}")
-        self.n_denoise += 1
-        logits = None
-        if return_logits:
-            lp = self._ll.llama_get_logits(self.model._ctx)
-            logits = np.ctypeslib.as_array(lp, shape=(n, self.model.n_vocab)).copy()
-        return Denoised(argmax, sampled, entropy, logits)
+        return seq, toks, checks.temperature(temperature), u, bool(self_condition)
 
     def truncate(self, n: int) -> None:
         """Keep the first n cached tokens (multi-turn reuse)."""

@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelError
 from .generate import Completion, Step
 
 N_CTX = 512  # prompt (326) + one canvas (81), rounded up
+EVAL_BATCH = 16  # puzzles per forward in --eval: the model is small, a forward of 16 canvases costs little more
 
 
 @dataclass
@@ -47,13 +48,15 @@ class EvalResult:
     results: list[Solved] = field(repr=False, default_factory=list)
 
 
-def load_model(path, *, threads: int | None = None, n_ctx: int | None = None):
+def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, batch: int = 1):
     """The Sudoku GGUF on the backend; ModelError if it is not a Sudoku model. The model is tiny, so the KV
     cache stays f32 and flash attention off (the numbers then match the reference at ~1e-4), and one thread is
     the default: its matrices are too small to split, and spinning thread barriers on a busy CPU cost ~50x."""
     import dglocal
 
-    model = dglocal.load(path, n_ctx=n_ctx or N_CTX, n_threads=threads or 1, kv_type="f32", flash_attn=False)
+    # a unified cache holds every sequence of a batch: n_ctx is per puzzle times the batch
+    model = dglocal.load(path, n_ctx=(n_ctx or N_CTX) * batch, n_threads=threads or 1, kv_type="f32",
+                         flash_attn=False, n_seq_max=batch, n_ubatch=sc.CANVAS_LENGTH * batch)
     if model.n_vocab != sc.VOCAB_SIZE or model.canvas_length != sc.CANVAS_LENGTH:
         model.close()
         raise ModelError(f"{path}: not a Sudoku model (vocabulary {model.n_vocab}, canvas {model.canvas_length}; "
@@ -62,25 +65,35 @@ def load_model(path, *, threads: int | None = None, n_ctx: int | None = None):
 
 
 def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed: int | None = None,
-                 pin_givens: bool = False, **generation) -> Iterator[Step | Solved]:
-    """Denoise one puzzle: every Step (the draft board), then the Solved outcome. `generation`: other
+                 pin_givens: bool = False, guide: bool = True, **generation) -> Iterator[Step | Solved]:
+    """Denoise one puzzle: every Step (the draft board), then the Solved outcome. `guide`: re-noise cells that
+    break a rule (sudoku_core.guide_for) and run to the step cap while any does. `generation`: other
     GenerationConfig fields (entropy_bound, t_min, ...)."""
     t0 = time.perf_counter()
-    constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
-    events = model.stream(sc.encode_prompt(puzzle), max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps,
-                          seed=seed, constraints=constraints, **generation)
+    events = model.stream(sc.encode_prompt(puzzle), **puzzle_options(puzzle, steps=steps, seed=seed,
+                                                                     pin_givens=pin_givens, guide=guide, **generation))
     try:
         for event in events:
             if isinstance(event, Step):
                 yield event
             elif isinstance(event, Completion):
-                # the output stops before an EOS; the reference pads the rest of the canvas: those cells are blank
-                tokens = event.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(event.tokens))
-                grid = sc.decode_canvas(tokens)
-                yield Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(event.stats.steps_per_canvas),
-                             time.perf_counter() - t0)
+                yield _solved(puzzle, event, time.perf_counter() - t0)
     finally:
         events.close()  # a caller that breaks out leaves the sequence consistent
+
+
+def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, **generation) -> dict:
+    """stream() options for one puzzle."""
+    constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
+    return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
+                guide=sc.guide_for(puzzle) if guide else None, **generation)
+
+
+def _solved(puzzle, completion: Completion, seconds: float) -> Solved:
+    # the output stops before an EOS; the reference pads the rest of the canvas: those cells are blank
+    tokens = completion.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(completion.tokens))
+    grid = sc.decode_canvas(tokens)
+    return Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(completion.stats.steps_per_canvas), seconds)
 
 
 def solve(model, puzzle: Sequence[int], **options) -> Solved:
@@ -123,21 +136,31 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
 
 
 def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None, pin_givens: bool = False,
-             on_result=None, **generation) -> EvalResult:
-    """Solve every puzzle (puzzle i with seed + i when a seed is given) and score it as the reference eval does."""
+             guide: bool = True, on_result=None, **generation) -> EvalResult:
+    """Solve every puzzle, up to model.n_seq_max per forward, and score it as the reference eval does. Puzzle i
+    draws its noise from (seed, i): the grids do not depend on the batch size."""
+    from .schedule import derive_seed, run_jobs
+
     t0 = time.perf_counter()
-    results, blanks, right = [], 0, 0
-    for i, (puzzle, solution) in enumerate(pairs):
-        r = solve(model, puzzle, steps=steps, seed=None if seed is None else seed + i, pin_givens=pin_givens,
-                  **generation)
-        results.append(r)
+    base = model.next_seed() if seed is None else seed
+    specs = [(sc.encode_prompt(p), puzzle_options(p, steps=steps, seed=derive_seed(base, i), pin_givens=pin_givens,
+                                                  guide=guide, **generation)) for i, (p, _) in enumerate(pairs)]
+    results: list[Solved | None] = [None] * len(pairs)
+
+    def done(i, event):
+        if isinstance(event, Completion):
+            results[i] = _solved(pairs[i][0], event, event.stats.total_seconds)
+            if on_result is not None:
+                on_result(i, results[i])
+
+    run_jobs(model, specs, on_event=done)
+    blanks = right = 0
+    for (puzzle, solution), r in zip(pairs, results):
         if solution is not None:
             for p, s, g in zip(puzzle, solution, r.grid):
                 if not p:
                     blanks += 1
                     right += s == g
-        if on_result is not None:
-            on_result(i, r)
     n = len(results)
     has_solutions = any(s is not None for _, s in pairs)
     return EvalResult(n, sum(r.solved for r in results) / n, right / blanks if has_solutions and blanks else None,
@@ -151,9 +174,11 @@ def write_grids(path, results: Sequence[Solved]) -> None:
 
 def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
          steps: int | None = None, threads: int | None = None, seed: int | None = None,
-         pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None) -> None:
+         pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None, guide: bool = True,
+         batch: int | None = None) -> None:
     """The `dglocal sudoku` command (rendering through dglocal.ui)."""
     from . import ui
+    from .checks import integer
 
     if puzzle is not None and eval_file is not None:
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
@@ -161,10 +186,11 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
     cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
-    options = dict(steps=steps, seed=seed, pin_givens=pin_givens, **(generation or {}))
+    options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
+    batch = integer("--batch", batch, 1, 256) if batch is not None else EVAL_BATCH if pairs else 1
 
     with ui.status(f"loading {Path(model).name}"):
-        llm = load_model(model, threads=threads, n_ctx=n_ctx)
+        llm = load_model(model, threads=threads, n_ctx=n_ctx, batch=batch)
     with llm:
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:

@@ -193,3 +193,32 @@ def encode_canvas(solution: str | Sequence[int]) -> list[int]:
 def decode_canvas(ids: Sequence[int]) -> list[int]:
     """Canvas token ids to cells; a non-digit token becomes 0 (the grid then fails `check_grid`)."""
     return [i - DIGIT_BASE if DIGIT_BASE < i <= DIGIT_BASE + 9 else 0 for i in ids]
+
+
+# --- the guide: rule-guided re-noising ----------------------------------------------------------
+
+PEERS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(sorted({j for unit in UNITS if i in unit for j in unit} - {i})) for i in range(81))
+
+
+def rule_breaks(puzzle: Sequence[int], cells: Sequence[int]) -> list[int]:
+    """Cells of a draft that an outside check can tell are wrong: a given that was changed, and every non-given
+    cell that is not a digit or repeats a digit of its row, column or box."""
+    bad = []
+    for i, (p, v) in enumerate(zip(puzzle, cells)):
+        if p:
+            if v != p:
+                bad.append(i)
+        elif not 1 <= v <= 9 or any(cells[j] == v for j in PEERS[i]):
+            bad.append(i)
+    return bad
+
+
+def guide_for(puzzle: str | Sequence[int]):
+    """The Sudoku guide for the driver: guide(draft canvas ids, accepted) -> canvas positions to re-noise."""
+    p = _as_cells(puzzle)
+
+    def guide(draft, accepted):
+        return rule_breaks(p, decode_canvas(draft.tolist()))
+
+    return guide

@@ -16,6 +16,8 @@ import sys
 import time
 from contextlib import closing, contextmanager
 
+import numpy as np
+
 from .config import GenerationConfig
 from .errors import ConfigError, DglocalError
 from .generate import BlockText, Completion, Step
@@ -526,8 +528,9 @@ def _short(value, limit: int = 80) -> str:
 
 # -- dglocal sudoku: the board ----------------------------------------------------------------------------------
 
-def sudoku_board(puzzle, cells, accepted=None, bad=()):
-    """A 9x9 board as rich Text: givens bold, accepted digits green, still-noisy draft digits dim, `bad` cells red."""
+def sudoku_board(puzzle, cells, accepted=None, bad=(), guided=()):
+    """A 9x9 board as rich Text: givens bold, accepted digits green, still-noisy draft digits dim, cells the guide
+    re-noised this step yellow on red, `bad` cells red."""
     from rich.text import Text
 
     board = Text()
@@ -538,7 +541,7 @@ def sudoku_board(puzzle, cells, accepted=None, bad=()):
             i = r * 9 + c
             if c and c % 3 == 0:
                 board.append(" │", style="dim")
-            style = ("bold red" if i in bad else "bold" if puzzle[i] else
+            style = ("bold red" if i in bad else "bold yellow on red" if i in guided else "bold" if puzzle[i] else
                      "green" if accepted is None or accepted[i] else "dim magenta")
             board.append(" " + (str(cells[i]) if cells[i] else "·"), style=style)
         board.append("\n")
@@ -556,14 +559,18 @@ def sudoku_live():
     if not console.is_terminal:
         yield lambda puzzle, cells, step: None
         return
-    drawn = [0.0]
+    drawn, interventions = [0.0], [0]
 
     def draw(puzzle, cells, step) -> None:
+        guided = set(np.flatnonzero(step.guided).tolist()) if step.guided is not None else set()
+        interventions[0] += len(guided)
         now = time.perf_counter()
-        if now - drawn[0] >= 1 / RichView.FPS:
+        if now - drawn[0] >= 1 / RichView.FPS or guided:
             status = Text(f"step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
-                          f"entropy {step.mean_entropy:.3f}", style="dim")
-            live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist()), status), refresh=True)
+                          f"entropy {step.mean_entropy:.3f}"
+                          + (f" · guide re-noised {interventions[0]}" if step.guided is not None else ""), style="dim")
+            live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist(), guided=guided), status),
+                        refresh=True)
             drawn[0] = now
 
     with Live(console=console, auto_refresh=False, transient=True) as live:

@@ -173,8 +173,12 @@ cp = nat._ll.llama_context_default_params()
 cp.n_ctx = 64
 cp.attention_type = 1  # LLAMA_ATTENTION_TYPE_NON_CAUSAL
 print(bool(nat._ll.llama_init_from_model(m._model, cp)), nat.last_errors()[:200])
-s = Sequence(m, 1)
-m._sequence = s
+try:
+    m.sequence(1)
+except dglocal.ConfigError as e:
+    print(e)
+s = Sequence(m, 1)  # past the Python check, to reach llama.cpp's
+m._sequences[1] = s
 for call in [lambda: s.prefill([3, 4]), lambda: s.denoise(np.zeros(16, np.int32), temperature=1.0)]:
     try:
         call()
@@ -183,7 +187,8 @@ for call in [lambda: s.prefill([3, 4]), lambda: s.denoise(np.zeros(16, np.int32)
 """)
     lines = r.stdout.splitlines()
     assert lines[0].startswith("False") and "causal" in lines[0], lines
-    assert lines[1].startswith("encoder pass failed") and lines[2].startswith("denoise failed: invalid argument")
+    assert lines[1] == "seq_id must be in 0..0, got 1"
+    assert lines[2].startswith("encoder pass failed") and lines[3].startswith("denoise failed: invalid argument")
 
 
 # -- the command line -------------------------------------------------------------------------------------------
