@@ -103,13 +103,8 @@ def solve(model, puzzle: Sequence[int], **options) -> Solved:
 
 
 def bad_cells(puzzle: Sequence[int], grid: Sequence[int]) -> set[int]:
-    """Cells that make `grid` fail check_grid: no digit, a changed given, or a digit repeated in a row/column/box."""
-    bad = {i for i, (p, g) in enumerate(zip(puzzle, grid)) if not 1 <= g <= 9 or (p and p != g)}
-    for unit in sc.UNITS:
-        for i in unit:
-            if grid[i] and sum(grid[j] == grid[i] for j in unit) > 1:
-                bad.add(i)
-    return bad
+    """Cells that make `grid` fail check_grid, as the guide sees them (sudoku_core.rule_breaks)."""
+    return set(sc.rule_breaks(puzzle, grid))
 
 
 def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:

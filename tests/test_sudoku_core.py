@@ -121,3 +121,44 @@ def test_heldout_file():
         assert 30 <= sum(1 for c in puzzle if c) <= 40
         assert sc.check_grid(puzzle, solution)
         assert sc.count_solutions(puzzle, limit=2) == 1
+
+
+# -- the guide ---------------------------------------------------------------------------------------------------
+
+SOLVED = sc.parse_grid("534678912672195348198342567859761423426853791713924856961537284287419635345286179")
+
+
+def test_rule_breaks_on_a_solved_grid_is_empty():
+    puzzle = [v if i % 3 == 0 else 0 for i, v in enumerate(SOLVED)]
+    assert sc.rule_breaks(puzzle, SOLVED) == []
+
+
+def test_rule_breaks_flags_repeats_of_non_given_cells_only():
+    puzzle = [v if i % 3 == 0 else 0 for i, v in enumerate(SOLVED)]
+    grid = list(SOLVED)
+    grid[1], grid[2] = grid[2], grid[1]  # a swap inside row 0 keeps the row valid but breaks columns 1 and 2
+    bad = sc.rule_breaks(puzzle, grid)
+    assert 1 in bad and 2 in bad and all(not puzzle[i] for i in bad)
+    # a repeated digit against a given flags the non-given cell, never the given
+    grid = list(SOLVED)
+    grid[1] = SOLVED[0]  # cell 1 repeats the given at cell 0 (row 0)
+    bad = sc.rule_breaks(puzzle, grid)
+    assert 1 in bad and 0 not in bad
+
+
+def test_rule_breaks_flags_changed_givens_and_non_digits():
+    puzzle = [v if i % 3 == 0 else 0 for i, v in enumerate(SOLVED)]
+    grid = list(SOLVED)
+    grid[0] = 0 if grid[0] != 0 else 1  # a given that is not what the puzzle says
+    grid[4] = 0  # a non-digit (pad, eos, ... decode to 0)
+    bad = sc.rule_breaks(puzzle, grid)
+    assert 0 in bad and 4 in bad
+
+
+def test_guide_reads_canvas_ids():
+    puzzle = [v if i % 3 == 0 else 0 for i, v in enumerate(SOLVED)]
+    guide = sc.guide_for(puzzle)
+    ids = np.array(sc.encode_canvas(SOLVED))
+    assert list(guide(ids, np.ones(81, bool))) == []
+    ids[1] = ids[0]
+    assert 1 in list(guide(ids, np.ones(81, bool)))

@@ -1,0 +1,146 @@
+"""Several sequences per forward: batched denoise against single-sequence runs and the reference, the step
+scheduler (joins, leaves, cancellation), determinism across batch sizes, and rule-guided re-noising."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference_harness import ReferenceModel, reference_generate
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+import tiny
+from dglocal.generate import Completion, Step, stream, stream_calls
+from dglocal.sampler import SeededNoise
+from dglocal.schedule import StepScheduler, derive_seed, run_jobs
+
+pytestmark = pytest.mark.backend
+
+V, C = tiny.VOCAB, tiny.CANVAS
+PROMPTS = [[2] + list(range(10, 10 + n)) for n in (3, 9, 13, 20, 30)]  # some beyond the sliding window (8)
+BASE = dict(max_new_tokens=48, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+            stability_threshold=1, confidence_threshold=0.005)
+EARLY = dict(BASE, max_denoising_steps=8, entropy_bound=1000.0, t_min=0.01, t_max=0.05, confidence_threshold=0.05)
+OPTS = dict(n_ctx=5 * 256, kv_type="f32", flash_attn=False, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_f32_gguf):
+    import dglocal
+
+    m = dglocal.load(tiny_f32_gguf, n_seq_max=5, n_ubatch=5 * C, **OPTS)
+    yield m
+    m.close()
+
+
+def canvas(k):
+    return np.random.default_rng(100 + k).integers(0, V, C).astype(np.int32)
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 5])
+def test_batched_logits_equal_single_and_reference(batched, llama_model, tiny_model, B):
+    """B sequences with different prompt lengths in one pass: each sequence's logits equal its run alone and the
+    reference's; a second step mixes self-conditioned sequences with one that starts a fresh canvas."""
+    seqs = [batched.sequence(i) for i in range(B)]
+    for s, p in zip(seqs, PROMPTS):
+        s.prefill(p)
+    steps = [[(s, canvas(i), 0.9, None, False) for i, s in enumerate(seqs)],
+             [(s, canvas(10 + i), 0.7, None, i != B - 1) for i, s in enumerate(seqs)]]
+    got = [batched.denoise_batch(reqs, return_logits=True) for reqs in steps]
+    for i, p in enumerate(PROMPTS[:B]):
+        single = llama_model.sequence()
+        single.prefill(p)
+        ref = ReferenceModel(tiny_model).sequence()
+        ref.prefill(p)
+        for step, reqs in enumerate(steps):
+            _, cv, T, _, sc = reqs[i]
+            alone = single.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits
+            want = ref.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits * np.float32(T)
+            np.testing.assert_allclose(got[step][i].logits, alone, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got[step][i].logits, want, atol=1e-4, rtol=0)
+    assert [s.n_past for s in seqs] == [len(p) for p in PROMPTS[:B]]  # every cache untouched
+
+
+def reference_run(tm, prompt, seed, **cfg):
+    kw = dict(cfg)
+    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kw.pop("entropy_bound"))
+    return reference_generate(tm, prompt, SeededNoise(V, seed), eos_token_id=None, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("cfg", [BASE, EARLY], ids=["fixed", "early-stop"])
+def test_generate_many_equals_each_alone_and_the_reference(batched, llama_model, tiny_model, cfg):
+    """Five prompts through the scheduler (three canvases each, different early stops): tokens and steps equal
+    each prompt run alone with the same noise, and the reference generate."""
+    specs = [(p, dict(cfg, eos_token_id=(), noise=SeededNoise(V, 40 + i))) for i, p in enumerate(PROMPTS)]
+    many = run_jobs(batched, specs)
+    for i, (p, _) in enumerate(specs):
+        alone = llama_model.generate(p, **dict(cfg, eos_token_id=(), noise=SeededNoise(V, 40 + i)))
+        assert many[i].tokens == alone.tokens and many[i].stats.steps_per_canvas == alone.stats.steps_per_canvas
+        ref_tokens, ref_steps = reference_run(tiny_model, p, 40 + i, **cfg)
+        assert many[i].tokens == ref_tokens and many[i].stats.steps_per_canvas == ref_steps
+    if cfg is EARLY:
+        assert len({tuple(c.stats.steps_per_canvas) for c in many}) > 1  # the generations did stop differently
+
+
+def test_more_prompts_than_slots_and_seeds_independent_of_batch(batched, tiny_f32_gguf):
+    """Eight prompts over 5 slots (three join as others leave, one ends at an EOS) equal the same prompts over 2
+    slots and alone: with a seed, prompt i's noise comes from (seed, i)."""
+    import dglocal
+
+    prompts = PROMPTS + [[2, 5, 6], [2] * 12, [2, 7]]
+    opts = dict(BASE, max_new_tokens=32, eos_token_id=[1, 106, 50] + list(range(200, 260)))
+    five = batched.generate_many(prompts, seed=11, **opts)
+    with dglocal.load(tiny_f32_gguf, n_seq_max=2, n_ubatch=2 * C, **OPTS) as two:
+        pair = two.generate_many(prompts, seed=11, **opts)
+    with dglocal.load(tiny_f32_gguf, **OPTS) as one:
+        alone = [one.generate(p, seed=derive_seed(11, i), **opts) for i, p in enumerate(prompts)]
+    for a, b, c in zip(five, pair, alone):
+        assert a.tokens == b.tokens == c.tokens and a.finish_reason == b.finish_reason == c.finish_reason
+    assert "eos" in {c.finish_reason for c in five}  # one left early
+
+
+def test_join_leave_and_cancel_leave_the_others_unchanged(batched):
+    """A generation that joins mid-way, one cancelled mid-canvas: the others give what they give alone."""
+    opts = dict(BASE, eos_token_id=())
+    sched = StepScheduler(batched)
+    out = {}
+
+    def keep(name):
+        return lambda e: out.__setitem__(name, e) if isinstance(e, Completion) else None
+
+    a = sched.add(stream_calls(batched, PROMPTS[0], seq=batched.sequence(0), noise=SeededNoise(V, 1), **opts), keep("a"))
+    doomed = sched.add(stream_calls(batched, PROMPTS[1], seq=batched.sequence(1), noise=SeededNoise(V, 2), **opts),
+                       keep("doomed"))
+    for _ in range(3):
+        sched.tick()
+    sched.cancel(doomed)
+    sched.add(stream_calls(batched, PROMPTS[2], seq=batched.sequence(2), noise=SeededNoise(V, 3), **opts), keep("c"))
+    while sched.jobs:
+        sched.tick()
+    assert a.done and "doomed" not in out
+    for name, p, seed in [("a", PROMPTS[0], 1), ("c", PROMPTS[2], 3)]:
+        alone = [e for e in stream(batched, p, seq=batched.sequence(4), noise=SeededNoise(V, seed), **opts)][-1]
+        assert out[name].tokens == alone.tokens and out[name].stats.steps_per_canvas == alone.stats.steps_per_canvas
+    assert batched._sequences[1].n_past == len(PROMPTS[1])  # the cancelled one holds its prompt, no canvas
+
+
+# -- rule-guided re-noising ------------------------------------------------------------------------------------
+
+def test_a_guide_that_flags_nothing_changes_nothing(llama_model):
+    opts = dict(EARLY, eos_token_id=())
+    plain = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), **opts))
+    seen = []
+    guided = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=lambda d, a: seen.append(1) or [],
+                         **opts))
+    steps = lambda ev: [(s.argmax.tolist(), s.accepted.tolist()) for s in ev if isinstance(s, Step)]  # noqa: E731
+    assert steps(plain) == steps(guided) and plain[-1].tokens == guided[-1].tokens and seen
+
+
+def test_a_guide_re_noises_and_holds_off_the_early_stop(llama_model):
+    """Flagged positions are never accepted, and a canvas runs to the step cap while the guide objects."""
+    opts = dict(EARLY, eos_token_id=(), max_new_tokens=16)
+    plain = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), **opts))
+    assert plain[-1].stats.steps_per_canvas[0] < EARLY["max_denoising_steps"]  # it stops early on its own
+    guided = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=lambda d, a: [0, 5], **opts))
+    steps = [e for e in guided if isinstance(e, Step)]
+    assert len(steps) == EARLY["max_denoising_steps"] and not any(s.early_stop for s in steps)
+    assert all(not s.accepted[0] and not s.accepted[5] and s.guided[[0, 5]].all() for s in steps)
