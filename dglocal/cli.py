@@ -397,6 +397,74 @@ def bench(
         placement=placement_options(rpc, override_tensor, n_cpu_moe))
 
 
+@app.command()
+@handle_errors
+def serve(
+    model: Annotated[Optional[str], typer.Argument(
+        metavar="MODEL", help="GGUF file or HF repo id (see run). Default: the built-in Sudoku model (id 'sudoku').",
+        show_default=False)] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    parallel: Annotated[int, typer.Option(
+        "-np", "--parallel", help="Slots: requests generated at once, one canvas each per forward.")] = 1,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ requests.", show_default=False)] = None,
+    queue: Annotated[Optional[int], typer.Option(
+        "--queue", help="Requests that may wait for a slot; beyond, 503. Default: 4 x --parallel.",
+        show_default=False)] = None,
+    alias: Annotated[Optional[str], typer.Option(
+        "--alias", help="Model id in the API. Default: the file name.", show_default=False)] = None,
+    quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
+    ctx_size: Annotated[Optional[int], typer.Option(
+        "-c", "--ctx-size", help="Context size in tokens, shared by the slots (as llama-server). Default: 4096 per "
+                                 "slot.", show_default=False)] = None,
+    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU; -1: all.")] = -1,
+    threads: Annotated[Optional[int], typer.Option(
+        "-t", "--threads", help="CPU threads. Default: all cores.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed of the seeds drawn for requests that give none. Default: random.",
+        show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", help="Default max_denoising_steps. Default: from the model.", show_default=False)] = None,
+    entropy_bound: Annotated[Optional[float], typer.Option(
+        "--entropy-bound", help="Default entropy_bound. Default: from the model.", show_default=False)] = None,
+    t_min: Annotated[Optional[float], typer.Option(
+        "--t-min", help="Default t_min. Default: from the model.", show_default=False)] = None,
+    t_max: Annotated[Optional[float], typer.Option(
+        "--t-max", help="Default t_max. Default: from the model.", show_default=False)] = None,
+    rpc: RpcOption = None,
+    override_tensor: OverrideOption = None,
+    n_cpu_moe: CpuMoeOption = 0,
+):
+    """Serve the OpenAI API (chat and text completions, streaming, the live canvas) on HTTP."""
+    import dglocal
+
+    from . import sudoku as sudoku_mod
+    from . import ui
+    from .checks import integer
+    from .config import GenerationConfig
+    from .gguf_read import read_header
+    from .server import serve as run_server
+
+    integer("--parallel", parallel, 1, 256)
+    integer("--port", port, 1, 65535)
+    path = resolve_model(model, quant)
+    defaults = _given(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max)
+    GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
+    with ui.status(f"loading {path.name}"):
+        if model is None:
+            llm = sudoku_mod.load_model(path, threads=threads, batch=parallel)
+        else:
+            llm = dglocal.load(path, n_ctx=ctx_size or 4096 * parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                               seed=seed, n_seq_max=parallel, n_ubatch=max(512, parallel * 256),
+                               **placement_options(rpc, override_tensor, n_cpu_moe))
+    with llm:
+        model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
+        ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s)")
+        run_server(llm, model_id=model_id, host=host, port=port, parallel=parallel, api_key=api_key,
+                   defaults=defaults, sudoku=model is None, queue_size=queue)
+
+
 @app.command("rpc-server")
 @handle_errors
 def rpc_server(

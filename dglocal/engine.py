@@ -1,0 +1,134 @@
+"""The serving engine: slots with their own KV caches, a bounded queue, one denoising step per tick for all.
+
+One thread owns the model. Each tick it admits waiting requests into free slots (the slot whose cached tokens
+share the longest prefix with the prompt, as llama-server picks them: a conversation's next turn encodes only its
+new tokens), drops cancelled ones, and advances every active generation by one step in one batched forward
+(dglocal.schedule). Events go back to each request's asyncio queue on its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from .generate import _common_prefix, stream_calls
+from .schedule import Job, StepScheduler
+
+END = object()  # the last item of a request's queue after its Completion (or its error)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    options: dict  # generate.stream options (GenerationConfig fields, seed, guide, ...)
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    slot: int | None = None
+    cached: int = 0  # prompt tokens found in the slot's cache
+    cancelled: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+    job: Job | None = None
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    def __init__(self, model, n_slots: int, queue_size: int):
+        self.model = model
+        self.slots = [model.sequence(i) for i in range(n_slots)]
+        self.busy: list[Request | None] = [None] * n_slots
+        self.waiting: deque[Request] = deque()
+        self.queue_size = queue_size
+        self.sched = StepScheduler(model)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="dglocal-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    # -- called from request handlers ------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> bool:
+        """Queue a request; False when the queue is full."""
+        with self.lock:
+            if len(self.waiting) >= self.queue_size:
+                return False
+            if req.options.get("seed") is None:
+                req.options["seed"] = self.model.next_seed()
+            self.waiting.append(req)
+        self.wake.set()
+        return True
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: its slot is freed at the next tick, within one denoising step."""
+        req.cancelled = True
+        self.wake.set()
+
+    def slot_info(self) -> list[dict]:
+        return [{"id": i, "busy": r is not None, "request": r.id if r else None, "cached_tokens": len(s.tokens)}
+                for i, (s, r) in enumerate(zip(self.slots, self.busy))]
+
+    # -- the engine thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self._drop_cancelled()
+            self._admit()
+            if not self.sched.jobs:
+                self.wake.wait(0.2)
+                self.wake.clear()
+                continue
+            try:
+                ended = self.sched.tick()
+            except Exception as e:  # noqa: BLE001 (a failed forward ends the requests in it, not the server)
+                ended = list(self.sched.jobs)
+                for job in ended:
+                    self.sched.cancel(job)
+                    job.error = e
+            for job in ended:
+                self._finish(job)
+
+    def _admit(self) -> None:
+        admitted = []
+        with self.lock:
+            while self.waiting and None in self.busy:
+                req = self.waiting.popleft()
+                if req.cancelled:
+                    req.put(END)
+                    continue
+                free = [i for i, r in enumerate(self.busy) if r is None]
+                slot = max(free, key=lambda i: _common_prefix(self.slots[i].tokens, req.prompt))
+                req.slot, req.cached = slot, _common_prefix(self.slots[slot].tokens, req.prompt)
+                self.busy[slot] = req
+                admitted.append(req)
+        for req in admitted:  # the prefill runs here, outside the lock
+            events = stream_calls(self.model, req.prompt, seq=self.slots[req.slot], **req.options)
+            req.job = self.sched.add(events, req.put, tag=req)
+            if req.job.done:
+                self._finish(req.job)
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self.sched.jobs):
+            if job.tag.cancelled:
+                self.sched.cancel(job)
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        req: Request = job.tag
+        self.busy[req.slot] = None
+        if job.error is not None:
+            req.put(job.error)
+        req.put(END)
