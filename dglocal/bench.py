@@ -88,6 +88,19 @@ def _autoregressive(model, prompt: list[int], n_tokens: int) -> dict:
             "ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0)}
 
 
+def _batched(model, prompt: list[int], steps: int, canvases: int, seed: int) -> dict:
+    """model.n_seq_max generations of the prompt at once, `steps` fixed steps a canvas (dglocal.schedule): one
+    forward a step for all of them. Wall time from submission to the last token, prefills included."""
+    n = model.n_seq_max
+    t0 = time.perf_counter()
+    outs = model.generate_many([prompt] * n, seed=seed, max_new_tokens=canvases * model.canvas_length,
+                               max_denoising_steps=steps, stability_threshold=None, eos_token_id=())
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.tokens) for o in outs)
+    return {"batch": n, "max_steps": steps, "wall_s": wall, "canvas_tok_s": tokens / wall,
+            "per_sequence_tok_s": tokens / wall / n}
+
+
 def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
         prompt_tokens: int = 64, ar_tokens: int = 64, commit_reps: int = 3, seed: int = 0,
         warmup: bool = True) -> dict:
@@ -115,12 +128,14 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
         r = {"mode": mode, "max_steps": n, **r, "commit_ms": commit, "canvas_tok_s": C / canvas_s}
         r["vs_ar"] = r["canvas_tok_s"] / ar["tok_s"]
         runs.append(r)
+    batched = _batched(model, prompt, steps[0], canvases, seed) if model.n_seq_max > 1 else None
     return {"canvas_length": C, "prompt_tokens": len(prompt), "runs": runs, "autoregressive": ar,
-            "commit_ms": commit}
+            "commit_ms": commit, "batched": batched}
 
 
 def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: int | None = None,
-          flash_attn: bool | None = None, kv_type: str = "f16", placement: dict | None = None, **run_options) -> dict:
+          flash_attn: bool | None = None, kv_type: str = "f16", placement: dict | None = None, batch: int = 1,
+          **run_options) -> dict:
     """Load `path`, run(), and add the file, the build and peak memory (RSS; GPU memory where nvidia-smi answers)."""
     from . import load
     from ._native import _ll
@@ -133,8 +148,8 @@ def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: in
     C = int(probe.diffusion.get("canvas_length", 256))
     n_ctx = n_ctx or -(-(prompt + max(canvases * C + C, ar + 2) + 16) // 256) * 256
     t0 = time.perf_counter()
-    with load(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads, kv_type=kv_type,
-              flash_attn=flash_attn, **(placement or {})) as model:
+    with load(path, n_ctx=n_ctx * batch, n_gpu_layers=n_gpu_layers, n_threads=threads, kv_type=kv_type,
+              flash_attn=flash_attn, n_seq_max=batch, n_ubatch=max(512, batch * C), **(placement or {})) as model:
         load_s = time.perf_counter() - t0
         result = run(model, **run_options)
         gpu = _gpu_memory_mib()
@@ -188,6 +203,10 @@ def render(result: dict, console=None) -> None:
     gpu = result["gpu_memory_mib"]
     console.print(f"autoregressive: {ar['tok_s']:.1f} tok/s ({ar['ms_per_token']:.1f} ms/token, {ar['tokens']} "
                   f"tokens), TTFT {ar['ttft_s']:.2f} s, prefill {ar['prefill_tok_s']:.0f} tok/s")
+    b = result.get("batched")
+    if b:
+        console.print(f"batched: {b['batch']} sequences x {b['max_steps']} steps: {b['canvas_tok_s']:.1f} tok/s in all, "
+                      f"{b['per_sequence_tok_s']:.1f} per sequence ({b['wall_s']:.1f} s, prefills included)")
     console.print(f"peak RSS {result['peak_rss_mib']:.0f} MiB"
                   + (f", GPU {gpu:.0f} MiB" if gpu is not None else "")
                   + f"; n_gpu_layers {result['n_gpu_layers']}, threads {result['threads']}, "
@@ -197,10 +216,10 @@ def render(result: dict, console=None) -> None:
 def main(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
          prompt_tokens: int = 64, ar_tokens: int = 64, n_ctx: int | None = None, n_gpu_layers: int = -1,
          threads: int | None = None, flash_attn: bool | None = None, kv_type: str = "f16", seed: int = 0,
-         json: bool = False, console=None, placement: dict | None = None) -> dict:
+         json: bool = False, console=None, placement: dict | None = None, batch: int = 1) -> dict:
     """`dglocal bench`: run the benchmark, print a table (or JSON with json=True), return the result dict."""
     result = bench(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                   kv_type=kv_type, placement=placement, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
+                   kv_type=kv_type, placement=placement, batch=batch, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
                    canvases=canvases, prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, seed=seed)
     if json:
         print(_json.dumps(result, indent=2))

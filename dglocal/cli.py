@@ -384,6 +384,9 @@ def bench(
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="Sampling seed. Default: 0.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", help="Also time this many generations denoised together, one forward a step. Default: 1 (off).",
+        show_default=False)] = None,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -393,7 +396,7 @@ def bench(
     _plugin("bench").main(path, **_given(
         steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
-        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed), json=as_json,
+        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed, batch=batch), json=as_json,
         placement=placement_options(rpc, override_tensor, n_cpu_moe))
 
 
