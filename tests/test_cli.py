@@ -337,7 +337,7 @@ def _words(text: str) -> str:
 
 def test_every_option_is_documented():
     group = typer.main.get_command(cli.app)
-    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server"}
+    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server", "serve"}
     top = piped("--help", COLUMNS="200").stdout
     for name in group.commands:
         assert name in top

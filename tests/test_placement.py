@@ -39,6 +39,21 @@ def rel(a, b):
     return np.sqrt(((a - b) ** 2).mean(-1) / (b ** 2).mean(-1))
 
 
+def load_errors(path, *variants: dict) -> list[str]:
+    """`dglocal.load(path, **variant)` for each variant, in one child process: `ERROR <message>` or `loaded`."""
+    code = ("import dglocal, json, sys\n"
+            "for kw in json.loads(sys.argv[2]):\n"
+            "    try:\n"
+            "        dglocal.load(sys.argv[1], n_ctx=64, **kw).close()\n"
+            "        print('loaded')\n"
+            "    except dglocal.DglocalError as e:\n"
+            "        print('ERROR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(variants)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.splitlines()
+
+
 def run_probe(path, out, **options):
     r = subprocess.run([sys.executable, str(HERE / "placement_probe.py"), str(path), str(out), json.dumps(options)],
                        capture_output=True, text=True, timeout=300)
@@ -100,14 +115,8 @@ def test_cpu_layout_override_is_refused_cleanly(wide, tiny_vocab, tmp_path):
     path = d / "wide-q4_0.gguf"
     if not path.exists():
         convert(ck, path, "q4_0", tokenizer_from=tiny_vocab)
-    code = ("import dglocal\n"
-            "try:\n"
-            f"    dglocal.load({str(path)!r}, n_ctx=64, tensor_overrides=['token_embd=CPU_REPACK'])\n"
-            "except dglocal.DglocalError as e:\n"
-            "    print('ERROR', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ERROR tensor override token_embd=CPU_REPACK" in r.stdout and "override to CPU instead" in r.stdout
+    (line,) = load_errors(path, dict(tensor_overrides=["token_embd=CPU_REPACK"]))
+    assert line.startswith("ERROR tensor override token_embd=CPU_REPACK") and "override to CPU instead" in line
 
 
 # -- ggml RPC: weights on a device that is not the host, as on a GPU --------------------------------------------
@@ -286,14 +295,6 @@ def test_override_and_endpoint_parsing():
 
 def test_unknown_buffer_type_and_unreachable_server_are_errors(tiny_f32_gguf):
     """In a child: ggml's RPC client aborts the process on a refused connection; dglocal checks first."""
-    code = ("import dglocal\n"
-            "for kw in [dict(tensor_overrides=['exps=GPU9']), dict(rpc=['127.0.0.1:1'])]:\n"
-            "    try:\n"
-            f"        dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=64, **kw)\n"
-            "    except dglocal.DglocalError as e:\n"
-            "        print('ERROR', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
+    lines = load_errors(tiny_f32_gguf, dict(tensor_overrides=["exps=GPU9"]), dict(rpc=["127.0.0.1:1"]))
     assert lines[0].startswith("ERROR tensor override exps=GPU9: unknown buffer type 'GPU9'; known: CPU"), lines
     assert lines[1].startswith("ERROR RPC server 127.0.0.1:1: cannot connect"), lines
