@@ -481,3 +481,47 @@ def test_quantize_failure_leaves_nothing(tiny_f32_gguf, tmp_path):
     assert ok == out and info(out).file_type == "MOSTLY_Q8_0" and _nothing_written(tmp_path / "out.gguf.partial")
     with pytest.raises(ConvertError, match="already exists"):
         quantize_gguf(tiny_f32_gguf, out, "q8_0")
+
+
+# -- a full disk, a read-only directory, the mask token ----------------------------------------------------------
+
+@pytest.mark.parametrize("errno_, words", [(28, "disk full"), (30, "read-only file system")])
+def test_write_errors_are_named_and_never_masked_by_cleanup(tiny_checkpoint, tiny_vocab, tmp_path, monkeypatch,
+                                                           errno_, words):
+    """The write fails with ENOSPC / EROFS, and removing the partial file fails too (as in a read-only
+    directory): the error says what happened, in words, and is the original one."""
+    import os
+    from pathlib import Path
+
+    import dglocal.convert.writer as writer_mod
+
+    def fail_replace(src, dst):
+        raise OSError(errno_, os.strerror(errno_), str(dst))
+
+    def fail_unlink(self, missing_ok=False):
+        raise OSError(30, os.strerror(30), str(self))
+
+    monkeypatch.setattr(writer_mod.os, "replace", fail_replace)
+    monkeypatch.setattr(Path, "unlink", fail_unlink)
+    with pytest.raises(ConvertError, match=f"write failed: {words}") as e:
+        convert(tiny_checkpoint, tmp_path / "m.gguf", "f32", tokenizer_from=tiny_vocab)
+    assert f"[Errno {errno_}]" in str(e.value)
+
+
+def test_mask_token_id_is_written_when_the_vocabulary_has_one(tiny_checkpoint, tiny_vocab, tmp_path):
+    """llama.cpp's DiffusionGemma readers refuse a file without tokenizer.ggml.mask_token_id (Gemma 4: <mask>, 4),
+    even when the tokenizer source does not name it."""
+    reader = gguf.GGUFReader(tiny_vocab)
+    src = tmp_path / "vocab-no-mask.gguf"
+    w = gguf.GGUFWriter(src, "gemma4")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.ggml.mask_token_id"):
+            continue
+        vtype = field.types[0]
+        w.add_key_value(name, field.contents(), vtype, field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = convert(tiny_checkpoint, tmp_path / "m.gguf", "f32", tokenizer_from=src).path
+    assert info(out).tokenizer["mask"] == 4
