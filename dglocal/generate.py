@@ -100,6 +100,31 @@ class DenoiseCall:
                                 self_condition=self.self_condition)
 
 
+@dataclass
+class EncodeCall:
+    """A causal encoder pass a generation needs (its prompt, or a finished block): `kind` is prefill or commit."""
+
+    seq: object
+    tokens: list[int]
+    kind: str
+
+    def run(self):
+        (self.seq.prefill if self.kind == "prefill" else self.seq.commit)(self.tokens)
+
+    @staticmethod
+    def run_batch(model, calls: list["EncodeCall"]) -> None:
+        """Several sequences' encoder passes in as few llama_decode calls as fit (Model.encode_batch)."""
+        model.encode_batch([(c.seq, c.tokens) for c in calls])
+        for c in calls:
+            if c.kind == "prefill":
+                c.seq.n_prefilled += len(c.tokens)
+            else:
+                c.seq.n_committed += len(c.tokens)
+
+
+CALLS = (DenoiseCall, EncodeCall)
+
+
 def serve_single(calls: Iterator):
     """Drive a generator that yields DenoiseCalls (answered one at a time, here) among its events."""
     result = None
@@ -107,7 +132,7 @@ def serve_single(calls: Iterator):
         while True:
             item = calls.send(result)
             result = None
-            if isinstance(item, DenoiseCall):
+            if isinstance(item, CALLS):
                 result = item.run()
             else:
                 yield item
@@ -129,13 +154,14 @@ def canvas_steps(
     """Denoise canvases after what `seq` holds; yields a DenoiseCall per step (send it the result), every Step,
     then the Block. Ends after an EOS block or ceil(max_new_tokens / C) blocks. A block is committed when the next
     one starts, as the reference does, so the last block is never encoded. `constraints`: int64[blocks * C], -1
-    where free. `guide(draft, accepted)`: positions an outside rule finds wrong (see docs/guides.md)."""
+    where free. `guide(draft, accepted)`: positions an outside rule finds wrong (see docs/guides.md). Commits are
+    yielded as EncodeCalls (the driver runs them, batched across generations or not)."""
     C, N = canvas_length, config.max_denoising_steps
     n_blocks = math.ceil(config.max_new_tokens / C)
     block_tokens = None
     for b in range(n_blocks):
         if block_tokens is not None:
-            seq.commit(block_tokens)
+            yield EncodeCall(seq, [int(t) for t in block_tokens], "commit")
         pinned = None if constraints is None else constraints[b * C:(b + 1) * C]
         held = None if pinned is None else pinned >= 0
         history = StabilityHistory(config.stability_threshold, C) if config.early_stop else None
@@ -262,12 +288,13 @@ def stream_calls(
     step_seconds = 0.0
     text, finish, t_first, t_gen, events = "", "length", None, None, None
     try:
-        seq.prefill(tokens[keep:])
+        if len(tokens) > keep:
+            yield EncodeCall(seq, tokens[keep:], "prefill")
         t_gen = time.perf_counter()
         events = canvas_steps(seq, config, canvas_length=C, eos_ids=eos_ids, noise=noise, constraints=fixed,
                               guide=guide)
         for event in _relay(events):
-            if isinstance(event, DenoiseCall):
+            if isinstance(event, CALLS):
                 event.result = yield event
                 continue
             if isinstance(event, Step):
@@ -320,7 +347,7 @@ def _relay(calls: Iterator):
         except StopIteration:
             return
         yield item
-        result = getattr(item, "result", None) if isinstance(item, DenoiseCall) else None
+        result = getattr(item, "result", None) if isinstance(item, CALLS) else None
 
 
 def _tokens_for_text(model, tokens: list[int], n_chars: int) -> list[int]:

@@ -210,6 +210,46 @@ class Model:
         self._sequences[seq_id] = Sequence(self, seq_id)
         return self._sequences[seq_id]
 
+    def encode_batch(self, items) -> None:
+        """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches, in as
+        few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the logits of
+        the last token are kept (llama_get_logits_ith(-1))."""
+        work = []
+        for seq, tokens in items:
+            seq._check_live()
+            toks = checks.token_ids(tokens, self.n_vocab)
+            if len(seq.tokens) + toks.size > self.n_ctx:
+                raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
+            work += [(seq, int(t)) for t in toks]
+        if len({id(s) for s, _ in items}) != len(items):
+            raise ConfigError("encode_batch: each sequence may appear once per call")
+        batch = self._ll.llama_batch_init(self.n_ubatch, 0, 1)
+        try:
+            for start in range(0, len(work), self.n_ubatch):
+                self._encode_chunk(batch, work[start:start + self.n_ubatch], last=start + self.n_ubatch >= len(work))
+        finally:
+            self._ll.llama_batch_free(batch)
+
+    def _encode_chunk(self, batch, chunk: list, *, last: bool) -> None:
+        pos0, nxt = {}, {}
+        for i, (seq, tok) in enumerate(chunk):
+            pos = nxt.get(seq)
+            if pos is None:
+                pos = pos0[seq] = len(seq.tokens)
+            nxt[seq] = pos + 1
+            batch.token[i], batch.pos[i] = tok, pos
+            batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq.seq_id
+            batch.logits[i] = last and i == len(chunk) - 1
+        batch.n_tokens = len(chunk)
+        ret = self.native(self._ll.llama_decode, self._ctx, batch)
+        if ret != 0:
+            # a failed micro-batch may leave part of the chunk in the caches: drop it, they stay consistent
+            for seq, p in pos0.items():
+                self._ll.llama_memory_seq_rm(seq._mem, seq.seq_id, p, -1)
+            raise BackendError(f"encoder pass failed (llama_decode returned {ret}): {self._nat.last_errors()}")
+        for seq, tok in chunk:
+            seq.tokens.append(tok)
+
     def denoise_batch(self, requests, *, return_logits: bool = False) -> list["Denoised"]:
         """One decoder pass per group of canvases that fits a micro-batch: `requests` are (sequence, canvas,
         temperature, uniforms or None, self_condition) of distinct sequences; results in the same order."""
@@ -330,33 +370,8 @@ class Sequence:
         self.n_committed += len(tokens)
 
     def _encode(self, tokens, logits_last: bool) -> np.ndarray | None:
-        self._check_live()
-        toks = checks.token_ids(tokens, self.model.n_vocab)
-        if len(self.tokens) + toks.size > self.model.n_ctx:
-            raise ContextError(f"{len(self.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.model.n_ctx}")
-        step = self.model.n_ubatch
-        batch = self._ll.llama_batch_init(step, 0, 1)
-        try:
-            for start in range(0, toks.size, step):
-                chunk = toks[start:start + step]
-                pos0 = len(self.tokens)
-                for i, t in enumerate(chunk):
-                    batch.token[i] = int(t)
-                    batch.pos[i] = pos0 + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = self.seq_id
-                    batch.logits[i] = logits_last and start + i == toks.size - 1
-                batch.n_tokens = len(chunk)
-                ret = self.model.native(self._ll.llama_decode, self.model._ctx, batch)
-                if ret != 0:
-                    # a failed ubatch may leave part of the chunk in the cache: drop it, the cache stays consistent
-                    self._ll.llama_memory_seq_rm(self._mem, self.seq_id, pos0, -1)
-                    raise BackendError(f"encoder pass failed (llama_decode returned {ret}): "
-                                       f"{self.model._nat.last_errors()}")
-                self.tokens += chunk.tolist()
-        finally:
-            self._ll.llama_batch_free(batch)
-        if logits_last and toks.size:
+        self.model.encode_batch([(self, tokens)])
+        if logits_last and len(tokens):
             ptr = self._ll.llama_get_logits_ith(self.model._ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
         return None

@@ -1,8 +1,9 @@
 """Many generations, one forward per denoising step.
 
-Each generation is a `generate.stream_calls` generator: it runs its own prefill, sampler, early stop and
-commits, and yields a DenoiseCall whenever it needs a decoder pass. `StepScheduler.tick` gathers the pending
-call of every active generation and answers them with one batched pass (`Model.denoise_batch`), so N active
+Each generation is a `generate.stream_calls` generator: it runs its own sampler and early stop, and yields an
+EncodeCall for its prompt and each commit, a DenoiseCall for each decoder pass. `StepScheduler.tick` gathers
+the pending calls of every active generation: the encodes go through llama_decode together
+(`Model.encode_batch`), the denoise passes through one batched pass (`Model.denoise_batch`), so N active
 generations cost one forward per step instead of N. A generation that finishes leaves; a new one joins at the
 next tick; one that is cancelled is closed (its sequence keeps the committed blocks only).
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
-from .generate import Completion, DenoiseCall, stream_calls
+from .errors import ConfigError, DglocalError
+from .generate import CALLS, Completion, DenoiseCall, EncodeCall, stream_calls
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -33,7 +34,7 @@ class Job:
 
     events: Iterator
     on_event: Callable
-    pending: DenoiseCall | None = None
+    pending: DenoiseCall | EncodeCall | None = None
     done: bool = False
     error: BaseException | None = None
     tag: object = None  # the caller's
@@ -59,22 +60,41 @@ class StepScheduler:
         self.jobs = [j for j in self.jobs if j is not job]
 
     def tick(self) -> list[Job]:
-        """One batched decoder pass for every active generation; returns the jobs that ended in it."""
-        active = [j for j in self.jobs if j.pending is not None]
-        if not active:
-            return []
-        results = self.model.denoise_batch([j.pending.request() for j in active])
-        for job, result in zip(active, results):
-            self._advance(job, result)
+        """The encoder passes the generations wait for (prompts, commits) in one batch, then one batched decoder
+        pass for every active generation; returns the jobs that ended in it."""
+        encodes = [j for j in self.jobs if isinstance(j.pending, EncodeCall)]
+        if encodes:
+            self._encode(encodes)
+        active = [j for j in self.jobs if isinstance(j.pending, DenoiseCall)]
+        if active:
+            results = self.model.denoise_batch([j.pending.request() for j in active])
+            for job, result in zip(active, results):
+                self._advance(job, result)
         ended = [j for j in self.jobs if j.done]
         self.jobs = [j for j in self.jobs if not j.done]
         return ended
 
-    def _advance(self, job: Job, result) -> None:
-        """Run a generation up to its next DenoiseCall (or its end), handing its events over on the way."""
+    def _encode(self, jobs: list[Job]) -> None:
         try:
-            item = job.events.send(result)
-            while not isinstance(item, DenoiseCall):
+            EncodeCall.run_batch(self.model, [j.pending for j in jobs])
+        except DglocalError:  # one of them does not fit its context, say: run them one by one, each its own fate
+            for job in jobs:
+                try:
+                    job.pending.run()
+                except Exception as e:  # noqa: BLE001
+                    self._advance(job, None, error=e)
+                else:
+                    self._advance(job, None)
+            return
+        for job in jobs:
+            self._advance(job, None)
+
+    def _advance(self, job: Job, result, error: BaseException | None = None) -> None:
+        """Run a generation up to its next call (or its end), handing its events over on the way; `error` is
+        raised inside it (its cleanup runs, the error ends it)."""
+        try:
+            item = job.events.throw(error) if error is not None else job.events.send(result)
+            while not isinstance(item, CALLS):
                 job.on_event(item)
                 item = job.events.send(None)
             job.pending = item

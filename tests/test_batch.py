@@ -144,3 +144,31 @@ def test_a_guide_re_noises_and_holds_off_the_early_stop(llama_model):
     steps = [e for e in guided if isinstance(e, Step)]
     assert len(steps) == EARLY["max_denoising_steps"] and not any(s.early_stop for s in steps)
     assert all(not s.accepted[0] and not s.accepted[5] and s.guided[[0, 5]].all() for s in steps)
+
+
+def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_model):
+    """Model.encode_batch: the prompts of three sequences in one llama_decode call; every cache then holds what a
+    prefill of its own gives (same denoise logits after it)."""
+    from dglocal import _native
+
+    calls = []
+    real = batched.native
+
+    def counting(fn, *args):
+        calls.append(fn)
+        return real(fn, *args)
+
+    seqs = [batched.sequence(i) for i in range(3)]
+    batched.native = counting
+    try:
+        batched.encode_batch([(s, p) for s, p in zip(seqs, PROMPTS[1:4])])
+    finally:
+        del batched.native
+    assert calls.count(_native._ll.llama_decode) == 1
+    assert [s.tokens for s in seqs] == PROMPTS[1:4]
+    got = batched.denoise_batch([(s, canvas(i), 1.0, None, False) for i, s in enumerate(seqs)], return_logits=True)
+    for i, p in enumerate(PROMPTS[1:4]):
+        single = llama_model.sequence()
+        single.prefill(p)
+        want = single.denoise(canvas(i), temperature=1.0, self_condition=False, return_logits=True).logits
+        np.testing.assert_allclose(got[i].logits, want, atol=1e-4, rtol=0)
