@@ -205,8 +205,8 @@ def render(result: dict, console=None) -> None:
                   f"tokens), TTFT {ar['ttft_s']:.2f} s, prefill {ar['prefill_tok_s']:.0f} tok/s")
     b = result.get("batched")
     if b:
-        console.print(f"batched: {b['batch']} sequences x {b['max_steps']} steps: {b['canvas_tok_s']:.1f} tok/s in all, "
-                      f"{b['per_sequence_tok_s']:.1f} per sequence ({b['wall_s']:.1f} s, prefills included)")
+        console.print(f"batched: {b['batch']} sequences x {b['max_steps']} steps: {b['canvas_tok_s']:.1f} tok/s in "
+                      f"all, {b['per_sequence_tok_s']:.1f} per sequence ({b['wall_s']:.1f} s, prefills included)")
     console.print(f"peak RSS {result['peak_rss_mib']:.0f} MiB"
                   + (f", GPU {gpu:.0f} MiB" if gpu is not None else "")
                   + f"; n_gpu_layers {result['n_gpu_layers']}, threads {result['threads']}, "
@@ -219,8 +219,8 @@ def main(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int
          json: bool = False, console=None, placement: dict | None = None, batch: int = 1) -> dict:
     """`dglocal bench`: run the benchmark, print a table (or JSON with json=True), return the result dict."""
     result = bench(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                   kv_type=kv_type, placement=placement, batch=batch, steps=tuple(steps), adaptive=adaptive, adaptive_steps=adaptive_steps,
-                   canvases=canvases, prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, seed=seed)
+                   kv_type=kv_type, placement=placement, batch=batch, steps=tuple(steps), adaptive=adaptive,
+                   adaptive_steps=adaptive_steps, canvases=canvases, prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, seed=seed)
     if json:
         print(_json.dumps(result, indent=2))
     else:

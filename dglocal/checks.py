@@ -14,8 +14,8 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_CTX = 2**31 - 1
 MAX_SEQ = 256  # LLAMA_MAX_SEQ  # llama.cpp's n_ctx is a uint32, positions int32
 MAX_CANVAS = 65536
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
-INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses  # below, logits / T overflows f32 into NaN probabilities
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below, logits / T overflows f32 into NaN probabilities
+INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses
 
 
 def integer(name: str, value, low: int, high: int) -> int:

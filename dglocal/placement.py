@@ -179,8 +179,8 @@ def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str |
     name = device or next(n for n, d in devs.items() if nat.ggml_backend_dev_type(d) == 0)
     if name not in devs:
         raise ModelError(f"--device {name!r} is not one of: {', '.join(devs)}")
-    print(f"ggml RPC server on {host}:{port} serving {name} ({devs[name] and nat.ggml_backend_dev_description(devs[name]).decode()})",
-          flush=True)
+    description = nat.ggml_backend_dev_description(devs[name]).decode()
+    print(f"ggml RPC server on {host}:{port} serving {name} ({description})", flush=True)
     # the server loop never returns to Python: let SIGINT/SIGTERM end the process as they would a C program
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

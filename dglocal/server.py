@@ -103,8 +103,8 @@ def _typed(body: dict, name: str, kind, *, low=None, high=None):
         and (kind is float or float(value).is_integer()))
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         span = "" if low is None else f" in [{low}, {high}]" if high is not None else f" >= {low}"
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a boolean' if kind is bool else 'a number'}"
-                            f"{span}, got {value!r}", param=name)
+        what = "an integer" if kind is int else "a boolean" if kind is bool else "a number"
+        raise ApiError(400, f"'{name}' must be {what}{span}, got {value!r}", param=name)
     return kind(value)
 
 

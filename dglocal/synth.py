@@ -2,7 +2,8 @@
 
 For measuring speed where the real weights are not at hand (`dglocal synth`, then `dglocal bench`).
 
-- Hyperparameters and tokenizer: the vocab-only Gemma 4 GGUF of the pinned sdist (the 26B-A4B's, docs/gguf.md) plus what it lacks (canvas 256, proportional RoPE 0.25, reference generation defaults); the smaller
+- Hyperparameters and tokenizer: the vocab-only Gemma 4 GGUF of the pinned sdist (the 26B-A4B's, docs/gguf.md)
+  plus what it lacks (canvas 256, proportional RoPE 0.25, reference generation defaults); the smaller
   presets scale the widths and layer count down and keep the real 262144-token vocabulary.
 - Tensor table: `convert.schema.tensor_plan`, the converter's own; values: matrices ~N(0, 1/fan_in), norms,
   scales and layer scalars ~U(0.8, 1.2), rope_freqs as the converter makes them.

@@ -7,7 +7,7 @@ test instead of the test run.
 from __future__ import annotations
 
 import os
-import resource
+import select
 import signal
 import struct
 import subprocess
@@ -315,7 +315,8 @@ def test_sudoku_loop_ctrl_c_stops_one_puzzle(monkeypatch):
 
 
 INTERRUPT_CHILD = """
-import sys, time, numpy as np, dglocal
+import signal, sys, time, numpy as np, dglocal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell without job control starts us with it ignored
 m = dglocal.load(sys.argv[1], n_ctx=512, n_threads=2)
 s = m.sequence()
 s.prefill(list(range(10, 40)))
@@ -341,16 +342,21 @@ def test_ctrl_c_stops_a_denoise_step_midway(tmp_path):
     path = synth("small", "f32", tmp_path / "small.gguf").path
     p = subprocess.Popen([sys.executable, "-c", INTERRUPT_CHILD, str(path)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
+    def line(timeout=120) -> str:
+        ready, _, _ = select.select([p.stdout], [], [], timeout)
+        assert ready, "the child said nothing: a hang"
+        return p.stdout.readline()
+
     try:
-        first = p.stdout.readline().split()
+        first = line().split()
         assert first and first[0] == "step", p.stderr.read()[-2000:]
         step_s = float(first[1])
         time.sleep(step_s / 2)  # somewhere inside the next step
         t0 = time.perf_counter()
         p.send_signal(signal.SIGINT)
-        assert p.stdout.readline().strip() == "interrupted", p.stderr.read()[-2000:]
+        assert line().strip() == "interrupted"
         latency = time.perf_counter() - t0
-        assert p.stdout.readline().split() == ["ok", "30"], p.stderr.read()[-2000:]
+        assert line().split() == ["ok", "30"]
         assert p.wait(timeout=60) == 0
     finally:
         p.kill()
