@@ -149,54 +149,68 @@ def generate_steps(seq, config: GenerationConfig, **kwargs) -> Iterator[Step | B
 
 def canvas_steps(
     seq, config: GenerationConfig, *, canvas_length: int, eos_ids: Sequence[int], noise: Noise,
-    constraints: np.ndarray | None = None, guide: Guide | None = None,
-) -> Iterator[DenoiseCall | Step | Block]:
+    constraints: np.ndarray | None = None, guide: Guide | None = None, guide_restarts: int = 0,
+) -> Iterator[DenoiseCall | EncodeCall | Step | Block]:
     """Denoise canvases after what `seq` holds; yields a DenoiseCall per step (send it the result), every Step,
     then the Block. Ends after an EOS block or ceil(max_new_tokens / C) blocks. A block is committed when the next
     one starts, as the reference does, so the last block is never encoded. `constraints`: int64[blocks * C], -1
-    where free. `guide(draft, accepted)`: positions an outside rule finds wrong (see docs/guides.md). Commits are
+    where free. `guide(draft, accepted)`: positions an outside rule finds wrong (see docs/guides.md); a canvas it
+    still objects to at the step cap is denoised again from fresh noise, up to `guide_restarts` times. Commits are
     yielded as EncodeCalls (the driver runs them, batched across generations or not)."""
-    C, N = canvas_length, config.max_denoising_steps
+    C = canvas_length
     n_blocks = math.ceil(config.max_new_tokens / C)
     block_tokens = None
     for b in range(n_blocks):
         if block_tokens is not None:
             yield EncodeCall(seq, [int(t) for t in block_tokens], "commit")
         pinned = None if constraints is None else constraints[b * C:(b + 1) * C]
-        held = None if pinned is None else pinned >= 0
-        history = StabilityHistory(config.stability_threshold, C) if config.early_stop else None
-        canvas = noise.tokens(C)
-        for i, s in enumerate(range(N, 0, -1)):
-            t0 = time.perf_counter()
-            if held is not None:
-                canvas = np.where(held, pinned, canvas)
-            T = temperature(s, N, config.t_min, config.t_max)
-            out = yield DenoiseCall(seq, canvas, T, noise.uniforms(C), i > 0)
-            argmax = np.asarray(out.argmax, dtype=np.int64)
-            sampled = np.asarray(out.sampled, dtype=np.int64)
-            entropy = np.asarray(out.entropy, dtype=np.float32)
-            if held is not None:  # pinned tokens count as accepted, with zero entropy
-                argmax, sampled = np.where(held, pinned, argmax), np.where(held, pinned, sampled)
-                entropy = np.where(held, np.float32(0), entropy)
-            accepted = accept_mask(entropy, config.entropy_bound)
-            flagged = guide_mask(guide, argmax, accepted, b, C)
-            if flagged is not None:
-                accepted = accepted & ~flagged  # re-noised instead of kept
-            canvas = np.where(accepted, sampled, noise.tokens(C))  # re-noise everything not accepted
-            stop = False
-            if history is not None:
-                stable = history.update(argmax)  # updated every step, as the reference
-                objects = flagged is not None and bool(flagged.any())  # no early stop while the guide objects
-                stop = stable and is_confident(entropy, config.confidence_threshold) and not objects
-            yield Step(b, i + 1, argmax, accepted, T, float(entropy.mean()), stop, time.perf_counter() - t0, flagged)
-            if stop:
+        steps = 0
+        for _attempt in range(1 + (guide_restarts if guide is not None else 0)):
+            block_tokens, n, objects = yield from _denoise_canvas(seq, config, noise, b, C, pinned, guide, steps)
+            steps += n
+            if not objects:  # a canvas the guide still objects to at the step cap starts again from fresh noise
                 break
-        block_tokens = argmax
         counted = block_tokens[: config.max_new_tokens - b * C]
         eos = trim_eos(counted, eos_ids)[1]
-        yield Block(b, block_tokens, i + 1, eos)
+        yield Block(b, block_tokens, steps, eos)
         if eos:
             return
+
+
+def _denoise_canvas(seq, config: GenerationConfig, noise: Noise, b: int, C: int, pinned, guide, step0: int):
+    """One canvas from fresh noise to its last step: (argmax of the last step, steps, the guide still objects)."""
+    N = config.max_denoising_steps
+    held = None if pinned is None else pinned >= 0
+    history = StabilityHistory(config.stability_threshold, C) if config.early_stop else None
+    canvas = noise.tokens(C)
+    objects = False
+    for i, s in enumerate(range(N, 0, -1)):
+        t0 = time.perf_counter()
+        if held is not None:
+            canvas = np.where(held, pinned, canvas)
+        T = temperature(s, N, config.t_min, config.t_max)
+        out = yield DenoiseCall(seq, canvas, T, noise.uniforms(C), i > 0)
+        argmax = np.asarray(out.argmax, dtype=np.int64)
+        sampled = np.asarray(out.sampled, dtype=np.int64)
+        entropy = np.asarray(out.entropy, dtype=np.float32)
+        if held is not None:  # pinned tokens count as accepted, with zero entropy
+            argmax, sampled = np.where(held, pinned, argmax), np.where(held, pinned, sampled)
+            entropy = np.where(held, np.float32(0), entropy)
+        accepted = accept_mask(entropy, config.entropy_bound)
+        flagged = guide_mask(guide, argmax, accepted, b, C)
+        objects = flagged is not None and bool(flagged.any())
+        if flagged is not None:
+            accepted = accepted & ~flagged  # re-noised instead of kept
+        canvas = np.where(accepted, sampled, noise.tokens(C))  # re-noise everything not accepted
+        stop = False
+        if history is not None:
+            stable = history.update(argmax)  # updated every step, as the reference
+            stop = stable and is_confident(entropy, config.confidence_threshold) and not objects
+        yield Step(b, step0 + i + 1, argmax, accepted, T, float(entropy.mean()), stop, time.perf_counter() - t0,
+                   flagged)
+        if stop:
+            break
+    return argmax, i + 1, objects
 
 
 Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
@@ -254,7 +268,7 @@ def stream(model, prompt: str | Sequence[int], **kwargs) -> Iterator[Step | Bloc
 
 def stream_calls(
     model, prompt: str | Sequence[int], *, seq=None, noise: Noise | None = None, constraints=None, guide=None,
-    **options,
+    guide_restarts: int = 0, **options,
 ) -> Iterator[DenoiseCall | Step | BlockText | Completion]:
     """`stream` with its DenoiseCalls left to the driver (dglocal.schedule batches them across generations)."""
     t_start = time.perf_counter()
@@ -292,7 +306,7 @@ def stream_calls(
             yield EncodeCall(seq, tokens[keep:], "prefill")
         t_gen = time.perf_counter()
         events = canvas_steps(seq, config, canvas_length=C, eos_ids=eos_ids, noise=noise, constraints=fixed,
-                              guide=guide)
+                              guide=guide, guide_restarts=guide_restarts)
         for event in _relay(events):
             if isinstance(event, CALLS):
                 event.result = yield event

@@ -82,11 +82,15 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
         events.close()  # a caller that breaks out leaves the sequence consistent
 
 
+GUIDE_RESTARTS = 7  # a grid the guide still finds broken at the step cap is denoised again, up to this many times
+
+
 def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, **generation) -> dict:
     """stream() options for one puzzle."""
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
-                guide=sc.guide_for(puzzle) if guide else None, **generation)
+                guide=sc.guide_for(puzzle) if guide else None, guide_restarts=GUIDE_RESTARTS if guide else 0,
+                **generation)
 
 
 def _solved(puzzle, completion: Completion, seconds: float) -> Solved:
