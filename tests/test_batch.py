@@ -172,3 +172,22 @@ def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_mo
         single.prefill(p)
         want = single.denoise(canvas(i), temperature=1.0, self_condition=False, return_logits=True).logits
         np.testing.assert_allclose(got[i].logits, want, atol=1e-4, rtol=0)
+
+
+def test_guide_restarts_a_canvas_it_still_objects_to(llama_model):
+    """guide_restarts=K: a canvas still flagged at the step cap is denoised again from fresh noise, K more times
+    at most; steps count across the attempts."""
+    opts = dict(EARLY, eos_token_id=(), max_new_tokens=16)
+    events = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=lambda d, a: [0], guide_restarts=2,
+                         **opts))
+    steps = [e for e in events if isinstance(e, Step)]
+    n = EARLY["max_denoising_steps"]
+    assert [s.step for s in steps] == list(range(1, 3 * n + 1)) and events[-1].stats.steps_per_canvas == [3 * n]
+    settled = []  # objects during the first attempt only: no restart once it has nothing to say
+
+    def once(draft, accepted):
+        settled.append(1)
+        return [0] if len(settled) <= n else []
+
+    events = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=once, guide_restarts=2, **opts))
+    assert n < events[-1].stats.steps_per_canvas[0] <= 2 * n
