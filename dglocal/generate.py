@@ -114,12 +114,7 @@ class EncodeCall:
     @staticmethod
     def run_batch(model, calls: list["EncodeCall"]) -> None:
         """Several sequences' encoder passes in as few llama_decode calls as fit (Model.encode_batch)."""
-        model.encode_batch([(c.seq, c.tokens) for c in calls])
-        for c in calls:
-            if c.kind == "prefill":
-                c.seq.n_prefilled += len(c.tokens)
-            else:
-                c.seq.n_committed += len(c.tokens)
+        model.encode_batch([(c.seq, c.tokens, c.kind) for c in calls])
 
 
 CALLS = (DenoiseCall, EncodeCall)
@@ -197,7 +192,7 @@ def _denoise_canvas(seq, config: GenerationConfig, noise: Noise, b: int, C: int,
             argmax, sampled = np.where(held, pinned, argmax), np.where(held, pinned, sampled)
             entropy = np.where(held, np.float32(0), entropy)
         accepted = accept_mask(entropy, config.entropy_bound)
-        flagged = guide_mask(guide, argmax, accepted, b, C)
+        flagged = guide_mask(guide, argmax, accepted, C)
         objects = flagged is not None and bool(flagged.any())
         if flagged is not None:
             accepted = accepted & ~flagged  # re-noised instead of kept
@@ -216,7 +211,7 @@ def _denoise_canvas(seq, config: GenerationConfig, noise: Noise, b: int, C: int,
 Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
 
 
-def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, block: int, C: int) -> np.ndarray | None:
+def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, C: int) -> np.ndarray | None:
     """The guide's verdict on a draft as a boolean mask over the canvas (None without a guide)."""
     if guide is None:
         return None

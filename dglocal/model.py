@@ -211,17 +211,18 @@ class Model:
         return self._sequences[seq_id]
 
     def encode_batch(self, items) -> None:
-        """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches, in as
-        few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the logits of
-        the last token are kept (llama_get_logits_ith(-1))."""
+        """The causal encoder over (sequence, tokens, kind) triples of distinct sequences, appended to their caches,
+        in as few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the
+        logits of the last token are kept (llama_get_logits_ith(-1)). kind "prefill" (a prompt) or "commit" (a
+        finished block) says which of the sequence's counters the tokens add to."""
         work = []
-        for seq, tokens in items:
+        for seq, tokens, _kind in items:
             seq._check_live()
             toks = checks.token_ids(tokens, self.n_vocab)
             if len(seq.tokens) + toks.size > self.n_ctx:
                 raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
             work += [(seq, int(t)) for t in toks]
-        if len({id(s) for s, _ in items}) != len(items):
+        if len({id(s) for s, _, _ in items}) != len(items):
             raise ConfigError("encode_batch: each sequence may appear once per call")
         batch = self._ll.llama_batch_init(self.n_ubatch, 0, 1)
         try:
@@ -229,6 +230,11 @@ class Model:
                 self._encode_chunk(batch, work[start:start + self.n_ubatch], last=start + self.n_ubatch >= len(work))
         finally:
             self._ll.llama_batch_free(batch)
+        for seq, tokens, kind in items:
+            if kind == "prefill":
+                seq.n_prefilled += len(tokens)
+            else:
+                seq.n_committed += len(tokens)
 
     def _encode_chunk(self, batch, chunk: list, *, last: bool) -> None:
         pos0, nxt = {}, {}
@@ -360,21 +366,15 @@ class Sequence:
     def prefill(self, tokens, *, logits_last: bool = False) -> np.ndarray | None:
         """Run the causal encoder over `tokens`, appending them to the cache. With logits_last, return the
         encoder's next-token logits after the last token (the autoregressive view of the same weights)."""
-        logits = self._encode(tokens, logits_last)
-        self.n_prefilled += len(tokens)
-        return logits
-
-    def commit(self, tokens) -> None:
-        """Append a finished block: the same causal encoder pass as prefill."""
-        self._encode(tokens, False)
-        self.n_committed += len(tokens)
-
-    def _encode(self, tokens, logits_last: bool) -> np.ndarray | None:
-        self.model.encode_batch([(self, tokens)])
+        self.model.encode_batch([(self, tokens, "prefill")])
         if logits_last and len(tokens):
             ptr = self._ll.llama_get_logits_ith(self.model._ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
         return None
+
+    def commit(self, tokens) -> None:
+        """Append a finished block: the same causal encoder pass as prefill."""
+        self.model.encode_batch([(self, tokens, "commit")])
 
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
                 return_logits: bool = False) -> Denoised:

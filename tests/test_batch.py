@@ -161,7 +161,7 @@ def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_mo
     seqs = [batched.sequence(i) for i in range(3)]
     batched.native = counting
     try:
-        batched.encode_batch([(s, p) for s, p in zip(seqs, PROMPTS[1:4])])
+        batched.encode_batch([(s, p, "prefill") for s, p in zip(seqs, PROMPTS[1:4])])
     finally:
         del batched.native
     assert calls.count(_native._ll.llama_decode) == 1
