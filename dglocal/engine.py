@@ -109,10 +109,11 @@ class Engine:
                 if req.cancelled:
                     req.put(END)
                     continue
-                free = [i for i, r in enumerate(self.busy) if r is None]
-                slot = max(free, key=lambda i: _common_prefix(self.slots[i].tokens, req.prompt))
-                req.slot, req.cached = slot, _common_prefix(self.slots[slot].tokens, req.prompt)
-                self.busy[slot] = req
+                shared = {i: _common_prefix(self.slots[i].tokens, req.prompt)
+                          for i, r in enumerate(self.busy) if r is None}
+                req.slot = max(shared, key=shared.get)
+                req.cached = shared[req.slot]
+                self.busy[req.slot] = req
                 admitted.append(req)
         for req in admitted:  # the prefill runs here, outside the lock
             events = stream_calls(self.model, req.prompt, seq=self.slots[req.slot], **req.options)

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .config import GenerationConfig
 from .engine import END, Engine, Request
 from .errors import ConfigError, ContextError, DglocalError
 from .generate import BlockText, Completion, Step
@@ -144,8 +145,6 @@ def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
     if not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     try:
-        from .config import GenerationConfig
-
         GenerationConfig.from_metadata(frontend.model.metadata,
                                        **{k: v for k, v in options.items() if k in DIFFUSION_FIELDS or k in (
                                            "max_new_tokens", "seed", "stop")})
@@ -229,11 +228,12 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def run(request, prompt, options, stream, stream_options, *, chat):
         import asyncio
 
-        needed = len(prompt) + options.get("max_new_tokens", 256)
+        max_new = options.get("max_new_tokens", GenerationConfig.max_new_tokens)
+        needed = len(prompt) + max_new
         if needed > engine.model.n_ctx:
-            raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens "
-                                f"({options.get('max_new_tokens', 256)}) need {needed} tokens, over the context of "
-                                f"{engine.model.n_ctx}", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({max_new}) need {needed} tokens, "
+                                f"over the context of {engine.model.n_ctx}", param="max_tokens",
+                           code="context_length_exceeded")
         req = Request(prompt, options, asyncio.get_running_loop())
         if not engine.submit(req):
             raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
