@@ -58,6 +58,27 @@ llama_dg_denoise_batch = _bind("llama_dg_denoise_batch", [_ll.llama_context_p_ct
 # void llama_dg_set_abort_flag(struct llama_context * ctx, const volatile int32_t * flag);
 llama_dg_set_abort_flag = _bind("llama_dg_set_abort_flag", [_ll.llama_context_p_ctypes, c_int32_p], None)
 
+# void llama_dg_last_io_bytes(const struct llama_context * ctx, int64_t * to_backend, int64_t * to_host);
+llama_dg_last_io_bytes = _bind("llama_dg_last_io_bytes", [_ll.llama_context_p_ctypes,
+                                                          ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)],
+                               None)
+
+# typedef void (*llama_dg_node_cb)(void * user, const char * op, const char * name, int32_t src0_type,
+#                                  double flops, double bytes);
+llama_dg_node_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32,
+                                    ctypes.c_double, ctypes.c_double)
+# int32_t llama_dg_graph_walk(struct llama_context * ctx, int32_t kind, int32_t n_tokens, llama_dg_node_cb cb,
+#                             void * user);
+llama_dg_graph_walk = _bind("llama_dg_graph_walk", [_ll.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,
+                                                    llama_dg_node_cb, ctypes.c_void_p], ctypes.c_int32)
+# typedef void (*llama_dg_memory_cb)(void * user, const char * buffer_type, size_t model, size_t context,
+#                                    size_t compute);
+llama_dg_memory_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                      ctypes.c_size_t)
+# void llama_dg_memory_breakdown(const struct llama_context * ctx, llama_dg_memory_cb cb, void * user);
+llama_dg_memory_breakdown = _bind("llama_dg_memory_breakdown", [_ll.llama_context_p_ctypes, llama_dg_memory_cb,
+                                                                ctypes.c_void_p], None)
+
 DG_STATUS = {
     -1: "the model is not diffusion-gemma",
     -2: "invalid argument",

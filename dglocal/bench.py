@@ -60,19 +60,25 @@ def _generation(model, prompt: list[int], **options) -> dict:
     }
 
 
-def _commit_ms(model, prompt: list[int], reps: int, seed: int) -> float:
-    """Median time of one canvas commit after the prompt (the cache is truncated back after each)."""
+def _floor(model, prompt: list[int], reps: int, seed: int) -> dict:
+    """What a denoise step cannot go below on these weights: transformer_ms, a commit of C tokens after the prompt
+    (the same transformer, causal, no LM head); lm_head_ms, that pass returning the logits of all C tokens, minus
+    the commit. A step is a transformer pass, the LM head and a second contraction of the same size (the soft
+    embedding), so its floor is transformer_ms + 2 x lm_head_ms. Medians; the cache is truncated back each time."""
     seq = model.sequence()
     seq.prefill(prompt)
     rng = np.random.default_rng(seed)
-    times = []
+    commit, full = [], []
     for _ in range(reps):
         canvas = rng.integers(0, model.n_vocab, model.canvas_length)
-        t0 = time.perf_counter()
-        seq.commit(canvas)
-        times.append(time.perf_counter() - t0)
-        seq.truncate(len(prompt))
-    return 1000 * statistics.median(times)
+        for times, run_pass in ((commit, seq.commit), (full, lambda c: seq.prefill(c, logits_all=True))):
+            t0 = time.perf_counter()
+            run_pass(canvas)
+            times.append(1000 * (time.perf_counter() - t0))
+            seq.truncate(len(prompt))
+    transformer = statistics.median(commit)
+    lm_head = max(statistics.median(full) - transformer, 0.0)
+    return {"transformer_ms": transformer, "lm_head_ms": lm_head, "floor_ms": transformer + 2 * lm_head}
 
 
 def _autoregressive(model, prompt: list[int], n_tokens: int) -> dict:
@@ -115,7 +121,8 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
         _autoregressive(model, prompt, 2)
 
     ar = _autoregressive(model, prompt, ar_tokens)
-    commit = _commit_ms(model, prompt, commit_reps, seed)
+    floor = _floor(model, prompt, commit_reps, seed)
+    commit = floor["transformer_ms"]
     runs = []
     plan = [("fixed", n) for n in steps]
     if adaptive:
@@ -127,10 +134,13 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
         canvas_s = (r["steps_per_canvas"] * r["ms_per_step"] + commit) / 1000
         r = {"mode": mode, "max_steps": n, **r, "commit_ms": commit, "canvas_tok_s": C / canvas_s}
         r["vs_ar"] = r["canvas_tok_s"] / ar["tok_s"]
+        r["step_vs_floor"] = r["ms_per_step"] / floor["floor_ms"] if floor["floor_ms"] > 0 else None
         runs.append(r)
+    to_backend, to_host = model.last_io_bytes()  # of the last step run
     batched = _batched(model, prompt, steps[0], canvases, seed) if model.n_seq_max > 1 else None
     return {"canvas_length": C, "prompt_tokens": len(prompt), "runs": runs, "autoregressive": ar,
-            "commit_ms": commit, "batched": batched}
+            "commit_ms": commit, "floor": floor, "step_io_bytes": {"to_backend": to_backend, "to_host": to_host},
+            "batched": batched}
 
 
 def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: int | None = None,
@@ -158,9 +168,17 @@ def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: in
         "model": str(path), "name": probe.name, "file_type": probe.file_type, "file_size": probe.file_size,
         "n_params": probe.n_params, "synthetic": synthetic,
         "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "threads": threads or os.cpu_count(),
-        "gpu_offload": bool(_ll.llama_supports_gpu_offload()), "load_s": load_s,
+        "gpu_offload": bool(_ll.llama_supports_gpu_offload()), "offloaded": _offloaded(n_gpu_layers, placement),
+        "load_s": load_s,
         **result, "peak_rss_mib": _peak_rss_mib(), "gpu_memory_mib": gpu,
     }
+
+
+def _offloaded(n_gpu_layers: int, placement: dict | None) -> bool:
+    """Whether layers run off the host: on RPC servers, or on a local GPU with n_gpu_layers != 0."""
+    from .placement import _local_devices
+
+    return bool((placement or {}).get("rpc")) or (n_gpu_layers != 0 and bool(_local_devices()))
 
 
 def _peak_rss_mib() -> float:
@@ -192,13 +210,21 @@ def render(result: dict, console=None) -> None:
     title = (f"{result['name']}  {result['file_type']}  {size:.2f} GiB  canvas {result['canvas_length']}  "
              f"prompt {result['prompt_tokens']}{'  (random weights)' if result['synthetic'] else ''}")
     t = Table(title=title, caption="tok/s = canvas / (steps x ms/step + commit): a long generation's rate")
-    for col in ("mode", "steps", "ms/step", "commit ms", "TTFT s", "tok/s", "wall tok/s", "vs AR"):
+    for col in ("mode", "steps", "ms/step", "vs floor", "commit ms", "TTFT s", "tok/s", "wall tok/s", "vs AR"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for r in result["runs"]:
+        vs_floor = f"{r['step_vs_floor']:.2f}x" if r["step_vs_floor"] is not None else "-"
         t.add_row(f"{r['mode']} {r['max_steps']}", f"{r['steps_per_canvas']:.1f}", f"{r['ms_per_step']:.1f}",
-                  f"{r['commit_ms']:.1f}", f"{r['ttft_s']:.2f}", f"{r['canvas_tok_s']:.1f}",
+                  vs_floor, f"{r['commit_ms']:.1f}", f"{r['ttft_s']:.2f}", f"{r['canvas_tok_s']:.1f}",
                   f"{r['wall_tok_s']:.1f}", f"{r['vs_ar']:.2f}x")
     console.print(t)
+    f = result["floor"]
+    console.print(f"step floor: transformer {f['transformer_ms']:.1f} ms + 2 x LM head {f['lm_head_ms']:.1f} ms "
+                  f"= {f['floor_ms']:.1f} ms")
+    if result["offloaded"]:
+        io = result["step_io_bytes"]
+        console.print(f"per step across the device boundary: {io['to_backend'] / 1e6:.2f} MB in, "
+                      f"{io['to_host'] / 1e6:.3f} MB out")
     ar = result["autoregressive"]
     gpu = result["gpu_memory_mib"]
     console.print(f"autoregressive: {ar['tok_s']:.1f} tok/s ({ar['ms_per_token']:.1f} ms/token, {ar['tokens']} "

@@ -390,9 +390,16 @@ def bench(
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
+    roofline: Annotated[Optional[str], typer.Option(
+        "--roofline", help="Estimate instead of run: a step, a commit and an autoregressive token on h100, h200, "
+                           "rtx4090, rtx5090, m3max, or cpu (this machine, measured), from the model's own graphs "
+                           "(docs/performance.md). The weights are not loaded.", show_default=False)] = None,
 ):
     """Measure speed: fixed-step and adaptive canvases, and the autoregressive baseline."""
     path = resolve_model(model, quant)
+    if roofline:
+        _plugin("roofline").main(path, roofline, **_given(n_ctx=ctx_size, threads=threads), json=as_json)
+        return
     _plugin("bench").main(path, **_given(
         steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
@@ -496,13 +503,17 @@ def synth(
         "--type", help="f32, f16, bf16, q8_0, or a llama.cpp quant type (q4_k_m, ...).")] = "q4_k_m",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    shapes_only: Annotated[bool, typer.Option(
+        "--shapes-only", help="No weights: the header and tensor table over a sparse zero-filled file "
+                              "(seconds, no disk), for bench --roofline and memory plans.")] = False,
 ):
     """Write a random-weight diffusion-gemma GGUF with a real model's shapes (for dglocal bench)."""
     from . import ui
 
     module = _plugin("synth")
     with ui.byte_progress("writing") as progress:
-        result = module.synth(preset, type, output, seed=seed, force=force, progress=progress)
+        result = module.synth(preset, type, output, seed=seed, force=force, progress=progress,
+                              shapes_only=shapes_only)
     ui.show_converted(result)
 
 

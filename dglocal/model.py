@@ -44,12 +44,16 @@ class Model:
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
                  swa_full: bool = True, flash_attn: bool | None = None, extra_bufts: bool = True,
                  rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
-                 n_seq_max: int = 1):
+                 n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True):
         self._ctx = self._model = None
         self._stack = ExitStack()
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
                                    n_ubatch=n_ubatch, kv_type=kv_type, kv_types=KV_TYPES)
         self.n_seq_max = checks.integer("n_seq_max", n_seq_max, 1, checks.MAX_SEQ)
+        # llama.cpp's no_alloc: shapes and buffer sizes without the weights (memory plans, cost models); such a
+        # model runs nothing (sequence() refuses)
+        self.no_alloc = bool(no_alloc)
+        self._mmap = bool(mmap) and not self.no_alloc  # llama.cpp's --no-mmap: weights read into its own buffers
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")
@@ -82,6 +86,9 @@ class Model:
         mparams.n_gpu_layers = n_gpu_layers
         # llama.cpp's CPU "extra" buffer types (repacked / AMX weight layouts): its CPU speed, on by default
         mparams.use_extra_bufts = bool(extra_bufts)
+        mparams.no_alloc = self.no_alloc  # as llama.cpp's own fit pass: nothing mapped, nothing read
+        if not self._mmap:
+            mparams.load_mode = 0
         progress = self._ll.llama_progress_callback(lambda _p, _d: not self._abort.value)  # False: stop loading
         mparams.progress_callback = progress
         where.apply(mparams)  # `where` keeps the arrays mparams points to alive
@@ -206,15 +213,18 @@ class Model:
     def sequence(self, seq_id: int = 0) -> "Sequence":
         """KV-cache sequence `seq_id` (0..n_seq_max-1), emptied; an earlier Sequence of that id becomes unusable."""
         self.check_open()
+        if self.no_alloc:
+            raise ConfigError(f"{self.path.name} was loaded with no_alloc (sizes only): it cannot run")
         seq_id = checks.integer("seq_id", seq_id, 0, self.n_seq_max - 1)
         self._sequences[seq_id] = Sequence(self, seq_id)
         return self._sequences[seq_id]
 
-    def encode_batch(self, items) -> None:
+    def encode_batch(self, items, *, all_logits: bool = False) -> None:
         """The causal encoder over (sequence, tokens, kind) triples of distinct sequences, appended to their caches,
         in as few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the
-        logits of the last token are kept (llama_get_logits_ith(-1)). kind "prefill" (a prompt) or "commit" (a
-        finished block) says which of the sequence's counters the tokens add to."""
+        logits of the last token are kept (llama_get_logits_ith(-1)), or of every token of the last chunk with
+        all_logits. kind "prefill" (a prompt) or "commit" (a finished block) says which of the sequence's counters
+        the tokens add to."""
         work = []
         for seq, tokens, _kind in items:
             seq._check_live()
@@ -227,7 +237,8 @@ class Model:
         batch = self._ll.llama_batch_init(self.n_ubatch, 0, 1)
         try:
             for start in range(0, len(work), self.n_ubatch):
-                self._encode_chunk(batch, work[start:start + self.n_ubatch], last=start + self.n_ubatch >= len(work))
+                last = start + self.n_ubatch >= len(work)
+                self._encode_chunk(batch, work[start:start + self.n_ubatch], last=last, every=all_logits)
         finally:
             self._ll.llama_batch_free(batch)
         for seq, tokens, kind in items:
@@ -236,7 +247,7 @@ class Model:
             else:
                 seq.n_committed += len(tokens)
 
-    def _encode_chunk(self, batch, chunk: list, *, last: bool) -> None:
+    def _encode_chunk(self, batch, chunk: list, *, last: bool, every: bool = False) -> None:
         pos0, nxt = {}, {}
         for i, (seq, tok) in enumerate(chunk):
             pos = nxt.get(seq)
@@ -245,7 +256,7 @@ class Model:
             nxt[seq] = pos + 1
             batch.token[i], batch.pos[i] = tok, pos
             batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq.seq_id
-            batch.logits[i] = last and i == len(chunk) - 1
+            batch.logits[i] = last and (every or i == len(chunk) - 1)
         batch.n_tokens = len(chunk)
         ret = self.native(self._ll.llama_decode, self._ctx, batch)
         if ret != 0:
@@ -294,6 +305,40 @@ class Model:
         for seq, *_ in items:
             seq.n_denoise += 1
         return results
+
+    def last_io_bytes(self) -> tuple[int, int]:
+        """(to backend, to host): bytes the last denoise call's graphs took from the host as inputs and gave back,
+        summed over its passes: the per-step traffic when the layers run on a GPU or an RPC device."""
+        self.check_open()
+        to_backend, to_host = ctypes.c_int64(), ctypes.c_int64()
+        self._nat.llama_dg_last_io_bytes(self._ctx, ctypes.byref(to_backend), ctypes.byref(to_host))
+        return to_backend.value, to_host.value
+
+    def graph_nodes(self, kind: str, n_tokens: int) -> list[tuple[str, str, int, float, float]]:
+        """The compute nodes of the graph llama.cpp builds for one micro-batch of n_tokens ("encode": the causal
+        encoder; "denoise": a canvas pass), walked without running it: (op, name, type id of the first source,
+        FLOPs, bytes read + written). Works with no_alloc."""
+        self.check_open()
+        kinds = {"encode": 0, "denoise": 1}
+        if kind not in kinds:
+            raise ConfigError(f"graph kind must be one of {sorted(kinds)}, got {kind!r}")
+        n_tokens = checks.integer("n_tokens", n_tokens, 1, self.n_ubatch)
+        nodes = []
+        cb = self._nat.llama_dg_node_cb(
+            lambda _u, op, name, t, flops, nbytes: nodes.append((op.decode(), name.decode(), t, flops, nbytes)))
+        if self.native(self._nat.llama_dg_graph_walk, self._ctx, kinds[kind], n_tokens, cb, None) < 0:
+            raise BackendError(f"could not build the {kind} graph: {self._nat.last_errors()}")
+        return nodes
+
+    def memory_breakdown(self) -> dict[str, dict[str, int]]:
+        """Bytes per llama.cpp buffer type: {"CUDA0": {"model": .., "context": .., "compute": ..}, ...}, as
+        allocated (or, with no_alloc, as llama.cpp would allocate them)."""
+        self.check_open()
+        out = {}
+        cb = self._nat.llama_dg_memory_cb(lambda _u, name, m, c, k: out.__setitem__(
+            name.decode(), {"model": m, "context": c, "compute": k}))
+        self._nat.llama_dg_memory_breakdown(self._ctx, cb, None)
+        return out
 
     def stream(self, prompt, **options):
         """Generate after `prompt` (text or token ids); yields Step drafts, BlockText per committed block and
@@ -363,10 +408,16 @@ class Sequence:
         self._check_live()
         return len(self.tokens)
 
-    def prefill(self, tokens, *, logits_last: bool = False) -> np.ndarray | None:
+    def prefill(self, tokens, *, logits_last: bool = False, logits_all: bool = False) -> np.ndarray | None:
         """Run the causal encoder over `tokens`, appending them to the cache. With logits_last, return the
-        encoder's next-token logits after the last token (the autoregressive view of the same weights)."""
-        self.model.encode_batch([(self, tokens, "prefill")])
+        encoder's next-token logits after the last token (the autoregressive view of the same weights); with
+        logits_all, those after every token, [n, n_vocab] (at most n_ubatch tokens)."""
+        if logits_all and len(tokens) > self.model.n_ubatch:
+            raise ConfigError(f"logits_all takes at most n_ubatch = {self.model.n_ubatch} tokens, got {len(tokens)}")
+        self.model.encode_batch([(self, tokens, "prefill")], all_logits=logits_all)
+        if logits_all and len(tokens):
+            ptr = self._ll.llama_get_logits(self.model._ctx)
+            return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
         if logits_last and len(tokens):
             ptr = self._ll.llama_get_logits_ith(self.model._ctx, -1)
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
@@ -414,5 +465,6 @@ def load(path, **opts) -> Model:
     """Load a diffusion-gemma GGUF. opts: n_ctx, n_gpu_layers, n_threads, seed, n_ubatch, kv_type, swa_full,
     flash_attn, extra_bufts (llama.cpp's repacked CPU layouts), rpc (["HOST:PORT", ...]: layers on ggml RPC
     servers), tensor_overrides (["REGEX=BUFFER_TYPE", ...], llama.cpp's -ot), n_cpu_moe (experts of the first N
-    layers in host memory)."""
+    layers in host memory), n_seq_max, mmap (False: llama.cpp's --no-mmap), no_alloc (sizes only: graph_nodes,
+    memory_breakdown; nothing runs)."""
     return Model(path, **opts)

@@ -123,8 +123,10 @@ def preset_params(preset: str, vocab_kv: dict | None = None) -> TextParams:
 
 
 def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
-          progress: Progress | None = None) -> SynthResult:
-    """Write a random-weight diffusion-gemma GGUF of `preset` in `type` (f32, f16, bf16, q8_0, q4_k_m, ...)."""
+          progress: Progress | None = None, shapes_only: bool = False) -> SynthResult:
+    """Write a random-weight diffusion-gemma GGUF of `preset` in `type` (f32, f16, bf16, q8_0, q4_k_m, ...).
+    shapes_only: the same header and tensor table (llama.cpp's type mix included) over a sparse, zero-filled data
+    section: seconds to write, no disk, for what reads only shapes (`bench --roofline`, memory plans)."""
     t0 = time.perf_counter()
     output = Path(output)
     type = type.lower()
@@ -148,7 +150,8 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         else:
             pools = _ProbePools(plan, params, gen, type, seed, probe_dir)
             types = pools.types
-        _write(partial, plan, types, pools, params, gen, tok, name, int(ftype), preset, seed, progress)
+        _write(partial, plan, types, pools, params, gen, tok, name, int(ftype), preset, seed, progress,
+               shapes_only)
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
@@ -276,12 +279,14 @@ def _write_matrix(fout, pool: np.ndarray, t: schema.PlannedTensor, qtype: Q, rng
 
 
 def _write(path: Path, plan, types: dict[str, Q], pools, params: TextParams, gen: dict, tok, name: str,
-           ftype: int, preset: str, seed: int, progress: Progress | None) -> None:
+           ftype: int, preset: str, seed: int, progress: Progress | None, shapes_only: bool = False) -> None:
     w = GGUFWriter(path, schema.ARCH)
     schema.write_metadata(w, params, gen, name=name, file_type=ftype)
     write_tokenizer(w, tok)
     w.add_string("dglocal.synth.preset", preset)  # random weights: say so in the file
     w.add_uint32("dglocal.synth.seed", seed)
+    if shapes_only:
+        w.add_bool("dglocal.synth.shapes_only", True)  # no weights: only what reads shapes may use it
     sizes = {}
     for t in plan:
         q = types[t.name]
@@ -306,7 +311,10 @@ def _write(path: Path, plan, types: dict[str, Q], pools, params: TextParams, gen
         start = fout.tell()
         q = types[t.name]
         rng = _rng(seed, 1_000_003 + i)
-        if t.keep_f32:
+        if shapes_only:
+            fout.seek(sizes[t.name], os.SEEK_CUR)  # a hole: zeros that take no disk
+            report(sizes[t.name], t.name)
+        elif t.keep_f32:
             data = _small_values(t, _rng(seed, i))
             encode_rows(data.reshape(-1, t.shape[-1]), q).tofile(fout)
             report(sizes[t.name], t.name)
@@ -315,4 +323,5 @@ def _write(path: Path, plan, types: dict[str, Q], pools, params: TextParams, gen
         if fout.tell() - start != sizes[t.name]:
             raise ConvertError(f"{t.name}: wrote {fout.tell() - start} bytes, the tensor table says {sizes[t.name]}")
         w.write_padding(fout, fout.tell() - start)
+    fout.truncate(fout.tell())  # the file ends where the last tensor does, even if that is a hole
     w.close()

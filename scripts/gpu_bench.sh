@@ -11,10 +11,12 @@
 #   2. on the device, the same call until it prints GPU_BENCH_DONE (each call resumes where the last stopped:
 #      a build left running in its own session goes on between calls; the machine keeps /tmp while warm, and it
 #      goes back 30 s after a call ends, so make the next call straight away):
-#         run(command="bash scripts/gpu_bench.sh device", carry=[".gpu"], timeout_s=600, kind="nvidia-h100-x1")
+#         run(command="bash scripts/gpu_bench.sh device", carry=[".gpu"], timeout_s=600)
 #      Each call stops itself before BUDGET_S (default 540 s) and prints GPU_BENCH_CONTINUE (exit 3) if work is
-#      left. Expected: call 1 builds (~5-9 min for one arch on 16 cores), call 2 synthesises (~1-2 min, 16 GB)
-#      and benches (~1-2 min). Within the 30-minute session budget with room for one retry.
+#      left. The whole device budget is 15 minutes, machine start included: call 1 builds (~5-9 min for one
+#      arch on 16 cores), call 2 synthesises (~1-2 min, 16 GB), checks GPU against CPU on a tiny model
+#      (NVIDIA_TF32_OVERRIDE=0) and benches (~2 min). Only with a lent device (`status`: can_start_another);
+#      CI never runs this.
 #   3. the results come back in $OUT: bench.json (dglocal bench --json), bench.txt (the table), logs.
 #
 # Locally (no GPU) the device stage can be dry-run on an existing build and a small preset:
@@ -90,7 +92,14 @@ build() {
         python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$src'))"
         touch "$WORK/src/.patched"
     fi
-    if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+    # a failed configure leaves CMakeCache.txt behind but no build.ninja: test that, and start such a one afresh
+    if [ ! -f "$BUILD/build.ninja" ]; then
+        local cublas
+        cublas=$(find /usr/local/cuda*/include /usr/local/cuda*/targets/*/include /usr/include \
+                 -maxdepth 1 -name cublas_v2.h 2>/dev/null | head -1)
+        [ -n "$cublas" ] || { echo "no cuBLAS headers (cublas_v2.h) on this image: ggml-cuda cannot build"; exit 1; }
+        echo "cuBLAS: $cublas"
+        rm -rf "$BUILD"
         # the flags build_backend.py gives a CUDA wheel, plus a plain shared-library build of llama.cpp itself
         local flags
         flags=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))")
@@ -114,6 +123,33 @@ build() {
     echo "build done in $BUILD"
 }
 
+# the GPU against the CPU of the same build on a tiny f32 model (the CPU path is what CI checks against the
+# reference): prefill, a plain and a self-conditioned denoise step, a commit, a denoise after it
+parity() {
+    NVIDIA_TF32_OVERRIDE=0 python3 - "$WORK/tiny-f32.gguf" <<'EOF' 2>&1 | tee "$OUT/parity.txt"
+import sys
+import numpy as np
+import dglocal
+from dglocal.synth import synth
+
+path = sys.argv[1]
+synth("tiny", "f32", path, force=True)
+def run(ngl):
+    with dglocal.load(path, n_ctx=512, n_gpu_layers=ngl) as m:
+        seq, rng = m.sequence(), np.random.default_rng(0)
+        out = [seq.prefill(list(rng.integers(0, m.n_vocab, 40)), logits_last=True)]
+        canvas = rng.integers(0, m.n_vocab, m.canvas_length)
+        for sc in (False, True):
+            out.append(seq.denoise(canvas, temperature=0.7, self_condition=sc, return_logits=True).logits)
+        seq.commit(canvas)
+        out.append(seq.denoise(canvas, temperature=0.7, self_condition=False, return_logits=True).logits)
+        return out
+cpu, gpu = run(0), run(-1)
+worst = max(float(np.abs(a - b).max()) for a, b in zip(cpu, gpu))
+print(f"GPU vs CPU, tiny f32: max abs logit difference {worst:.2e} ({'ok' if worst < 1e-3 else 'FAIL'})")
+EOF
+}
+
 device() {
     mkdir -p "$WORK" "$OUT"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -129,6 +165,7 @@ r = synth('$PRESET', '$TYPE', '$model', force=True)
 print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} s, mix {r.quant_mix}')
 " 2>&1 | tee "$OUT/synth.txt"
     fi
+    [ -f "$OUT/parity.txt" ] || parity
     [ "$(left)" -gt 150 ] || again "bench needs ~2.5 minutes"
     python3 - "$model" "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench.txt"
 import json, os, sys

@@ -77,6 +77,15 @@ def test_encoder_logits_match_reference(model, tiny_model):
     np.testing.assert_allclose(got, encoder_logits(tiny_model, p)[-1], atol=ATOL, rtol=0)
 
 
+def test_encoder_logits_of_every_token_match_reference(model, tiny_model):
+    """prefill(logits_all=True): the next-token logits after every prompt token (bench's LM-head measure)."""
+    p = prompt(W + 5, seed=5)
+    seq = model.sequence()
+    got = seq.prefill(p, logits_all=True)
+    assert got.shape == (len(p), model.n_vocab) and seq.n_past == len(p)
+    np.testing.assert_allclose(got, encoder_logits(tiny_model, p), atol=ATOL, rtol=0)
+
+
 def test_denoise_leaves_cache_intact(model, ref):
     """Many canvases at advancing positions, then a commit: the next canvas still sees the same prefix."""
     seq, rseq = model.sequence(), ref.sequence()

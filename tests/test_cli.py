@@ -293,7 +293,7 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
     result = CliRunner().invoke(cli.app, ["synth", str(tmp_path / "s.gguf"), "--preset", "tiny", "--type", "f16"])
     assert result.exit_code == 0 and "wrote" in result.output, result.output
     assert calls and {k: v for k, v in calls[0].items() if k != "progress"} == dict(
-        preset="tiny", type="f16", output=tmp_path / "s.gguf", seed=0, force=False)
+        preset="tiny", type="f16", output=tmp_path / "s.gguf", seed=0, force=False, shapes_only=False)
 
 
 def test_pick_gguf():

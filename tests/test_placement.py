@@ -242,7 +242,7 @@ c = np.arange(m.canvas_length, dtype=np.int32)
 s.denoise(c, temperature=1.0, self_condition=False)
 print('ready', flush=True); sys.stdin.readline()
 s.denoise(c, temperature=0.9, self_condition=True, uniforms=np.full(m.canvas_length, 0.5, np.float32))
-print('done', flush=True); sys.stdin.readline()
+print('done', *m.last_io_bytes(), flush=True); sys.stdin.readline()
 """
 
 
@@ -260,8 +260,10 @@ def test_rpc_bytes_per_denoise_step_are_canvas_sized(rpc_servers, tmp_path):
         before = proxy.total()
         child.stdin.write("\n")
         child.stdin.flush()
-        assert child.stdout.readline().strip() == "done", child.stderr.read()[-2000:]
+        done = child.stdout.readline().split()
+        assert done[:1] == ["done"], child.stderr.read()[-2000:]
         step_bytes = proxy.total() - before
+        to_backend, to_host = int(done[1]), int(done[2])
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.wait(timeout=120) == 0, child.stderr.read()[-2000:]
@@ -269,8 +271,12 @@ def test_rpc_bytes_per_denoise_step_are_canvas_sized(rpc_servers, tmp_path):
         child.kill()
         proxy.close()
     vocab_tensor = 256 * 262144 * 4  # one [canvas, vocab] f32 tensor: 268 MB
-    print(f"RPC bytes per denoise step (small preset, q8_0): {step_bytes}")
+    print(f"RPC bytes per denoise step (small preset, q8_0): {step_bytes}; graph inputs {to_backend}, "
+          f"read back {to_host}")
     assert 0 < step_bytes < vocab_tensor / 100, step_bytes
+    # Model.last_io_bytes (what bench reports) accounts for the payload: the wire carries it plus RPC framing
+    assert 256 * 4 * 3 <= to_host < 256 * 64 and to_backend > 256 * 4 * 4
+    assert to_backend + to_host <= step_bytes < 2 * (to_backend + to_host) + 200_000, (step_bytes, to_backend, to_host)
 
 
 # -- option parsing and refusals -----------------------------------------------------------------------------------

@@ -128,23 +128,36 @@ def test_completions_and_stop_strings(tiny_server, reference):
     assert s.choices[0].text == want.text[: want.text.index(stop)] and s.choices[0].finish_reason == "stop"
 
 
-def test_second_turn_encodes_only_the_new_tokens(tiny_server, reference):
-    c = tiny_server.client()
-    first = [{"role": "user", "content": "Tell me something."}]
-    a = c.chat.completions.create(model="tiny", messages=first, seed=6, **SMALL)
-    turn = first + [{"role": "assistant", "content": a.choices[0].message.content},
-                    {"role": "user", "content": "And then?"}]
-    b = c.chat.completions.create(model="tiny", messages=turn, seed=7, **SMALL)
-    stats = b.model_extra["dglocal"]
-    # Gemma 4's template drops the generation prompt's thought channel from the history: the whole first user
-    # turn is reused, the reply is encoded again (as in llama-server)
+def test_second_turn_encodes_only_the_new_tokens(tiny_f32_gguf):
+    """A chat's second turn reuses the slot's cached first turn and encodes the rest; its answer is what the
+    Python API gives after the same two turns on one sequence. (A server of its own, and a model of its own, so
+    that both caches hold the same history: where keys sit in the cache decides the float rounding of
+    attention, and a random-weight model's draws flip on the last bit.)"""
+    import dglocal
     from dglocal.generate import ChatSession
 
-    turn1 = ChatSession(reference).template.render(messages=first, add_generation_prompt=False, bos_token="")
-    assert stats["prompt_tokens_cached"] >= len(reference.tokenize(turn1, add_special=True))
-    assert stats["prompt_tokens_encoded"] == b.usage.prompt_tokens - stats["prompt_tokens_cached"]
-    fresh = reference.generate(chat_tokens(reference, turn), seed=7, max_new_tokens=24, max_denoising_steps=4)
-    assert b.choices[0].message.content == fresh.text
+    server = Server(str(tiny_f32_gguf), "-np", "1", "-c", "1024", "--alias", "tiny", "--seed", "1")
+    try:
+        c = server.client()
+        first = [{"role": "user", "content": "Tell me something."}]
+        a = c.chat.completions.create(model="tiny", messages=first, seed=6, **SMALL)
+        turn = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                        {"role": "user", "content": "And then?"}]
+        b = c.chat.completions.create(model="tiny", messages=turn, seed=7, **SMALL)
+    finally:
+        server.stop()
+    stats = b.model_extra["dglocal"]
+    with dglocal.load(tiny_f32_gguf, n_ctx=1024, n_threads=1) as ref:
+        chat = ChatSession(ref)  # its prompt_tokens only (creating another would empty the cache)
+        # Gemma 4's template drops the generation prompt's thought channel from the history: the whole first
+        # user turn is reused, the reply is encoded again (as in llama-server)
+        turn1 = chat.template.render(messages=first, add_generation_prompt=False, bos_token="")
+        assert stats["prompt_tokens_cached"] >= len(ref.tokenize(turn1, add_special=True))
+        assert stats["prompt_tokens_encoded"] == b.usage.prompt_tokens - stats["prompt_tokens_cached"]
+        options = dict(max_new_tokens=24, max_denoising_steps=4)
+        assert a.choices[0].message.content == ref.generate(chat.prompt_tokens(first), seed=6, **options).text
+        again = ref.generate(chat.prompt_tokens(turn), seed=7, **options)  # same sequence: the prefix is reused
+        assert b.choices[0].message.content == again.text
 
 
 def test_errors_are_openai_shaped_and_the_server_keeps_serving(tiny_server):

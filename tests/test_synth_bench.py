@@ -209,6 +209,11 @@ def test_bench_returns_sane_numbers(files):
         assert run["canvas_tok_s"] == pytest.approx(expect)
         assert run["vs_ar"] == pytest.approx(run["canvas_tok_s"] / r["autoregressive"]["tok_s"])
         assert run["ttft_s"] > run["prefill_s"] > 0
+        assert run["step_vs_floor"] == pytest.approx(run["ms_per_step"] / r["floor"]["floor_ms"])
+    f = r["floor"]
+    assert f["transformer_ms"] == r["commit_ms"] > 0 and f["lm_head_ms"] >= 0
+    assert f["floor_ms"] == pytest.approx(f["transformer_ms"] + 2 * f["lm_head_ms"])
+    assert not r["offloaded"] and r["step_io_bytes"]["to_host"] > 0  # the last step's reductions came back
     ar = r["autoregressive"]
     assert ar["tokens"] == 4 and ar["tok_s"] > 0 and ar["ms_per_token"] > 0
     assert r["peak_rss_mib"] > 50 and r["n_ctx"] >= 12 + 2 * 32
