@@ -189,6 +189,12 @@ CpuMoeOption = Annotated[int, typer.Option(
     "--n-cpu-moe", help="Keep the experts of the first N layers in host memory.")]
 
 
+CacheTypeOption = Annotated[Optional[str], typer.Option(
+    "--cache-type", "--kv-type", help="KV cache type: f16, f32, q8_0 or q4_0 (the quantized ones halve or "
+                                      "quarter it and run with flash attention). Default: f16.",
+    show_default=False)]
+
+
 def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int) -> dict:
     return _given(rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None,
                   tensor_overrides=override or None, n_cpu_moe=n_cpu_moe or None)
@@ -239,6 +245,7 @@ def run(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
+    cache_type: CacheTypeOption = None,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -266,7 +273,8 @@ def run(
     interactive = ui.is_terminal()
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                           seed=seed or 0, **placement_options(rpc, override_tensor, n_cpu_moe))
+                           seed=seed or 0, **_given(kv_type=cache_type),
+                           **placement_options(rpc, override_tensor, n_cpu_moe))
     with llm:
         view = ui.make_view(llm, interactive=interactive)
         chat = ui.ChatLoop(llm, view, **options)
@@ -379,8 +387,7 @@ def bench(
     flash_attn: Annotated[Optional[bool], typer.Option(
         "--flash-attn/--no-flash-attn", help="Flash attention. Default: llama.cpp's choice.",
         show_default=False)] = None,
-    kv_type: Annotated[Optional[str], typer.Option(
-        "--kv-type", help="KV cache type: f16, f32 or q8_0. Default: f16.", show_default=False)] = None,
+    kv_type: CacheTypeOption = None,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="Sampling seed. Default: 0.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -442,6 +449,7 @@ def serve(
         "--t-min", help="Default t_min. Default: from the model.", show_default=False)] = None,
     t_max: Annotated[Optional[float], typer.Option(
         "--t-max", help="Default t_max. Default: from the model.", show_default=False)] = None,
+    cache_type: CacheTypeOption = None,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -467,7 +475,7 @@ def serve(
         else:
             llm = dglocal.load(path, n_ctx=ctx_size or 4096 * parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
                                seed=seed, n_seq_max=parallel, n_ubatch=max(512, parallel * 256),
-                               **placement_options(rpc, override_tensor, n_cpu_moe))
+                               **_given(kv_type=cache_type), **placement_options(rpc, override_tensor, n_cpu_moe))
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s)")

@@ -36,7 +36,8 @@ class Denoised:
     logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
 
 
-KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}
+QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
 
 
 class Model:
@@ -50,6 +51,11 @@ class Model:
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
                                    n_ubatch=n_ubatch, kv_type=kv_type, kv_types=KV_TYPES)
         self.n_seq_max = checks.integer("n_seq_max", n_seq_max, 1, checks.MAX_SEQ)
+        if kv_type in QUANTIZED_KV:
+            if flash_attn is False:
+                raise ConfigError(f"a {kv_type} KV cache needs flash attention (llama.cpp quantizes V only inside "
+                                  "it): drop --no-flash-attn, or use an f16 cache")
+            flash_attn = True
         # llama.cpp's no_alloc: shapes and buffer sizes without the weights (memory plans, cost models); such a
         # model runs nothing (sequence() refuses)
         self.no_alloc = bool(no_alloc)

@@ -36,7 +36,7 @@ def denoise_steps(seq) -> np.ndarray:
 def main(path: str, out: str, options: str) -> int:
     import dglocal
 
-    opts = dict(n_ctx=64, kv_type="f32", flash_attn=False, n_threads=2, **json.loads(options))
+    opts = {"n_ctx": 64, "kv_type": "f32", "flash_attn": False, "n_threads": 2, **json.loads(options)}
     with dglocal.load(path, **opts) as model:
         seq = model.sequence()
         enc = [seq.prefill(PROMPT[:8], logits_last=True)] + [seq.prefill([t], logits_last=True) for t in PROMPT[8:]]

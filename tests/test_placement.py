@@ -106,6 +106,29 @@ def test_quant_types_run_with_every_cpu_placement(wide, tiny_vocab, type_name):
     assert max(exact) < 0.08, (type_name, exact)
 
 
+# measured (median per-position rel. L2, worst of encoder and 4 steps; random weights amplify): q8_0 0.061 (0.009
+# before the commit writes canvas K/V into the cache), q4_0 0.21; flash attention alone, f16 cache: ~1e-3
+@pytest.mark.parametrize("kv_type, bound", [("q8_0", 0.12), ("q4_0", 0.35)])
+def test_quantized_kv_cache(tiny_vocab, tiny_f32_gguf, tmp_path_factory, kv_type, bound):
+    """A q8_0 / q4_0 KV cache (flash attention on, which llama.cpp needs for a quantized V), canvas K/V included,
+    against the reference: within the cache type's rounding. Without flash attention the load is refused; with
+    a head size the type's block does not divide, llama.cpp's refusal arrives as an error."""
+    from dglocal.convert import convert
+
+    model = tiny.tiny_model(seed=4, head_dim=32, global_head_dim=64)  # head sizes its 32-wide blocks divide
+    d = tmp_path_factory.mktemp("kvq")
+    path = convert(tiny.save_checkpoint(model, d / "ck"), d / "f32.gguf", "f32", tokenizer_from=tiny_vocab).path
+    ref_enc, ref_steps = reference_run(model)
+    enc, steps = run_probe(path, d / "out.npz", kv_type=kv_type, flash_attn=True)
+    errors = [float(np.median(rel(enc, ref_enc)))] + [float(np.median(rel(s, r))) for s, r in zip(steps, ref_steps)]
+    print(f"{kv_type} KV cache vs reference (encoder, 4 denoise steps): {errors}")
+    assert max(errors) < bound, errors
+    refused = load_errors(path, {"kv_type": kv_type, "flash_attn": False})
+    assert refused[0].startswith("ERROR") and "flash attention" in refused[0], refused
+    narrow = load_errors(tiny_f32_gguf, {"kv_type": kv_type})  # sliding head size 16
+    assert narrow[0].startswith("ERROR") and "does not divide" in narrow[0], narrow
+
+
 def test_cpu_layout_override_is_refused_cleanly(wide, tiny_vocab, tmp_path):
     """-ot naming a CPU weight layout (CPU_REPACK) made llama.cpp's loader write through a null layout
     (segfault); now a clear error and a normal exit."""
