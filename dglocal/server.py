@@ -5,8 +5,9 @@
     GET  /v1/models, /health, /slots
 
 Extensions, ignored by plain OpenAI clients: the diffusion settings as extra body fields (max_denoising_steps,
-entropy_bound, t_min, t_max, stability_threshold, confidence_threshold); `stream_options.include_drafts` adds a
-`dglocal_draft` chunk per denoising step (the live canvas); every response carries `dglocal` statistics.
+entropy_bound, t_min, t_max, stability_threshold, confidence_threshold), llama-server's ignore_eos;
+`stream_options.include_drafts` adds a `dglocal_draft` chunk per denoising step (the live canvas); every response
+carries `dglocal` statistics.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DIFFUSION_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_min":
                     "stability_threshold": int, "confidence_threshold": float}
 ACCEPTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
             "stream_options", "n", "temperature", "top_p", "user", "frequency_penalty", "presence_penalty",
-            *DIFFUSION_FIELDS}
+            "ignore_eos", *DIFFUSION_FIELDS}
 
 
 class ApiError(Exception):
@@ -134,6 +135,8 @@ def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
     seed = _typed(body, "seed", int, low=-1, high=2**64 - 1)
     if seed is not None:
         options["seed"] = seed
+    if _typed(body, "ignore_eos", bool):  # llama-server's field: generate to max_tokens
+        options["eos_token_id"] = ()
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

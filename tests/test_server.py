@@ -169,6 +169,7 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(tiny_server):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 3}), 400, "n"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "t_min": 2, "t_max": 1}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), 400, "bogus"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"}), 400, "ignore_eos"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}), 400, "max_tokens"),
     ]
@@ -208,10 +209,11 @@ def test_load_concurrent_streams_each_answered_once_and_right(tiny_server, refer
 
 
 def test_queue_full_gives_503_and_a_dropped_client_frees_its_slot(tiny_f32_gguf):
-    s = Server(str(tiny_f32_gguf), "-np", "1", "--queue", "1", "-c", "1024", "--alias", "tiny")
+    s = Server(str(tiny_f32_gguf), "-np", "1", "--queue", "1", "-c", "4096", "--alias", "tiny")
     try:
-        long = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 256,
-                           "max_denoising_steps": 48, "stream": True})
+        # long whatever the build's speed: 64 canvases, no end at an EOS the random weights may draw
+        long = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048,
+                           "max_denoising_steps": 48, "ignore_eos": True, "stream": True})
         # a client that starts a long stream and disconnects after the first bytes
         sock = socket.create_connection(("127.0.0.1", s.port))
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
