@@ -195,6 +195,27 @@ CacheTypeOption = Annotated[Optional[str], typer.Option(
     show_default=False)]
 
 
+FitOption = Annotated[bool, typer.Option(
+    "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
+
+
+def _fit(path, n_ctx: int, parallel: int, kv_type, n_gpu_layers: int, where: dict) -> tuple[int, dict]:
+    """--fit: the plan for the free device memory replaces -ngl and --n-cpu-moe (not -ot, which it refuses)."""
+    from . import ui
+
+    if where.get("tensor_overrides"):
+        raise ConfigError("--fit chooses the placement itself: drop -ot, or drop --fit")
+    with ui.status("sizing placements for the device (--fit)"):
+        chosen = _plugin("plan").fit(path, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type or "f16",
+                                     rpc=where.get("rpc"))
+    if chosen is None:
+        ui.print_status("--fit: no GPU or RPC device: everything runs on the host")
+        return 0, where
+    ui.print_status(f"--fit ({chosen['free'] / 2**30:.1f} GiB free): {chosen['words']}")
+    where = {k: v for k, v in where.items() if k != "n_cpu_moe"}
+    return chosen["n_gpu_layers"], {**where, **({"n_cpu_moe": chosen["n_cpu_moe"]} if chosen["n_cpu_moe"] else {})}
+
+
 def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int) -> dict:
     return _given(rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None,
                   tensor_overrides=override or None, n_cpu_moe=n_cpu_moe or None)
@@ -246,6 +267,7 @@ def run(
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
     cache_type: CacheTypeOption = None,
+    fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -271,10 +293,12 @@ def run(
                                                     n_ctx=ctx_size), generation=generation, guide=not no_guide)
         return
     interactive = ui.is_terminal()
+    where = placement_options(rpc, override_tensor, n_cpu_moe)
+    if fit:
+        n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache_type, n_gpu_layers, where)
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                           seed=seed or 0, **_given(kv_type=cache_type),
-                           **placement_options(rpc, override_tensor, n_cpu_moe))
+                           seed=seed or 0, **_given(kv_type=cache_type), **where)
     with llm:
         view = ui.make_view(llm, interactive=interactive)
         chat = ui.ChatLoop(llm, view, **options)
@@ -450,6 +474,7 @@ def serve(
     t_max: Annotated[Optional[float], typer.Option(
         "--t-max", help="Default t_max. Default: from the model.", show_default=False)] = None,
     cache_type: CacheTypeOption = None,
+    fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -469,18 +494,39 @@ def serve(
     path = resolve_model(model, quant)
     defaults = _given(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max)
     GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
+    where = placement_options(rpc, override_tensor, n_cpu_moe)
+    if fit and model is not None:
+        n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache_type, n_gpu_layers, where)
     with ui.status(f"loading {path.name}"):
         if model is None:
             llm = sudoku_mod.load_model(path, threads=threads, batch=parallel)
         else:
             llm = dglocal.load(path, n_ctx=ctx_size or 4096 * parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
                                seed=seed, n_seq_max=parallel, n_ubatch=max(512, parallel * 256),
-                               **_given(kv_type=cache_type), **placement_options(rpc, override_tensor, n_cpu_moe))
+                               **_given(kv_type=cache_type), **where)
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s)")
         run_server(llm, model_id=model_id, host=host, port=port, parallel=parallel, api_key=api_key,
                    defaults=defaults, sudoku=model is None, queue_size=queue)
+
+
+@app.command()
+@handle_errors
+def plan(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="GGUF file or HF repo id (see run).")],
+    vram: Annotated[str, typer.Option("--vram", help="Device memory to fit, e.g. 12G or 16GiB.")],
+    quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
+    parallel: Annotated[int, typer.Option("-np", "--parallel", help="Slots (sequences) served at once.")] = 1,
+    cache_type: CacheTypeOption = None,
+    rpc: RpcOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+):
+    """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read)."""
+    path = resolve_model(model, quant)
+    _plugin("plan").main(path, vram, json=as_json, n_ctx=ctx_size, parallel=parallel,
+                         **_given(kv_type=cache_type), **_given(rpc=placement_options(rpc, None, 0).get("rpc")))
 
 
 @app.command("rpc-server")

@@ -337,7 +337,8 @@ def _words(text: str) -> str:
 
 def test_every_option_is_documented():
     group = typer.main.get_command(cli.app)
-    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server", "serve"}
+    assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server", "serve",
+                                   "plan"}
     top = piped("--help", COLUMNS="200").stdout
     for name in group.commands:
         assert name in top
@@ -353,7 +354,7 @@ def test_every_option_is_documented():
     run_flags = {f for p in group.commands["run"].params for f in getattr(p, "opts", [])}
     assert {"-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-t", "--threads", "--seed", "-p", "--prompt", "-n",
             "--steps", "--entropy-bound", "--t-min", "--t-max", "--stability", "--confidence", "--quant",
-            "--rpc", "-ot", "--override-tensor", "--n-cpu-moe"} <= run_flags
+            "--rpc", "-ot", "--override-tensor", "--n-cpu-moe", "--cache-type", "--fit"} <= run_flags
 
 
 # -- the chat loop without a terminal ---------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""`dglocal plan MODEL --vram 12G`: a placement that fits a device, from the sizes llama.cpp itself allocates.
+
+Every candidate placement is loaded with llama.cpp's `no_alloc` (shapes only, nothing read or allocated), and its
+buffers are read back per buffer type (`Model.memory_breakdown`): weights, KV cache and self-conditioning state,
+and the compute buffers of the larger of the encoder's and the denoise graph. The search keeps as much on the
+device as fits `vram` minus a margin: all layers; else the experts of the first N layers on the host
+(`--n-cpu-moe N`, the smallest N that fits); else every expert on the host and the first layers only
+(`-ngl`). The device is the first GPU, or the `--rpc` servers; with neither, a temporary `dglocal rpc-server` on
+127.0.0.1 stands in for a GPU (the CPU backend's compute buffers, close to a GPU's).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from .errors import BackendError, ConfigError
+
+PARTS = ("model", "context", "compute")
+
+
+@dataclass
+class Choice:
+    n_gpu_layers: int  # llama.cpp's -ngl: -1 every layer and the output
+    n_cpu_moe: int  # experts of the first N layers on the host
+    device: dict  # bytes per part on the device
+    host: dict  # bytes per part in host memory
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+
+def _is_host(buffer_type: str) -> bool:
+    return buffer_type.startswith("CPU") or buffer_type.endswith("_Host")
+
+
+def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_gpu_layers: int, n_cpu_moe: int,
+            rpc: list[str] | None) -> Choice:
+    """One placement's buffers, as llama.cpp sizes them (no_alloc), split into device and host."""
+    from . import load
+
+    with load(path, n_ctx=n_ctx, n_seq_max=parallel, n_ubatch=n_ubatch, kv_type=kv_type, n_gpu_layers=n_gpu_layers,
+              n_cpu_moe=n_cpu_moe, rpc=rpc, no_alloc=True, mmap=False) as m:
+        breakdown = m.memory_breakdown()
+    device = {p: 0 for p in PARTS}
+    host = {p: 0 for p in PARTS}
+    for name, parts in breakdown.items():
+        side = host if _is_host(name) else device
+        for p in PARTS:
+            side[p] += parts[p]
+    return Choice(n_gpu_layers, n_cpu_moe, device, host)
+
+
+def _smallest(lo: int, hi: int, ok) -> int | None:
+    """The smallest k in [lo, hi] with ok(k), for ok monotone (False ... True); None if ok(hi) is False."""
+    if not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
+           rpc: list[str] | None = None, margin: int | None = None) -> dict:
+    """The placement that keeps the most on a device of `vram` bytes; the candidates measured on the way."""
+    from . import checks
+    from .gguf_read import read_header
+
+    header = read_header(path)
+    canvas = checks.model_file(path, header)
+    n_layer = int(header.kv[f"{header.kv.get('general.architecture', 'diffusion-gemma')}.block_count"])
+    n_ubatch = max(512, parallel * canvas)  # as run / serve load it: a canvas per slot in one micro-batch
+    margin = max(256 << 20, vram // 32) if margin is None else margin
+    budget = vram - margin
+    seen: dict[tuple[int, int], Choice] = {}
+
+    def at(ngl: int, k: int) -> Choice:
+        if (ngl, k) not in seen:
+            seen[ngl, k] = measure(path, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch, kv_type=kv_type,
+                                   n_gpu_layers=ngl, n_cpu_moe=k, rpc=rpc)
+        return seen[ngl, k]
+
+    def fits(ngl: int, k: int) -> bool:
+        return at(ngl, k).device_total <= budget
+
+    k = _smallest(0, n_layer, lambda k: fits(-1, k))
+    if k is not None:
+        chosen = at(-1, k)
+    else:  # every expert on the host is not enough: fewer layers on the device (ngl counts the output too)
+        off = _smallest(0, n_layer + 1, lambda d: fits(n_layer + 1 - d, n_layer))
+        chosen = at(n_layer + 1 - off, n_layer) if off is not None else at(0, n_layer)
+    return {"model": str(path), "vram": vram, "margin": margin, "n_ctx": n_ctx, "parallel": parallel,
+            "kv_type": kv_type, "n_layer": n_layer, "choice": asdict(chosen),
+            "fits": chosen.device_total <= budget, "words": describe(chosen, n_layer),
+            "measured": [asdict(c) for c in seen.values()]}
+
+
+def describe(c: Choice, n_layer: int) -> str:
+    """In words. llama.cpp offloads the last -ngl layers, the output layer (LM head, and here the soft embedding's
+    copy and the vocabulary-wide compute buffers) counting as one."""
+    if c.n_gpu_layers == 0:
+        return "everything on the host"
+    if c.n_gpu_layers < 0 or c.n_gpu_layers > n_layer:
+        where = f"all {n_layer} layers on the device"
+    else:
+        where = f"the output layer and the last {c.n_gpu_layers - 1} of {n_layer} layers on the device"
+    if c.n_cpu_moe:
+        where += f"; the experts of the first {c.n_cpu_moe} layers in host memory"
+    return where
+
+
+@contextmanager
+def stand_in_device():
+    """A `dglocal rpc-server` on a free 127.0.0.1 port, for sizing a device this machine does not have."""
+    import socket
+
+    from .placement import _check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dglocal.cli", "rpc-server", "--port", str(port), "-t", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _check_reachable(f"127.0.0.1:{port}", timeout=1)
+                break
+            except BackendError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BackendError("could not start a local rpc-server to size the device") from None
+                time.sleep(0.2)
+        yield [f"127.0.0.1:{port}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
+         margin=None) -> dict:
+    """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
+    from .convert.report import parse_size
+    from .placement import _local_devices
+
+    vram = parse_size(vram) if isinstance(vram, str) else int(vram)
+    if vram <= 0:
+        raise ConfigError(f"--vram must be a positive size, got {vram}")
+    margin = parse_size(margin) if isinstance(margin, str) else margin
+    if rpc or _local_devices():
+        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, margin=margin)
+        result["device"] = "rpc" if rpc else "gpu"
+        return result
+    with stand_in_device() as endpoints:
+        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=endpoints, margin=margin)
+    result["device"] = "stand-in"
+    return result
+
+
+def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None) -> dict | None:
+    """`run --fit` / `serve --fit`: the plan for the free memory of the first GPU (or RPC server) now, as load
+    options {n_gpu_layers, n_cpu_moe} plus its words; None without a device (everything stays on the host)."""
+    import ctypes
+
+    from . import _native as nat
+    from .placement import _local_devices, rpc_devices
+
+    devs = rpc_devices(rpc) if rpc else _local_devices()
+    if not devs:
+        return None
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    nat.ggml_backend_dev_memory(devs[0], ctypes.byref(free), ctypes.byref(total))
+    r = search(path, int(free.value), n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc)
+    c = r["choice"]
+    return {"n_gpu_layers": c["n_gpu_layers"], "n_cpu_moe": c["n_cpu_moe"], "words": r["words"],
+            "free": int(free.value)}
+
+
+def render(r: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    gib = 1 << 30
+    c = r["choice"]
+    note = " (no GPU here: a local rpc-server stood in for it)" if r["device"] == "stand-in" else ""
+    console.print(f"{r['model']}: n_ctx {r['n_ctx']}, {r['parallel']} slot(s), KV {r['kv_type']}, device "
+                  f"{r['vram'] / gib:.1f} GiB with {r['margin'] / gib:.2f} GiB spare{note}")
+    t = Table()
+    for col in ("", "weights", "KV + state", "compute", "total"):
+        t.add_column(col, justify="right" if col else "left")
+    for side in ("device", "host"):
+        parts = c[side]
+        t.add_row(side, *(f"{parts[p] / gib:.2f}" for p in PARTS), f"{sum(parts.values()) / gib:.2f} GiB")
+    console.print(t)
+    flags = f"-ngl {c['n_gpu_layers']}" + (f" --n-cpu-moe {c['n_cpu_moe']}" if c["n_cpu_moe"] else "")
+    verdict = "fits" if r["fits"] else "does not fit even with everything on the host"
+    console.print(f"{r['words']}: {flags} ({verdict}; {len(r['measured'])} placements sized)")
+
+
+def main(path, vram, *, json: bool = False, console=None, **options) -> dict:
+    import json as _json
+
+    r = plan(path, vram, **options)
+    if json:
+        print(_json.dumps(r, indent=2))
+    else:
+        render(r, console)
+    return r

@@ -1,0 +1,84 @@
+"""`dglocal plan`: placements chosen from llama.cpp's own buffer sizes, checked against what a real load allocates.
+
+The device is a `dglocal rpc-server` on 127.0.0.1 (what plan itself starts when the machine has no GPU).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dglocal
+from dglocal import plan as planner
+from dglocal.synth import synth
+
+pytestmark = pytest.mark.backend
+
+_script = Path(sys.executable).with_name("dglocal")
+DGLOCAL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "dglocal.cli"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return synth("small", "q8_0", tmp_path_factory.mktemp("plan") / "small-q8_0.gguf").path
+
+
+@pytest.fixture(scope="module")
+def device():
+    with planner.stand_in_device() as endpoints:
+        yield endpoints
+
+
+def device_bytes(path, endpoints, **placement) -> dict:
+    """What a real load (weights read, buffers allocated) puts on the RPC device, per part."""
+    with dglocal.load(path, n_ctx=1024, rpc=endpoints, n_threads=1, mmap=False, **placement) as m:
+        parts = [p for name, p in m.memory_breakdown().items() if not planner._is_host(name)]
+    return {k: sum(p[k] for p in parts) for k in planner.PARTS}
+
+
+def test_plan_moves_experts_to_the_host_and_predicts_the_device_buffers(small, device):
+    everything = planner.measure(small, n_ctx=1024, parallel=1, n_ubatch=512, kv_type="f16", n_gpu_layers=-1,
+                                 n_cpu_moe=0, rpc=device)
+    margin = 64 << 20
+    r = planner.search(small, everything.device_total + margin, n_ctx=1024, rpc=device, margin=margin)
+    assert r["fits"] and r["choice"]["n_cpu_moe"] == 0 and r["choice"]["n_gpu_layers"] == -1
+    # one byte short: the experts of the first layers go to the host, as few as fit
+    r = planner.search(small, everything.device_total + margin - 1, n_ctx=1024, rpc=device, margin=margin)
+    c = r["choice"]
+    assert r["fits"] and c["n_gpu_layers"] == -1 and 1 <= c["n_cpu_moe"] <= r["n_layer"], r
+    assert "experts of the first" in r["words"]
+    # the prediction against what llama.cpp then allocates on the device, part by part (within 5%)
+    real = device_bytes(small, device, n_cpu_moe=c["n_cpu_moe"])
+    for part in planner.PARTS:
+        assert c["device"][part] == pytest.approx(real[part], rel=0.05, abs=1 << 20), (part, c["device"], real)
+
+
+def test_plan_with_too_little_memory_keeps_everything_on_the_host(small, device):
+    r = planner.search(small, 300 << 20, n_ctx=1024, rpc=device, margin=0)
+    # the output layer carries the vocabulary-wide buffers (~0.8 GiB here): nothing offloads under them
+    assert r["choice"]["n_gpu_layers"] == 0 and r["words"] == "everything on the host"
+    assert sum(r["choice"]["device"].values()) == 0
+
+
+def test_plan_command(small):
+    r = subprocess.run([*DGLOCAL, "plan", str(small), "--vram", "8G", "-c", "1024", "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["device"] == "stand-in" and out["fits"] and out["choice"]["n_gpu_layers"] == -1
+    bad = subprocess.run([*DGLOCAL, "plan", str(small), "--vram", "lots"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "lots" in bad.stderr
+
+
+def test_run_fit(small, device):
+    """run --fit sizes the placements for the device's free memory and says what it chose; without a device it
+    says everything stays on the host."""
+    args = [*DGLOCAL, "run", str(small), "-p", "hi", "-n", "8", "--steps", "1", "-c", "1024", "-t", "1", "--fit"]
+    r = subprocess.run([*args, "--rpc", device[0]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--fit (" in r.stderr and "layers on the device" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "everything runs on the host" in r.stderr, r.stderr[-2000:]
