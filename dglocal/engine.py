@@ -112,7 +112,7 @@ class Engine:
                 shared = {i: _common_prefix(self.slots[i].tokens, req.prompt)
                           for i, r in enumerate(self.busy) if r is None}
                 req.slot = max(shared, key=shared.get)
-                req.cached = shared[req.slot]
+                req.cached = shared[req.slot] if req.options.get("cache_prompt", True) else 0
                 self.busy[req.slot] = req
                 admitted.append(req)
         for req in admitted:  # the prefill runs here, outside the lock

@@ -256,14 +256,15 @@ def stream(model, prompt: str | Sequence[int], **kwargs) -> Iterator[Step | Bloc
     """Generate after `prompt`; yields Step drafts, BlockText per committed block, and a final Completion.
 
     `seq`: a sequence to reuse: only the part of the prompt after the longest common prefix with the tokens it
-    holds (`seq.tokens`) is encoded. `guide`: see canvas_steps. Options are GenerationConfig fields.
+    holds (`seq.tokens`) is encoded, unless cache_prompt=False (llama-server's field: encode it all afresh).
+    `guide`: see canvas_steps. Options are GenerationConfig fields.
     """
     return serve_single(stream_calls(model, prompt, **kwargs))
 
 
 def stream_calls(
     model, prompt: str | Sequence[int], *, seq=None, noise: Noise | None = None, constraints=None, guide=None,
-    guide_restarts: int = 0, **options,
+    guide_restarts: int = 0, cache_prompt: bool = True, **options,
 ) -> Iterator[DenoiseCall | Step | BlockText | Completion]:
     """`stream` with its DenoiseCalls left to the driver (dglocal.schedule batches them across generations)."""
     t_start = time.perf_counter()
@@ -289,7 +290,7 @@ def stream_calls(
         seq = model.sequence()
 
     # prompt cache: encode only what follows the longest common prefix with what the sequence holds
-    keep = _common_prefix(seq.tokens, tokens)
+    keep = _common_prefix(seq.tokens, tokens) if cache_prompt else 0
     if seq.n_past > keep:
         seq.truncate(keep)
     out: list[int] = []

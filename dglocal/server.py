@@ -5,7 +5,7 @@
     GET  /v1/models, /health, /slots
 
 Extensions, ignored by plain OpenAI clients: the diffusion settings as extra body fields (max_denoising_steps,
-entropy_bound, t_min, t_max, stability_threshold, confidence_threshold), llama-server's ignore_eos;
+entropy_bound, t_min, t_max, stability_threshold, confidence_threshold), llama-server's ignore_eos and cache_prompt;
 `stream_options.include_drafts` adds a `dglocal_draft` chunk per denoising step (the live canvas); every response
 carries `dglocal` statistics.
 """
@@ -32,7 +32,7 @@ DIFFUSION_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_min":
                     "stability_threshold": int, "confidence_threshold": float}
 ACCEPTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
             "stream_options", "n", "temperature", "top_p", "user", "frequency_penalty", "presence_penalty",
-            "ignore_eos", *DIFFUSION_FIELDS}
+            "ignore_eos", "cache_prompt", *DIFFUSION_FIELDS}
 
 
 class ApiError(Exception):
@@ -137,6 +137,8 @@ def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
         options["seed"] = seed
     if _typed(body, "ignore_eos", bool):  # llama-server's field: generate to max_tokens
         options["eos_token_id"] = ()
+    if _typed(body, "cache_prompt", bool) is False:  # llama-server's field: no reuse of the slot's cached prefix
+        options["cache_prompt"] = False
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

@@ -21,6 +21,11 @@ from test_sudoku import easy_puzzle
 pytestmark = pytest.mark.backend
 
 SMALL = dict(max_tokens=24, extra_body={"max_denoising_steps": 4})
+# A request compared with the Python API: the prompt encoded afresh on both sides. With prefix reuse, which slot
+# history a request meets depends on what ran before; where keys sit in the cache moves attention's rounding,
+# and a random-weight model's draws flip on the last bit.
+FRESH = dict(max_tokens=24, extra_body={"max_denoising_steps": 4, "cache_prompt": False})
+REF = dict(max_new_tokens=24, max_denoising_steps=4, cache_prompt=False)
 
 
 def _free_port() -> int:
@@ -95,12 +100,13 @@ def test_models_and_health(tiny_server):
 def test_chat_stream_equals_whole_equals_generate(tiny_server, reference):
     c = tiny_server.client()
     msgs = [{"role": "user", "content": "Write a line about the sea."}]
-    whole = c.chat.completions.create(model="tiny", messages=msgs, seed=3, **SMALL)
+    whole = c.chat.completions.create(model="tiny", messages=msgs, seed=3, **FRESH)
     chunks = list(c.chat.completions.create(model="tiny", messages=msgs, seed=3, stream=True,
-                                            stream_options={"include_usage": True}, **SMALL))
+                                            stream_options={"include_usage": True}, **FRESH))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    want = reference.generate(chat_tokens(reference, msgs), seed=3, max_new_tokens=24, max_denoising_steps=4)
+    want = reference.generate(chat_tokens(reference, msgs), seed=3, **REF)
     assert whole.choices[0].message.content == streamed == want.text
+    assert whole.model_extra["dglocal"]["prompt_tokens_cached"] == 0  # cache_prompt false: all encoded
     assert whole.choices[0].finish_reason == ("stop" if want.finish_reason != "length" else "length")
     prompt = len(chat_tokens(reference, msgs))
     assert whole.usage.prompt_tokens == prompt and whole.usage.completion_tokens == len(want.tokens)
@@ -120,11 +126,11 @@ def test_live_canvas_drafts_are_ordered(tiny_server):
 
 def test_completions_and_stop_strings(tiny_server, reference):
     c = tiny_server.client()
-    r = c.completions.create(model="tiny", prompt="Once upon a time", seed=5, **SMALL)
-    want = reference.generate("Once upon a time", seed=5, max_new_tokens=24, max_denoising_steps=4)
+    r = c.completions.create(model="tiny", prompt="Once upon a time", seed=5, **FRESH)
+    want = reference.generate("Once upon a time", seed=5, **REF)
     assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.tokens)
     stop = want.text[3:5]
-    s = c.completions.create(model="tiny", prompt="Once upon a time", seed=5, stop=[stop], **SMALL)
+    s = c.completions.create(model="tiny", prompt="Once upon a time", seed=5, stop=[stop], **FRESH)
     assert s.choices[0].text == want.text[: want.text.index(stop)] and s.choices[0].finish_reason == "stop"
 
 
@@ -170,6 +176,7 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(tiny_server):
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "t_min": 2, "t_max": 1}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), 400, "bogus"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"}), 400, "ignore_eos"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "cache_prompt": 0}), 400, "cache_prompt"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}), 400, "max_tokens"),
     ]
@@ -184,7 +191,7 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(tiny_server):
 
 def test_load_concurrent_streams_each_answered_once_and_right(tiny_server, reference):
     """8 concurrent streaming clients x 5 requests on 2 slots: every answer once, each equal to its request
-    served alone with its seed."""
+    served alone with its seed (FRESH: the prompt encoded afresh on both sides)."""
     c = tiny_server.client()
     prompts = [f"Request number {i}." for i in range(8)]
 
@@ -192,7 +199,7 @@ def test_load_concurrent_streams_each_answered_once_and_right(tiny_server, refer
         out = []
         for k in range(5):
             msgs = [{"role": "user", "content": prompts[i]}]
-            chunks = c.chat.completions.create(model="tiny", messages=msgs, seed=100 * i + k, stream=True, **SMALL)
+            chunks = c.chat.completions.create(model="tiny", messages=msgs, seed=100 * i + k, stream=True, **FRESH)
             out.append((i, k, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)))
         return out
 
@@ -203,7 +210,7 @@ def test_load_concurrent_streams_each_answered_once_and_right(tiny_server, refer
     assert sorted((i, k) for i, k, _ in answers) == [(i, k) for i in range(8) for k in range(5)]
     for i, k, text in answers:
         want = reference.generate(chat_tokens(reference, [{"role": "user", "content": prompts[i]}]),
-                                  seed=100 * i + k, max_new_tokens=24, max_denoising_steps=4)
+                                  seed=100 * i + k, **REF)
         assert text == want.text, (i, k)
     print(f"40 streamed requests on 2 slots in {elapsed:.1f} s")
 
