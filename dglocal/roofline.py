@@ -44,10 +44,9 @@ DEVICES = {
 }
 
 
-def measure_cpu(threads: int | None = None) -> Device:
-    """This machine: float32 GEMM FLOP/s (numpy, 2048^3, best of 3) and copy bandwidth (256 MiB, read + write)."""
-    if threads:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+def measure_cpu() -> Device:
+    """This machine: float32 GEMM FLOP/s (numpy's BLAS on all its threads, 2048^3, best of 3) and copy bandwidth
+    (256 MiB, read + write)."""
     a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
     gemm = []
     for _ in range(3):
@@ -133,7 +132,7 @@ def main(path, device: str, *, n_ctx: int = 4096, threads: int | None = None, st
 
     if device != "cpu" and device not in DEVICES:
         raise ConfigError(f"--roofline takes {', '.join([*DEVICES, 'cpu'])}, got {device!r}")
-    dev = measure_cpu(threads) if device == "cpu" else DEVICES[device]
+    dev = measure_cpu() if device == "cpu" else DEVICES[device]
     saved = os.environ.get("LLAMA_DG_REDUCE")
     if device != "cpu":
         os.environ["LLAMA_DG_REDUCE"] = "chain"

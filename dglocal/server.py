@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-import uuid
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
