@@ -236,7 +236,7 @@ def render(result: dict, console=None) -> None:
     console.print(f"peak RSS {result['peak_rss_mib']:.0f} MiB"
                   + (f", GPU {gpu:.0f} MiB" if gpu is not None else "")
                   + f"; n_gpu_layers {result['n_gpu_layers']}, threads {result['threads']}, "
-                    f"GPU offload {'yes' if result['gpu_offload'] else 'no'}, load {result['load_s']:.1f} s")
+                    f"layers off the host {'yes' if result['offloaded'] else 'no'}, load {result['load_s']:.1f} s")
 
 
 def main(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
