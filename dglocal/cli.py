@@ -212,8 +212,7 @@ def _fit(path, n_ctx: int, parallel: int, kv_type, n_gpu_layers: int, where: dic
         ui.print_status("--fit: no GPU or RPC device: everything runs on the host")
         return 0, where
     ui.print_status(f"--fit ({chosen['free'] / 2**30:.1f} GiB free): {chosen['words']}")
-    where = {k: v for k, v in where.items() if k != "n_cpu_moe"}
-    return chosen["n_gpu_layers"], {**where, **({"n_cpu_moe": chosen["n_cpu_moe"]} if chosen["n_cpu_moe"] else {})}
+    return chosen["n_gpu_layers"], {**where, "n_cpu_moe": chosen["n_cpu_moe"]}
 
 
 def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int) -> dict:
@@ -526,7 +525,7 @@ def plan(
     """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read)."""
     path = resolve_model(model, quant)
     _plugin("plan").main(path, vram, json=as_json, n_ctx=ctx_size, parallel=parallel,
-                         **_given(kv_type=cache_type), **_given(rpc=placement_options(rpc, None, 0).get("rpc")))
+                         **_given(kv_type=cache_type), **placement_options(rpc, None, 0))
 
 
 @app.command("rpc-server")

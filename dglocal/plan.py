@@ -73,7 +73,7 @@ def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: st
 
     header = read_header(path)
     canvas = checks.model_file(path, header)
-    n_layer = int(header.kv[f"{header.kv.get('general.architecture', 'diffusion-gemma')}.block_count"])
+    n_layer = int(header.kv["diffusion-gemma.block_count"])  # model_file checked the architecture
     n_ubatch = max(512, parallel * canvas)  # as run / serve load it: a canvas per slot in one micro-batch
     margin = max(256 << 20, vram // 32) if margin is None else margin
     budget = vram - margin

@@ -5,10 +5,9 @@ The device is a `dglocal rpc-server` on 127.0.0.1 (what plan itself starts when 
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from test_cli import DGLOCAL
 
 import dglocal
 from dglocal import plan as planner
@@ -16,8 +15,6 @@ from dglocal.synth import synth
 
 pytestmark = pytest.mark.backend
 
-_script = Path(sys.executable).with_name("dglocal")
-DGLOCAL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "dglocal.cli"]
 
 
 @pytest.fixture(scope="module")

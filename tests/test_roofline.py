@@ -9,19 +9,16 @@ file's tensor table.
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import DGLOCAL
 
 import dglocal
 from dglocal.errors import ConfigError
 from dglocal.gguf_read import read_header
 from dglocal.synth import synth
 
-_script = Path(sys.executable).with_name("dglocal")
-DGLOCAL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "dglocal.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from reference_harness import ReferenceModel, encoder_logits, reference_generate
+from test_cli import DGLOCAL
 
 from dglocal import sudoku_core as sc
 from dglocal.cli import DEFAULT_MODEL
@@ -32,8 +32,6 @@ HELDOUT = ROOT / "scripts" / "sudoku" / "heldout.txt"
 # differences are up to 1.4e-4 of max(1, |logit|), float32 accumulation through 4 layers and the soft embedding.
 ATOL, RTOL = 2e-4, 1e-4
 
-_script = Path(sys.executable).with_name("dglocal")
-DGLOCAL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "dglocal.cli"]
 
 
 def heldout(n: int) -> list[tuple[str, str]]:
