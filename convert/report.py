@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 
 from dglocal.errors import ConvertError
 
-from .. import checks
+from .. import checks, swa
 from ..gguf_read import read_header
 from . import schema
 from .source import read_generation, read_params, resolve_source
@@ -39,6 +39,7 @@ class DryRun:
     vram_bytes: int | None
     estimated: bool              # True for llama.cpp quant types: the real mix is decided by llama.cpp
     generation: dict = field(default_factory=dict)
+    placement: dict | None = None  # with a VRAM size: dglocal.plan's result for the converted file's shapes
 
     @property
     def total_bytes(self) -> int:
@@ -46,6 +47,8 @@ class DryRun:
 
     @property
     def fits(self) -> bool | None:
+        if self.placement is not None:
+            return self.placement["fits"]
         return None if self.vram_bytes is None else self.total_bytes <= self.vram_bytes
 
 
@@ -79,7 +82,9 @@ def _nbytes(shape, qtype: Q) -> int:
 
 
 def dry_run(source, type: str = "f16", *, vram=None, context: int = 4096) -> DryRun:
-    """The tensor plan, output size and VRAM need of a conversion, from config.json alone."""
+    """The tensor plan, output size and memory need of a conversion, from config.json alone. With `vram`, the
+    memory is what llama.cpp allocates for the file's shapes (a shapes-only GGUF sized by dglocal.plan, as `dglocal
+    plan` does for a finished file) and the placement that fits; without, an estimate."""
     file_type(type)  # validates the name
     directory = resolve_source(source, config_only=True)
     p = read_params(directory)
@@ -94,8 +99,29 @@ def dry_run(source, type: str = "f16", *, vram=None, context: int = 4096) -> Dry
         n = min(context, p.sliding_window + p.canvas_length) if p.is_swa(il) else context
         kv += 2 * n * p.head_count_kv[il] * p.head_dim_of(il) * 2
     compute = 2 * p.canvas_length * p.vocab_size * 4 + COMPUTE_MARGIN
-    return DryRun(type.lower(), rows, sum(r.nbytes for r in rows), kv, compute, context,
-                  None if vram is None else parse_size(vram), not direct, read_generation(directory))
+    result = DryRun(type.lower(), rows, sum(r.nbytes for r in rows), kv, compute, context,
+                    None if vram is None else parse_size(vram), not direct, read_generation(directory))
+    if vram is not None:
+        result.placement = _placement(p, type, result.vram_bytes, context, name=str(source))
+        c = result.placement["choice"]
+        result.kv_cache_bytes = c["device"]["context"] + c["host"]["context"]
+        result.compute_bytes = c["device"]["compute"] + c["host"]["compute"]
+    return result
+
+
+def _placement(params, type: str, vram: int, context: int, *, name: str) -> dict:
+    """dglocal.plan on a shapes-only GGUF of these params in `type`, written to a temporary directory."""
+    import tempfile
+    from pathlib import Path
+
+    from dglocal import plan, synth
+
+    with tempfile.TemporaryDirectory(prefix="dglocal-dry-run-") as d:
+        path = Path(d) / f"shapes-{type.lower()}.gguf"
+        synth.write_synthetic(params, type, path, name="dry-run", shapes_only=True)
+        result = plan.plan(path, vram, n_ctx=context)
+    result["model"] = name
+    return result
 
 
 @dataclass
@@ -111,6 +137,7 @@ class ModelInfo:
     hparams: dict[str, object]                 # arch-prefixed keys, prefix dropped
     diffusion: dict[str, object]               # diffusion.* keys, prefix dropped
     tokenizer: dict[str, object]
+    kv_cache: str = ""                         # the sliding layers' cache by default, in words
 
 
 def info(path) -> ModelInfo:
@@ -145,4 +172,5 @@ def info(path) -> ModelInfo:
         hparams={k[len(arch) + 1:]: v for k, v in h.kv.items() if k.startswith(arch + ".")},
         diffusion={k[len("diffusion."):]: v for k, v in h.kv.items() if k.startswith("diffusion.")},
         tokenizer=tokenizer,
+        kv_cache=swa.default_in_words(swa.sliding_window(h.kv)) if arch == "diffusion-gemma" else "",
     )

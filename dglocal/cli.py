@@ -195,19 +195,24 @@ CacheTypeOption = Annotated[Optional[str], typer.Option(
     show_default=False)]
 
 
+SwaOption = Annotated[Optional[bool], typer.Option(
+    "--swa-full/--swa-window", help="KV cache of the sliding-window layers: every token (full), or the last "
+    "window (windowed: far smaller at long contexts; a truncation past it restores a checkpoint or re-encodes). "
+    "Default: full up to twice the windowed size, windowed beyond (dglocal plan says which).", show_default=False)]
+
+
 FitOption = Annotated[bool, typer.Option(
     "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
 
 
-def _fit(path, n_ctx: int, parallel: int, kv_type, n_gpu_layers: int, where: dict) -> tuple[int, dict]:
+def _fit(path, n_ctx: int, parallel: int, cache: dict, n_gpu_layers: int, where: dict) -> tuple[int, dict]:
     """--fit: the plan for the free device memory replaces -ngl and --n-cpu-moe (not -ot, which it refuses)."""
     from . import ui
 
     if where.get("tensor_overrides"):
         raise ConfigError("--fit chooses the placement itself: drop -ot, or drop --fit")
     with ui.status("sizing placements for the device (--fit)"):
-        chosen = _plugin("plan").fit(path, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type or "f16",
-                                     rpc=where.get("rpc"))
+        chosen = _plugin("plan").fit(path, n_ctx=n_ctx, parallel=parallel, rpc=where.get("rpc"), **cache)
     if chosen is None:
         ui.print_status("--fit: no GPU or RPC device: everything runs on the host")
         return 0, where
@@ -266,6 +271,7 @@ def run(
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
     cache_type: CacheTypeOption = None,
+    swa_full: SwaOption = None,
     fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
@@ -293,11 +299,12 @@ def run(
         return
     interactive = ui.is_terminal()
     where = placement_options(rpc, override_tensor, n_cpu_moe)
+    cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit:
-        n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache_type, n_gpu_layers, where)
+        n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache, n_gpu_layers, where)
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                           seed=seed or 0, **_given(kv_type=cache_type), **where)
+                           seed=seed or 0, **cache, **where)
     with llm:
         view = ui.make_view(llm, interactive=interactive)
         chat = ui.ChatLoop(llm, view, **options)
@@ -473,6 +480,7 @@ def serve(
     t_max: Annotated[Optional[float], typer.Option(
         "--t-max", help="Default t_max. Default: from the model.", show_default=False)] = None,
     cache_type: CacheTypeOption = None,
+    swa_full: SwaOption = None,
     fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
@@ -494,15 +502,16 @@ def serve(
     defaults = _given(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max)
     GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
     where = placement_options(rpc, override_tensor, n_cpu_moe)
+    cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit and model is not None:
-        n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache_type, n_gpu_layers, where)
+        n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache, n_gpu_layers, where)
     with ui.status(f"loading {path.name}"):
         if model is None:
             llm = sudoku_mod.load_model(path, threads=threads, batch=parallel)
         else:
             llm = dglocal.load(path, n_ctx=ctx_size or 4096 * parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
                                seed=seed, n_seq_max=parallel, n_ubatch=max(512, parallel * 256),
-                               **_given(kv_type=cache_type), **where)
+                               **cache, **where)
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s)")
@@ -519,13 +528,14 @@ def plan(
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Slots (sequences) served at once.")] = 1,
     cache_type: CacheTypeOption = None,
+    swa_full: SwaOption = None,
     rpc: RpcOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
     """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read)."""
     path = resolve_model(model, quant)
     _plugin("plan").main(path, vram, json=as_json, n_ctx=ctx_size, parallel=parallel,
-                         **_given(kv_type=cache_type), **placement_options(rpc, None, 0))
+                         **_given(kv_type=cache_type, swa_full=swa_full), **placement_options(rpc, None, 0))
 
 
 @app.command("rpc-server")

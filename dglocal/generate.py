@@ -292,7 +292,7 @@ def stream_calls(
     # prompt cache: encode only what follows the longest common prefix with what the sequence holds
     keep = _common_prefix(seq.tokens, tokens) if cache_prompt else 0
     if seq.n_past > keep:
-        seq.truncate(keep)
+        keep = seq.rewind(keep)  # below keep when a windowed cache must re-encode from a checkpoint
     out: list[int] = []
     steps: list[int] = []
     step_seconds = 0.0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks
+from . import checks, swa
 from .errors import BackendError, ConfigError, ContextError, ModelError
 from .gguf_read import read_header
 from .placement import placement
@@ -43,9 +43,9 @@ QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash atten
 class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = -1,
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
-                 swa_full: bool = True, flash_attn: bool | None = None, extra_bufts: bool = True,
+                 swa_full: bool | None = None, flash_attn: bool | None = None, extra_bufts: bool = True,
                  rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
-                 n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True):
+                 n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True, swa_checkpoints: int = 4):
         self._ctx = self._model = None
         self._stack = ExitStack()
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
@@ -70,8 +70,15 @@ class Model:
             raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {self.canvas_length + 1}")
         # generations without their own seed draw one from here: a fixed load seed makes a run reproducible
         self._rng = np.random.default_rng(seed)
+        n_ubatch = max(n_ubatch, self.canvas_length)
+        self.sliding_window = swa.sliding_window(self.metadata)
+        if swa_full is None:
+            n_ctx_seq = -(-(n_ctx // self.n_seq_max) // 256) * 256
+            swa_full = swa.full_by_default(n_ctx_seq, self.sliding_window, n_ubatch)
+        self.swa_full = bool(swa_full) or self.sliding_window == 0
+        self.swa_checkpoints = checks.integer("swa_checkpoints", swa_checkpoints, 0, 64)
         try:  # whatever exists when a step fails (or Ctrl-C arrives) is freed
-            self._open(n_ctx, n_gpu_layers, n_threads, max(n_ubatch, self.canvas_length), kv_type, swa_full,
+            self._open(n_ctx, n_gpu_layers, n_threads, n_ubatch, kv_type, self.swa_full,
                        flash_attn, extra_bufts, placement(rpc, tensor_overrides, n_cpu_moe))
         except BaseException:
             self.close()
@@ -110,7 +117,7 @@ class Model:
         # one cache stream per sequence (llama.cpp's default): attention spans a sequence's own cells only
         cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
-        # a full-size SWA cache: the canvas never evicts prefix keys, and chat turns can truncate to any prefix
+        # windowed sliding layers (swa_full False) need checkpoints to truncate (dglocal.swa)
         cparams.swa_full = swa_full
         if flash_attn is not None:
             cparams.flash_attn_type = 1 if flash_attn else 0
@@ -252,6 +259,8 @@ class Model:
                 seq.n_prefilled += len(tokens)
             else:
                 seq.n_committed += len(tokens)
+            if seq._window:
+                seq._window.after_encode(len(seq.tokens))
 
     def _encode_chunk(self, batch, chunk: list, *, last: bool, every: bool = False) -> None:
         pos0, nxt = {}, {}
@@ -268,7 +277,7 @@ class Model:
         if ret != 0:
             # a failed micro-batch may leave part of the chunk in the caches: drop it, they stay consistent
             for seq, p in pos0.items():
-                self._ll.llama_memory_seq_rm(seq._mem, seq.seq_id, p, -1)
+                seq.rewind(p)  # the tokens list still ends at p
             raise BackendError(f"encoder pass failed (llama_decode returned {ret}): {self._nat.last_errors()}")
         for seq, tok in chunk:
             seq.tokens.append(tok)
@@ -394,6 +403,8 @@ class Sequence:
         self._mem = self._ll.llama_get_memory(model._ctx)
         self._ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self.tokens: list[int] = []
+        self._window = None if model.swa_full else swa.Checkpoints(
+            self._ll, model._ctx, seq_id, model.sliding_window, model.swa_checkpoints)
         # counters: prompt tokens encoded, block tokens committed, decoder passes
         self.n_prefilled = 0
         self.n_committed = 0
@@ -458,13 +469,28 @@ class Sequence:
                 raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
         return seq, toks, checks.temperature(temperature), u, bool(self_condition)
 
-    def truncate(self, n: int) -> None:
-        """Keep the first n cached tokens (multi-turn reuse)."""
+    def truncate(self, n: int) -> int:
+        """Keep the first n cached tokens (multi-turn reuse). A windowed sliding cache that no longer holds the
+        keys position n reads re-encodes from its latest checkpoint (or the start); returns how many tokens that
+        re-encoded."""
+        kept = self.tokens[:checks.integer("truncate length", n, 0, len(self.tokens))]
+        k = self.rewind(n)
+        if k < n:
+            self.prefill(kept[k:])
+        return n - k
+
+    def rewind(self, n: int) -> int:
+        """Cut the sequence back to at most n tokens, to where it can continue exactly: n, or with a windowed
+        sliding cache that lost the keys n needs, its latest checkpoint before n (0 without one). Returns the
+        new length; the caller encodes the rest (generate does it with the new prompt)."""
         self._check_live()
         n = checks.integer("truncate length", n, 0, len(self.tokens))
         if not self._ll.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
-            raise BackendError(f"the KV cache cannot be truncated to {n} tokens (SWA cache without swa_full?)")
+            raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
+        if self._window:
+            n = self._window.rewind(n)
         del self.tokens[n:]
+        return n
 
 
 def load(path, **opts) -> Model:

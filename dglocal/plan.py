@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+from . import swa
 from .errors import BackendError, ConfigError
 
 PARTS = ("model", "context", "compute")
@@ -28,6 +29,7 @@ class Choice:
     n_cpu_moe: int  # experts of the first N layers on the host
     device: dict  # bytes per part on the device
     host: dict  # bytes per part in host memory
+    cache: str = ""  # the sliding layers' KV cache, in words
 
     @property
     def device_total(self) -> int:
@@ -39,20 +41,21 @@ def _is_host(buffer_type: str) -> bool:
 
 
 def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_gpu_layers: int, n_cpu_moe: int,
-            rpc: list[str] | None) -> Choice:
+            rpc: list[str] | None, swa_full: bool | None = None) -> Choice:
     """One placement's buffers, as llama.cpp sizes them (no_alloc), split into device and host."""
     from . import load
 
     with load(path, n_ctx=n_ctx, n_seq_max=parallel, n_ubatch=n_ubatch, kv_type=kv_type, n_gpu_layers=n_gpu_layers,
-              n_cpu_moe=n_cpu_moe, rpc=rpc, no_alloc=True, mmap=False) as m:
+              n_cpu_moe=n_cpu_moe, rpc=rpc, no_alloc=True, mmap=False, swa_full=swa_full) as m:
         breakdown = m.memory_breakdown()
+        cache = swa.describe(m.swa_full, m.sliding_window)
     device = {p: 0 for p in PARTS}
     host = {p: 0 for p in PARTS}
     for name, parts in breakdown.items():
         side = host if _is_host(name) else device
         for p in PARTS:
             side[p] += parts[p]
-    return Choice(n_gpu_layers, n_cpu_moe, device, host)
+    return Choice(n_gpu_layers, n_cpu_moe, device, host, cache)
 
 
 def _smallest(lo: int, hi: int, ok) -> int | None:
@@ -66,7 +69,7 @@ def _smallest(lo: int, hi: int, ok) -> int | None:
 
 
 def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
-           rpc: list[str] | None = None, margin: int | None = None) -> dict:
+           rpc: list[str] | None = None, margin: int | None = None, swa_full: bool | None = None) -> dict:
     """The placement that keeps the most on a device of `vram` bytes; the candidates measured on the way."""
     from . import checks
     from .gguf_read import read_header
@@ -82,7 +85,7 @@ def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: st
     def at(ngl: int, k: int) -> Choice:
         if (ngl, k) not in seen:
             seen[ngl, k] = measure(path, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch, kv_type=kv_type,
-                                   n_gpu_layers=ngl, n_cpu_moe=k, rpc=rpc)
+                                   n_gpu_layers=ngl, n_cpu_moe=k, rpc=rpc, swa_full=swa_full)
         return seen[ngl, k]
 
     def fits(ngl: int, k: int) -> bool:
@@ -143,7 +146,7 @@ def stand_in_device():
 
 
 def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
-         margin=None) -> dict:
+         margin=None, swa_full: bool | None = None) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
     from .convert.report import parse_size
     from .placement import _local_devices
@@ -153,16 +156,19 @@ def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f1
         raise ConfigError(f"--vram must be a positive size, got {vram}")
     margin = parse_size(margin) if isinstance(margin, str) else margin
     if rpc or _local_devices():
-        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, margin=margin)
+        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, margin=margin,
+                        swa_full=swa_full)
         result["device"] = "rpc" if rpc else "gpu"
         return result
     with stand_in_device() as endpoints:
-        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=endpoints, margin=margin)
+        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=endpoints, margin=margin,
+                        swa_full=swa_full)
     result["device"] = "stand-in"
     return result
 
 
-def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None) -> dict | None:
+def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
+        swa_full: bool | None = None) -> dict | None:
     """`run --fit` / `serve --fit`: the plan for the free memory of the first GPU (or RPC server) now, as load
     options {n_gpu_layers, n_cpu_moe} plus its words; None without a device (everything stays on the host)."""
     import ctypes
@@ -175,7 +181,7 @@ def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[
         return None
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
     nat.ggml_backend_dev_memory(devs[0], ctypes.byref(free), ctypes.byref(total))
-    r = search(path, int(free.value), n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc)
+    r = search(path, int(free.value), n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, swa_full=swa_full)
     c = r["choice"]
     return {"n_gpu_layers": c["n_gpu_layers"], "n_cpu_moe": c["n_cpu_moe"], "words": r["words"],
             "free": int(free.value)}
@@ -201,6 +207,7 @@ def render(r: dict, console=None) -> None:
     flags = f"-ngl {c['n_gpu_layers']}" + (f" --n-cpu-moe {c['n_cpu_moe']}" if c["n_cpu_moe"] else "")
     verdict = "fits" if r["fits"] else "does not fit even with everything on the host"
     console.print(f"{r['words']}: {flags} ({verdict}; {len(r['measured'])} placements sized)")
+    console.print(f"KV cache: {c['cache']}")
 
 
 def main(path, vram, *, json: bool = False, console=None, **options) -> dict:

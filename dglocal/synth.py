@@ -127,18 +127,27 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
     """Write a random-weight diffusion-gemma GGUF of `preset` in `type` (f32, f16, bf16, q8_0, q4_k_m, ...).
     shapes_only: the same header and tensor table (llama.cpp's type mix included) over a sparse, zero-filled data
     section: seconds to write, no disk, for what reads only shapes (`bench --roofline`, memory plans)."""
+    header = read_header(vocab_path())  # read once: 262144 tokens and 514906 merges take a second or two
+    return write_synthetic(preset_params(preset, header.kv), type, output, name=preset, header=header, seed=seed,
+                           force=force, progress=progress, shapes_only=shapes_only)
+
+
+def write_synthetic(params: TextParams, type: str, output, *, name: str, header=None, seed: int = 0,
+                    force: bool = False, progress: Progress | None = None, shapes_only: bool = False) -> SynthResult:
+    """synth() for any TextParams (a checkpoint's config.json, for `convert --dry-run --vram`), with the packaged
+    Gemma 4 tokenizer, whose size params.vocab_size must be."""
     t0 = time.perf_counter()
     output = Path(output)
     type = type.lower()
     ftype = file_type(type)  # ConvertError on an unknown name
     if output.exists() and not force:
         raise ConvertError(f"{output}: already exists (use --force to overwrite)")
-    header = read_header(vocab_path())  # read once: 262144 tokens and 514906 merges take a second or two
-    params = preset_params(preset, header.kv)
+    header = header or read_header(vocab_path())
     tok = [(k, v, *header.kv_types[k]) for k, v in header.kv.items() if k.startswith("tokenizer.")]
+    tok = cut_tokenizer(tok, params.vocab_size)
     gen = {**GENERATION_DEFAULTS, "eos_token_id": EOS_IDS}
     plan = schema.tensor_plan(params)
-    name = f"dglocal-synth-{preset}"
+    gguf_name = f"dglocal-synth-{name}"
 
     partial = output.with_name(output.name + ".partial")
     probe_dir = output.with_name(output.name + ".probe.partial")
@@ -150,7 +159,7 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         else:
             pools = _ProbePools(plan, params, gen, type, seed, probe_dir)
             types = pools.types
-        _write(partial, plan, types, pools, params, gen, tok, name, int(ftype), preset, seed, progress,
+        _write(partial, plan, types, pools, params, gen, tok, gguf_name, int(ftype), name, seed, progress,
                shapes_only)
         os.replace(partial, output)
     except OSError as e:
@@ -160,10 +169,33 @@ def synth(preset: str, type: str, output, *, seed: int = 0, force: bool = False,
         shutil.rmtree(probe_dir, ignore_errors=True)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     mix = dict(Counter(q.name for q in types.values()))
-    notes = [f"{preset}: {n_params / 1e9:.2f}B parameters, random weights (for dglocal bench, not for text)",
+    notes = [f"{name}: {n_params / 1e9:.2f}B parameters, random weights (for dglocal bench, not for text)",
              "tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))]
-    return SynthResult(output, preset, type, len(plan), n_params, output.stat().st_size,
+    return SynthResult(output, name, type, len(plan), n_params, output.stat().st_size,
                        time.perf_counter() - t0, mix, notes)
+
+
+def cut_tokenizer(tok: list, n_vocab: int) -> list:
+    """The packaged tokenizer's (key, value, types...) entries for a vocabulary of its first n_vocab tokens:
+    merges kept where both halves and their concatenation remain."""
+    kv = {e[0]: e[1] for e in tok}
+    tokens = kv["tokenizer.ggml.tokens"]
+    if n_vocab == len(tokens):
+        return tok
+    if n_vocab > len(tokens):
+        raise ConvertError(f"vocab_size {n_vocab}: the packaged Gemma 4 tokenizer has only {len(tokens)} tokens")
+    known = set(tokens[:n_vocab])
+    merges = [m for m in kv.get("tokenizer.ggml.merges", [])
+              if len(parts := m.split(" ", 1)) == 2
+              and parts[0] in known and parts[1] in known and parts[0] + parts[1] in known]
+    per_token = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    out = []
+    for k, v, *types in tok:
+        v = v[:n_vocab] if k in per_token else merges if k == "tokenizer.ggml.merges" else v
+        if k.endswith("_token_id") and v >= n_vocab:
+            continue  # a special token the cut vocabulary does not have
+        out.append((k, v, *types))
+    return out
 
 
 # -- values -----------------------------------------------------------------------------------------------------

@@ -485,6 +485,11 @@ def show_dry_run(plan) -> None:
     for name in sorted(counts, key=lambda k: -sizes[k]):
         t.add_row(name, str(counts[name]), _size(sizes[name]))
     console.print(t)
+    if plan.placement is not None:  # llama.cpp's own sizes for these shapes, and the placement that fits
+        from .plan import render
+
+        render(plan.placement, console)
+        return
     rows = [("weights (file)", _size(plan.weights_bytes)),
             (f"KV cache (f16, {plan.context} tokens)", _size(plan.kv_cache_bytes)),
             ("compute (estimate)", _size(plan.compute_bytes)),
@@ -518,6 +523,8 @@ def show_info(info) -> None:
     for name, mix in info.quant_mix.items():
         t.add_row(name, str(mix["tensors"]), _size(mix["bytes"]))
     console.print(t)
+    if info.kv_cache:
+        console.print(f"KV cache: {info.kv_cache}")
 
 
 def _short(value, limit: int = 80) -> str:

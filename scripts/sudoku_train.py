@@ -241,7 +241,11 @@ def lr_at(examples: int, args) -> float:
     warm = args.warmup_examples
     if examples < warm:
         return args.lr * (examples + args.batch) / warm
-    frac = min((examples - warm) / max(args.horizon - warm, 1), 1.0)
+    # --anneal-from starts the cosine late: a resumed run at a constant LR can then cool down over its last stretch
+    start = max(warm, args.anneal_from)
+    if examples < start:
+        return args.lr
+    frac = min((examples - start) / max(args.horizon - start, 1), 1.0)
     return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1 + math.cos(math.pi * frac))
 
 
@@ -275,6 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-min", type=float, default=1e-4)
     ap.add_argument("--warmup-examples", type=int, default=10_000)
     ap.add_argument("--horizon", type=int, default=20_000_000, help="examples over which the LR decays (cosine)")
+    ap.add_argument("--anneal-from", type=int, default=0, help="examples at which the cosine decay starts (0: after warmup)")
     ap.add_argument("--sc-prob", type=float, default=0.5, help="fraction of batches trained with self-conditioning")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)

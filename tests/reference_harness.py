@@ -119,6 +119,11 @@ class ReferenceSequence:
         self.cache, self.tokens = copy.deepcopy(cache), self.tokens[:kept]
         self._encode(rest)  # the harness's own cost: not counted
 
+    def rewind(self, n: int) -> int:
+        """Sequence.rewind: the reference keeps every key, so it always continues from n itself."""
+        self.truncate(n)
+        return n
+
     @torch.no_grad()
     def denoise(self, canvas, *, temperature, uniforms=None, self_condition=True, return_logits=False):
         canvas = torch.as_tensor(np.asarray(canvas, dtype=np.int64)).unsqueeze(0)

@@ -241,17 +241,31 @@ def test_unknown_type(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("type_name", ["f32", "q8_0"])
 def test_dry_run_matches_the_written_file(converted, tiny_checkpoint, type_name):
-    plan = dry_run(tiny_checkpoint, type_name, vram="1G", context=64)
+    plan = dry_run(tiny_checkpoint, type_name, context=64)
     reader = gguf.GGUFReader(converted[type_name])
     assert [(r.name, r.shape, r.type) for r in plan.tensors] == [
         (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors]
     assert plan.weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
-    # f16 K+V: sliding layers keep min(64, window 8 + canvas 16) = 24 keys of 2 heads x 16,
-    # full layers 64 keys of 1 head x 32
+    # the estimate without --vram, f16 K+V: sliding layers keep min(64, window 8 + canvas 16) = 24 keys of
+    # 2 heads x 16, full layers 64 keys of 1 head x 32
     assert plan.kv_cache_bytes == 4 * (24 * 2 * 16 * 2 * 2) + 2 * (64 * 1 * 32 * 2 * 2)
-    assert plan.fits is True and not plan.estimated
-    assert dry_run(tiny_checkpoint, type_name, vram="100M", context=64).fits is False
+    assert plan.fits is None and not plan.estimated
     assert plan.generation["max_denoising_steps"] == 12
+
+
+@pytest.mark.backend
+def test_dry_run_with_vram_is_dglocal_plan_on_the_converted_file(converted, tiny_checkpoint):
+    """--vram: llama.cpp's own sizes for the file's shapes, the same computation as `dglocal plan`."""
+    from dglocal.plan import plan as plan_file
+
+    got = dry_run(tiny_checkpoint, "q8_0", vram="1G", context=1024)
+    want = plan_file(converted["q8_0"], "1G", n_ctx=1024)
+    assert got.placement["choice"] == want["choice"] and got.fits is True
+    c = want["choice"]
+    assert got.kv_cache_bytes == c["device"]["context"] + c["host"]["context"] > 0
+    assert got.compute_bytes == c["device"]["compute"] + c["host"]["compute"] > 0
+    tight = dry_run(tiny_checkpoint, "q8_0", vram="1M", context=1024)
+    assert tight.fits is False and tight.placement["choice"]["n_gpu_layers"] == 0
 
 
 def test_dry_run_26b_from_config_alone(tmp_path):
@@ -262,7 +276,7 @@ def test_dry_run_26b_from_config_alone(tmp_path):
                 moe_intermediate_size=704, max_position_embeddings=262144)
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": text}))
-    plan = dry_run(tmp_path, "q4_k_m", vram="18G", context=8192)
+    plan = dry_run(tmp_path, "q4_k_m", context=8192)
     assert len(plan.tensors) == 692 and plan.estimated
     by_name = {r.name: r for r in plan.tensors}
     assert by_name["blk.0.ffn_gate_up_exps.weight"].shape == (2816, 1408, 128)

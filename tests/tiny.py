@@ -142,32 +142,18 @@ def save_checkpoint(model, directory, *, config_form: str = "per_layer", generat
 
 
 def tiny_vocab_gguf(path, n_vocab: int = VOCAB, source: Path | None = None) -> Path:
-    """Write a vocab-only gemma4 GGUF holding the first `n_vocab` tokens of the real tokenizer.
-
-    Merges are kept only where both halves and their concatenation are in the cut vocabulary.
-    """
+    """Write a vocab-only gemma4 GGUF holding the first `n_vocab` tokens of the real tokenizer
+    (dglocal.synth.cut_tokenizer: merges kept where both halves and their concatenation remain)."""
     import gguf
 
+    from dglocal.convert.tokenizer import write_tokenizer
     from dglocal.gguf_read import read_header
+    from dglocal.synth import cut_tokenizer
 
-    kv = read_header(source or vocab_gguf()).kv
-    tokens = kv["tokenizer.ggml.tokens"][:n_vocab]
-    known = set(tokens)
-    merges = [m for m in kv["tokenizer.ggml.merges"]
-              if len(parts := m.split(" ", 1)) == 2
-              and parts[0] in known and parts[1] in known and parts[0] + parts[1] in known]
-
+    h = read_header(source or vocab_gguf())
+    tok = [(k, v, *h.kv_types[k]) for k, v in h.kv.items() if k.startswith("tokenizer.")]
     writer = gguf.GGUFWriter(path, "gemma4")
-    writer.add_tokenizer_model("gemma4")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(kv["tokenizer.ggml.scores"][:n_vocab])
-    writer.add_token_types(kv["tokenizer.ggml.token_type"][:n_vocab])
-    writer.add_token_merges(merges)
-    for key in ("bos", "eos", "unknown", "padding", "mask"):
-        writer.add_uint32(f"tokenizer.ggml.{key}_token_id", kv[f"tokenizer.ggml.{key}_token_id"])
-    writer.add_chat_template(kv["tokenizer.chat_template"])
-    writer.add_add_space_prefix(False)
-    writer.add_add_bos_token(True)
+    write_tokenizer(writer, cut_tokenizer(tok, n_vocab))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
