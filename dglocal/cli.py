@@ -187,6 +187,9 @@ OverrideOption = Annotated[Optional[list[str]], typer.Option(
                                      "(e.g. exps=CPU); repeat or comma-separate.", show_default=False)]
 CpuMoeOption = Annotated[int, typer.Option(
     "--n-cpu-moe", help="Keep the experts of the first N layers in host memory.")]
+SplitOption = Annotated[Optional[str], typer.Option(
+    "-ts", "--tensor-split", help="Each device's share of the layers, e.g. 3,1 (RPC servers first, then GPUs). "
+                                  "Default: in proportion to their free memory.", show_default=False)]
 
 
 CacheTypeOption = Annotated[Optional[str], typer.Option(
@@ -217,12 +220,13 @@ def _fit(path, n_ctx: int, parallel: int, cache: dict, n_gpu_layers: int, where:
         ui.print_status("--fit: no GPU or RPC device: everything runs on the host")
         return 0, where
     ui.print_status(f"--fit ({chosen['free'] / 2**30:.1f} GiB free): {chosen['words']}")
-    return chosen["n_gpu_layers"], {**where, "n_cpu_moe": chosen["n_cpu_moe"]}
+    split = _given(tensor_split=chosen["tensor_split"])  # several devices: layers in proportion to their memory
+    return chosen["n_gpu_layers"], {**where, "n_cpu_moe": chosen["n_cpu_moe"], **split}
 
 
-def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int) -> dict:
+def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int, split: str | None = None) -> dict:
     return _given(rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None,
-                  tensor_overrides=override or None, n_cpu_moe=n_cpu_moe or None)
+                  tensor_overrides=override or None, n_cpu_moe=n_cpu_moe or None, tensor_split=split)
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -276,6 +280,7 @@ def run(
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
+    tensor_split: SplitOption = None,
 ):
     """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
     import dglocal
@@ -298,7 +303,7 @@ def run(
                                                     n_ctx=ctx_size), generation=generation, guide=not no_guide)
         return
     interactive = ui.is_terminal()
-    where = placement_options(rpc, override_tensor, n_cpu_moe)
+    where = placement_options(rpc, override_tensor, n_cpu_moe, tensor_split)
     cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit:
         n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache, n_gpu_layers, where)
@@ -427,6 +432,7 @@ def bench(
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
+    tensor_split: SplitOption = None,
     roofline: Annotated[Optional[str], typer.Option(
         "--roofline", help="Estimate instead of run: a step, a commit and an autoregressive token on h100, h200, "
                            "rtx4090, rtx5090, m3max, or cpu (this machine, measured), from the model's own graphs "
@@ -441,7 +447,7 @@ def bench(
         steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
         threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed, batch=batch), json=as_json,
-        placement=placement_options(rpc, override_tensor, n_cpu_moe))
+        placement=placement_options(rpc, override_tensor, n_cpu_moe, tensor_split))
 
 
 @app.command()
@@ -485,6 +491,7 @@ def serve(
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
+    tensor_split: SplitOption = None,
 ):
     """Serve the OpenAI API (chat and text completions, streaming, the live canvas) on HTTP."""
     import dglocal
@@ -501,7 +508,7 @@ def serve(
     path = resolve_model(model, quant)
     defaults = _given(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max)
     GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
-    where = placement_options(rpc, override_tensor, n_cpu_moe)
+    where = placement_options(rpc, override_tensor, n_cpu_moe, tensor_split)
     cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit and model is not None:
         n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache, n_gpu_layers, where)
@@ -523,7 +530,8 @@ def serve(
 @handle_errors
 def plan(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="GGUF file or HF repo id (see run).")],
-    vram: Annotated[str, typer.Option("--vram", help="Device memory to fit, e.g. 12G or 16GiB.")],
+    vram: Annotated[str, typer.Option("--vram", help="Device memory to fit: 12G (each device) or 24G,12G (one size "
+                                                     "per device, RPC servers first; the layers split in proportion).")],
     quant: Annotated[str, typer.Option("--quant", help="Which GGUF of an HF repo.")] = "Q4_K_M",
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Slots (sequences) served at once.")] = 1,

@@ -45,7 +45,8 @@ class Model:
                  n_threads: int | None = None, seed: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
                  swa_full: bool | None = None, flash_attn: bool | None = None, extra_bufts: bool = True,
                  rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
-                 n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True, swa_checkpoints: int = 4):
+                 n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True, swa_checkpoints: int = 4,
+                 tensor_split=None):
         self._ctx = self._model = None
         self._stack = ExitStack()
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
@@ -79,7 +80,7 @@ class Model:
         self.swa_checkpoints = checks.integer("swa_checkpoints", swa_checkpoints, 0, 64)
         try:  # whatever exists when a step fails (or Ctrl-C arrives) is freed
             self._open(n_ctx, n_gpu_layers, n_threads, n_ubatch, kv_type, self.swa_full,
-                       flash_attn, extra_bufts, placement(rpc, tensor_overrides, n_cpu_moe))
+                       flash_attn, extra_bufts, placement(rpc, tensor_overrides, n_cpu_moe, tensor_split))
         except BaseException:
             self.close()
             raise
@@ -497,6 +498,7 @@ def load(path, **opts) -> Model:
     """Load a diffusion-gemma GGUF. opts: n_ctx, n_gpu_layers, n_threads, seed, n_ubatch, kv_type, swa_full,
     flash_attn, extra_bufts (llama.cpp's repacked CPU layouts), rpc (["HOST:PORT", ...]: layers on ggml RPC
     servers), tensor_overrides (["REGEX=BUFFER_TYPE", ...], llama.cpp's -ot), n_cpu_moe (experts of the first N
-    layers in host memory), n_seq_max, mmap (False: llama.cpp's --no-mmap), no_alloc (sizes only: graph_nodes,
-    memory_breakdown; nothing runs)."""
+    layers in host memory), tensor_split ("3,1": each device's share of the layers, llama.cpp's -ts), n_seq_max,
+    mmap (False: llama.cpp's --no-mmap), no_alloc (sizes only: graph_nodes, memory_breakdown; nothing runs),
+    swa_full (None: by context size, dglocal.swa), swa_checkpoints (sliding-cache checkpoints per sequence)."""
     return Model(path, **opts)

@@ -122,18 +122,40 @@ class Placement:
 
     devices: ctypes.Array | None = None
     overrides: ctypes.Array | None = None
+    split: ctypes.Array | None = None
     keep: list = field(default_factory=list)
 
     def apply(self, mparams) -> None:
         if self.devices is not None:
             mparams.devices = ctypes.cast(self.devices, ctypes.c_void_p)
+        if self.split is not None:
+            mparams.tensor_split = ctypes.cast(self.split, ctypes.POINTER(ctypes.c_float))
         if self.overrides is not None:
             mparams.tensor_buft_overrides = ctypes.cast(self.overrides, ctypes.c_void_p)
 
 
-def placement(rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0) -> Placement:
+def parse_split(split) -> list[float]:
+    """llama.cpp's --tensor-split: "3,1" or [3, 1], each device's share of the layers (relative, not all zero)."""
+    items = split.split(",") if isinstance(split, str) else list(split)
+    try:
+        shares = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise ModelError(f"tensor split {split!r} is not a list of numbers like 3,1") from None
+    if not shares or any(not x >= 0 for x in shares) or not sum(shares) > 0:
+        raise ModelError(f"tensor split {split!r}: shares must be >= 0 and not all zero")
+    return shares
+
+
+def placement(rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
+              tensor_split=None) -> Placement:
     nat = _nat()
     out = Placement()
+    if tensor_split is not None:
+        shares = parse_split(tensor_split)
+        n_max = nat._ll.llama_max_devices()
+        if len(shares) > n_max:
+            raise ModelError(f"tensor split {tensor_split!r}: this build takes at most {n_max} devices")
+        out.split = (ctypes.c_float * n_max)(*shares)
     if rpc or _rpc_regs:
         # explicit device list: this load's RPC servers, then local GPUs; never servers another load registered
         devs = (rpc_devices(rpc) if rpc else []) + _local_devices()

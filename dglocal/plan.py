@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import swa
 from .errors import BackendError, ConfigError
@@ -30,6 +30,7 @@ class Choice:
     device: dict  # bytes per part on the device
     host: dict  # bytes per part in host memory
     cache: str = ""  # the sliding layers' KV cache, in words
+    devices: dict = field(default_factory=dict)  # total bytes per device buffer type (CUDA0, RPC0[...], ...)
 
     @property
     def device_total(self) -> int:
@@ -41,21 +42,34 @@ def _is_host(buffer_type: str) -> bool:
 
 
 def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_gpu_layers: int, n_cpu_moe: int,
-            rpc: list[str] | None, swa_full: bool | None = None) -> Choice:
-    """One placement's buffers, as llama.cpp sizes them (no_alloc), split into device and host."""
+            rpc: list[str] | None, swa_full: bool | None = None, tensor_split: list[float] | None = None) -> Choice:
+    """One placement's buffers, as llama.cpp sizes them (no_alloc), split into devices and host."""
     from . import load
 
     with load(path, n_ctx=n_ctx, n_seq_max=parallel, n_ubatch=n_ubatch, kv_type=kv_type, n_gpu_layers=n_gpu_layers,
-              n_cpu_moe=n_cpu_moe, rpc=rpc, no_alloc=True, mmap=False, swa_full=swa_full) as m:
+              n_cpu_moe=n_cpu_moe, rpc=rpc, no_alloc=True, mmap=False, swa_full=swa_full,
+              tensor_split=tensor_split) as m:
         breakdown = m.memory_breakdown()
         cache = swa.describe(m.swa_full, m.sliding_window)
     device = {p: 0 for p in PARTS}
     host = {p: 0 for p in PARTS}
+    devices = {}
     for name, parts in breakdown.items():
         side = host if _is_host(name) else device
         for p in PARTS:
             side[p] += parts[p]
-    return Choice(n_gpu_layers, n_cpu_moe, device, host, cache)
+        if not _is_host(name):
+            devices[name] = sum(parts[p] for p in PARTS)
+    return Choice(n_gpu_layers, n_cpu_moe, device, host, cache, devices)
+
+
+def device_names(rpc: list[str] | None) -> list[str]:
+    """The buffer type names of the devices a load uses, in llama.cpp's order (RPC servers, then GPUs)."""
+    from . import _native as nat
+    from .placement import _local_devices, rpc_devices
+
+    devs = (rpc_devices(rpc) if rpc else []) + _local_devices()
+    return [nat.ggml_backend_buft_name(nat.ggml_backend_dev_buffer_type(d)).decode() for d in devs]
 
 
 def _smallest(lo: int, hi: int, ok) -> int | None:
@@ -68,9 +82,10 @@ def _smallest(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
+def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
            rpc: list[str] | None = None, margin: int | None = None, swa_full: bool | None = None) -> dict:
-    """The placement that keeps the most on a device of `vram` bytes; the candidates measured on the way."""
+    """The placement that keeps the most on the devices, `vram` bytes each (a list: one size per device, in
+    llama.cpp's order; the layers are then split in proportion, as -ts); the candidates measured on the way."""
     from . import checks
     from .gguf_read import read_header
 
@@ -78,18 +93,24 @@ def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: st
     canvas = checks.model_file(path, header)
     n_layer = int(header.kv["diffusion-gemma.block_count"])  # model_file checked the architecture
     n_ubatch = max(512, parallel * canvas)  # as run / serve load it: a canvas per slot in one micro-batch
-    margin = max(256 << 20, vram // 32) if margin is None else margin
-    budget = vram - margin
+    names = device_names(rpc)
+    sizes = list(vram) if isinstance(vram, (list, tuple)) else [vram] * len(names)
+    if len(sizes) != len(names):
+        raise ConfigError(f"--vram gives {len(sizes)} sizes for {len(names)} devices ({', '.join(names)})")
+    margins = [max(256 << 20, v // 32) if margin is None else margin for v in sizes]
+    budget = {n: v - m for n, v, m in zip(names, sizes, margins)}
+    split = sizes if len(sizes) > 1 else None
     seen: dict[tuple[int, int], Choice] = {}
 
     def at(ngl: int, k: int) -> Choice:
         if (ngl, k) not in seen:
             seen[ngl, k] = measure(path, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch, kv_type=kv_type,
-                                   n_gpu_layers=ngl, n_cpu_moe=k, rpc=rpc, swa_full=swa_full)
+                                   n_gpu_layers=ngl, n_cpu_moe=k, rpc=rpc, swa_full=swa_full, tensor_split=split)
         return seen[ngl, k]
 
     def fits(ngl: int, k: int) -> bool:
-        return at(ngl, k).device_total <= budget
+        used = at(ngl, k).devices
+        return all(used.get(n, 0) <= b for n, b in budget.items())
 
     k = _smallest(0, n_layer, lambda k: fits(-1, k))
     if k is not None:
@@ -97,10 +118,12 @@ def search(path, vram: int, *, n_ctx: int = 4096, parallel: int = 1, kv_type: st
     else:  # every expert on the host is not enough: fewer layers on the device (ngl counts the output too)
         off = _smallest(0, n_layer + 1, lambda d: fits(n_layer + 1 - d, n_layer))
         chosen = at(n_layer + 1 - off, n_layer) if off is not None else at(0, n_layer)
-    return {"model": str(path), "vram": vram, "margin": margin, "n_ctx": n_ctx, "parallel": parallel,
+    return {"model": str(path), "vram": sum(sizes), "margin": sum(margins), "n_ctx": n_ctx, "parallel": parallel,
             "kv_type": kv_type, "n_layer": n_layer, "choice": asdict(chosen),
-            "fits": chosen.device_total <= budget, "words": describe(chosen, n_layer),
-            "measured": [asdict(c) for c in seen.values()]}
+            "devices": [{"name": n, "vram": v, "budget": budget[n], "used": chosen.devices.get(n, 0)}
+                        for n, v in zip(names, sizes)],
+            "tensor_split": split, "fits": fits(chosen.n_gpu_layers, chosen.n_cpu_moe),
+            "words": describe(chosen, n_layer), "measured": [asdict(c) for c in seen.values()]}
 
 
 def describe(c: Choice, n_layer: int) -> str:
@@ -145,15 +168,23 @@ def stand_in_device():
         proc.wait(timeout=30)
 
 
+def parse_vram(vram):
+    """--vram: "12G" (each device), "24G,12G" (one per device), bytes, or a list of those."""
+    from .convert.report import parse_size
+
+    items = vram.split(",") if isinstance(vram, str) else vram if isinstance(vram, (list, tuple)) else [vram]
+    sizes = [parse_size(v) if isinstance(v, str) else int(v) for v in items]
+    if not sizes or any(v <= 0 for v in sizes):
+        raise ConfigError(f"--vram must be positive sizes (e.g. 12G or 24G,12G), got {vram!r}")
+    return sizes if len(sizes) > 1 else sizes[0]
+
+
 def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
          margin=None, swa_full: bool | None = None) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
-    from .convert.report import parse_size
     from .placement import _local_devices
 
-    vram = parse_size(vram) if isinstance(vram, str) else int(vram)
-    if vram <= 0:
-        raise ConfigError(f"--vram must be a positive size, got {vram}")
+    vram = parse_vram(vram)
     margin = parse_size(margin) if isinstance(margin, str) else margin
     if rpc or _local_devices():
         result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, margin=margin,
@@ -176,15 +207,19 @@ def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[
     from . import _native as nat
     from .placement import _local_devices, rpc_devices
 
-    devs = rpc_devices(rpc) if rpc else _local_devices()
+    devs = (rpc_devices(rpc) if rpc else []) + _local_devices()
     if not devs:
         return None
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    nat.ggml_backend_dev_memory(devs[0], ctypes.byref(free), ctypes.byref(total))
-    r = search(path, int(free.value), n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, swa_full=swa_full)
+    free = []
+    for d in devs:
+        f, total = ctypes.c_size_t(), ctypes.c_size_t()
+        nat.ggml_backend_dev_memory(d, ctypes.byref(f), ctypes.byref(total))
+        free.append(int(f.value))
+    r = search(path, free if len(free) > 1 else free[0], n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc,
+               swa_full=swa_full)
     c = r["choice"]
     return {"n_gpu_layers": c["n_gpu_layers"], "n_cpu_moe": c["n_cpu_moe"], "words": r["words"],
-            "free": int(free.value)}
+            "free": sum(free), "tensor_split": r["tensor_split"]}
 
 
 def render(r: dict, console=None) -> None:
@@ -197,6 +232,9 @@ def render(r: dict, console=None) -> None:
     note = " (no GPU here: a local rpc-server stood in for it)" if r["device"] == "stand-in" else ""
     console.print(f"{r['model']}: n_ctx {r['n_ctx']}, {r['parallel']} slot(s), KV {r['kv_type']}, device "
                   f"{r['vram'] / gib:.1f} GiB with {r['margin'] / gib:.2f} GiB spare{note}")
+    if len(r["devices"]) > 1:
+        console.print("  " + ", ".join(f"{d['name']}: {d['used'] / gib:.2f} of {d['vram'] / gib:.1f} GiB"
+                                       for d in r["devices"]) + f" (-ts {','.join(f'{v / gib:g}' for v in r['tensor_split'])})")
     t = Table()
     for col in ("", "weights", "KV + state", "compute", "total"):
         t.add_column(col, justify="right" if col else "left")

@@ -1,6 +1,6 @@
 """What a windowed sliding cache costs a chat turn, against the full cache, on one GGUF (one run, side by side).
 
-    python3 scripts/swa_turn_cost.py MODEL.gguf [--n-ctx 8192] [--prompt 3000] [--cut 1200] [--threads 2]
+    python3 scripts/swa_turn_cost.py MODEL.gguf [--n-ctx 8192] [--prompt 2000] [--blocks 8] [--cut 700] [--threads 2]
 
 Prints the KV bytes of each cache, the time and size of one checkpoint, and what cutting back `--cut` tokens
 costs: nothing with the full cache, a checkpoint restore plus re-encoding with the windowed one, or a
@@ -31,8 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--n-ctx", type=int, default=8192)
-    ap.add_argument("--prompt", type=int, default=3000)
-    ap.add_argument("--cut", type=int, default=1200, help="tokens cut from the end of the sequence")
+    ap.add_argument("--prompt", type=int, default=2000)
+    ap.add_argument("--blocks", type=int, default=8, help="canvases committed after the prompt")
+    ap.add_argument("--cut", type=int, default=700, help="tokens cut from the end of the sequence")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -43,8 +44,9 @@ def main() -> None:
             prompt = rng.integers(10, m.n_vocab, a.prompt).tolist()
             seq = m.sequence()
             _, t_prefill = timed(lambda: seq.prefill(prompt))
-            block = rng.integers(10, m.n_vocab, m.canvas_length).tolist()
-            _, t_commit = timed(lambda: seq.commit(block))
+            blocks = rng.integers(10, m.n_vocab, (a.blocks, m.canvas_length)).tolist()
+            _, t_commit = timed(lambda: [seq.commit(b) for b in blocks])
+            t_commit /= a.blocks
             ck = seq._window.saved[-1] if seq._window and seq._window.saved else None
             n = len(seq.tokens) - a.cut
             reencoded, t_cut = timed(lambda: seq.truncate(n))

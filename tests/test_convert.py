@@ -260,7 +260,8 @@ def test_dry_run_with_vram_is_dglocal_plan_on_the_converted_file(converted, tiny
 
     got = dry_run(tiny_checkpoint, "q8_0", vram="1G", context=1024)
     want = plan_file(converted["q8_0"], "1G", n_ctx=1024)
-    assert got.placement["choice"] == want["choice"] and got.fits is True
+    strip = lambda c: {**c, "devices": sorted(c["devices"].values())}  # noqa: E731 (stand-in ports differ)
+    assert strip(got.placement["choice"]) == strip(want["choice"]) and got.fits is True
     c = want["choice"]
     assert got.kv_cache_bytes == c["device"]["context"] + c["host"]["context"] > 0
     assert got.compute_bytes == c["device"]["compute"] + c["host"]["compute"] > 0

@@ -28,9 +28,9 @@ def device():
         yield endpoints
 
 
-def device_bytes(path, endpoints, **placement) -> dict:
+def device_bytes(path, endpoints, n_ctx=1024, **placement) -> dict:
     """What a real load (weights read, buffers allocated) puts on the RPC device, per part."""
-    with dglocal.load(path, n_ctx=1024, rpc=endpoints, n_threads=1, mmap=False, **placement) as m:
+    with dglocal.load(path, n_ctx=n_ctx, rpc=endpoints, n_threads=1, mmap=False, **placement) as m:
         parts = [p for name, p in m.memory_breakdown().items() if not planner._is_host(name)]
     return {k: sum(p[k] for p in parts) for k in planner.PARTS}
 
@@ -50,6 +50,20 @@ def test_plan_moves_experts_to_the_host_and_predicts_the_device_buffers(small, d
     real = device_bytes(small, device, n_cpu_moe=c["n_cpu_moe"])
     for part in planner.PARTS:
         assert c["device"][part] == pytest.approx(real[part], rel=0.05, abs=1 << 20), (part, c["device"], real)
+
+
+def test_plan_predicts_the_tiny_preset_with_either_sliding_cache(tmp_path, device):
+    tiny = synth("tiny", "q8_0", tmp_path / "tiny-q8_0.gguf").path
+    kv = {}
+    for swa_full in (True, False):
+        c = planner.measure(tiny, n_ctx=4096, parallel=1, n_ubatch=512, kv_type="f16", n_gpu_layers=-1,
+                            n_cpu_moe=1, rpc=device, swa_full=swa_full)
+        assert c.cache.startswith("sliding layers keep " + ("every token" if swa_full else "the last"))
+        real = device_bytes(tiny, device, n_ctx=4096, n_cpu_moe=1, swa_full=swa_full)
+        for part in planner.PARTS:
+            assert c.device[part] == pytest.approx(real[part], rel=0.05, abs=1 << 20), (part, c.device, real)
+        kv[swa_full] = c.device["context"]
+    assert kv[False] < kv[True]
 
 
 def test_plan_with_too_little_memory_keeps_everything_on_the_host(small, device):
@@ -79,3 +93,27 @@ def test_run_fit(small, device):
     assert "--fit (" in r.stderr and "layers on the device" in r.stderr, r.stderr[-2000:]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "everything runs on the host" in r.stderr, r.stderr[-2000:]
+
+
+def test_plan_for_two_devices_checks_each_and_matches_a_real_load(small, device):
+    """Two RPC servers of different sizes: every device within its own budget, the layers split in proportion
+    (-ts), and each device's prediction within 5% of what a real load with the chosen options allocates there."""
+    with planner.stand_in_device() as second:
+        both = device + second
+        alone = planner.measure(small, n_ctx=1024, parallel=1, n_ubatch=512, kv_type="f16", n_gpu_layers=-1,
+                                n_cpu_moe=0, rpc=both, tensor_split=[1, 2])
+        margin = 64 << 20
+        # the last device holds the output layer and its vocabulary-wide buffers; the first is a third as large
+        big = max(alone.devices.values()) + margin
+        for sizes in ([big // 3, big], [big // 3, big // 2]):
+            r = planner.search(small, sizes, n_ctx=1024, rpc=both, margin=margin)
+            assert r["tensor_split"] == sizes and len(r["devices"]) == 2
+            assert r["fits"] == all(d["used"] <= d["budget"] for d in r["devices"]), r["devices"]
+            c = r["choice"]
+            with dglocal.load(small, n_ctx=1024, rpc=both, n_threads=1, mmap=False, n_cpu_moe=c["n_cpu_moe"],
+                              n_gpu_layers=c["n_gpu_layers"], tensor_split=sizes) as m:
+                real = {n: sum(p.values()) for n, p in m.memory_breakdown().items() if not planner._is_host(n)}
+            for d in r["devices"]:
+                assert d["used"] == pytest.approx(real.get(d["name"], 0), rel=0.05, abs=1 << 20), (d, real)
+        # half the output device cannot hold the output layer's buffers: less goes to the devices
+        assert r["choice"]["n_gpu_layers"] != -1 or r["choice"]["n_cpu_moe"] > 0, r["choice"]
