@@ -86,6 +86,14 @@ def test_encoder_logits_of_every_token_match_reference(model, tiny_model):
     np.testing.assert_allclose(got, encoder_logits(tiny_model, p), atol=ATOL, rtol=0)
 
 
+def test_encoder_logits_of_a_long_prompt_match_reference(model, tiny_model):
+    """100 tokens at once: each of the 8 experts gets ~25 rows, the size at which the CPU backend runs an expert as
+    one gathered GEMM rather than dot products (and every projection takes the blocked GEMM)."""
+    p = prompt(100, seed=8)
+    got = model.sequence().prefill(p, logits_all=True)
+    np.testing.assert_allclose(got, encoder_logits(tiny_model, p), atol=ATOL, rtol=0)
+
+
 def test_denoise_leaves_cache_intact(model, ref):
     """Many canvases at advancing positions, then a commit: the next canvas still sees the same prefix."""
     seq, rseq = model.sequence(), ref.sequence()
