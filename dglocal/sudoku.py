@@ -82,7 +82,7 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
         events.close()  # a caller that breaks out leaves the sequence consistent
 
 
-GUIDE_RESTARTS = 7  # a grid the guide still finds broken at the step cap is denoised again, up to this many times
+GUIDE_RESTARTS = 31  # a grid the guide still finds broken at the step cap is denoised again, up to this many times
 
 
 def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, **generation) -> dict:
