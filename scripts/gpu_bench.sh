@@ -5,7 +5,8 @@
 # The device machine (see /work/.library/device/README.md) has CUDA, cmake, ninja, numpy, jinja2, rich, typer,
 # but no network and no gguf / diskcache, and a call may send only 64 MiB. So:
 #
-#   1. here, once per session:      bash scripts/gpu_bench.sh prep
+#   1. here, once per session:      bash scripts/gpu_bench.sh prep   (and, to skip the device's build,
+#                                   bash scripts/gpu_bench.sh prep-cuda: ~15 min on 2 cores, see prep_cuda)
 #      -> .gpu/ (git-ignored through .git/info/exclude, ~35 MiB): the pinned sdist trimmed to what the CMake
 #         build and the llama_cpp Python bindings need, the vocab-only Gemma 4 GGUF, and gguf + diskcache wheels.
 #   2. on the device, the same call until it prints GPU_BENCH_DONE (each call resumes where the last stopped:
@@ -57,6 +58,50 @@ prep() {
     du -sh .gpu
 }
 
+# the CUDA libraries built here, on the CPU machine, with NVIDIA's compiler, runtime and cuBLAS from PyPI wheels
+# (sm_90 only, the CPU code for any AVX2 machine), so that the device's budget goes to running, not compiling:
+# .gpu/cuda-lib holds the stripped shared libraries. libcuda (the driver) is the device's own: the build links
+# against an empty stub carrying its soname. The device uses them when they load there (ldd finds the CUDA 13
+# runtime and cuBLAS), else builds from the sources as before.
+CUDA_WHEELS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-cuda-cccl==13.0.85
+             nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88"
+
+prep_cuda() {
+    [ -f .gpu/llama-src.tar.gz ] || prep
+    local work=${PREP_WORK:-/tmp/dg-cuda-prep}
+    local cu=$work/toolkit/nvidia/cu13
+    mkdir -p "$work"
+    if [ ! -x "$cu/bin/nvcc" ]; then
+        # shellcheck disable=SC2086
+        python3 -m pip install -q --target "$work/toolkit" $CUDA_WHEELS
+    fi
+    ln -sfn lib "$cu/lib64"  # where nvcc.profile looks for cudart
+    for l in cublas cublasLt cudart; do ln -sf "lib$l.so.13" "$cu/lib/lib$l.so"; done
+    mkdir -p "$cu/lib/stubs"
+    echo 'void dglocal_cuda_stub(void) {}' | gcc -x c -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cu/lib/stubs/libcuda.so" -
+    local src=$work/src/$SDIST_DIR
+    if [ ! -f "$work/src/.patched" ]; then
+        rm -rf "$work/src" && mkdir -p "$work/src"
+        tar -xzf .gpu/llama-src.tar.gz -C "$work/src"
+        python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$src'))"
+        touch "$work/src/.patched"
+    fi
+    local flags
+    flags=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))")
+    # shellcheck disable=SC2086
+    cmake -S "$src/vendor/llama.cpp" -B "$work/build" $flags -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_BMI2=ON -DCMAKE_CUDA_COMPILER="$cu/bin/nvcc" -DCUDAToolkit_ROOT="$cu" \
+        > "$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; exit 1; }
+    cmake --build "$work/build" -j "$(nproc)" --target llama ggml-rpc > "$work/build.log" 2>&1 \
+        || { tail -40 "$work/build.log"; exit 1; }
+    rm -rf .gpu/cuda-lib && mkdir -p .gpu/cuda-lib
+    cp -P "$work/build/bin/"*.so* .gpu/cuda-lib/
+    strip --strip-unneeded .gpu/cuda-lib/*.so.*.* 2>/dev/null || true
+    "$cu/bin/nvcc" --version | tail -1 > .gpu/cuda-lib/BUILT
+    du -sh .gpu/cuda-lib .gpu
+}
+
 # -- device ------------------------------------------------------------------------------------------------------
 
 WORK=${WORK:-/tmp/dgbench}
@@ -83,9 +128,21 @@ setup_python() {
 
 build() {
     if [ -n "${DG_BUILD:-}" ]; then BUILD=$DG_BUILD; else BUILD=$WORK/build; fi
+    local src=$WORK/src/$SDIST_DIR
+    if [ -z "${DG_BUILD:-}" ] && [ -f .gpu/cuda-lib/BUILT ]; then
+        local missing
+        missing=$(ldd .gpu/cuda-lib/libggml-cuda.so 2>&1 | grep "not found" || true)
+        if [ -z "$missing" ]; then
+            # the libraries prep-cuda built: only the Python bindings come from the sources
+            [ -d "$src/llama_cpp" ] || { mkdir -p "$WORK/src"; tar -xzf .gpu/llama-src.tar.gz -C "$WORK/src" "$SDIST_DIR/llama_cpp"; }
+            export LLAMA_CPP_LIB_PATH=$ROOT/.gpu/cuda-lib
+            echo "prebuilt CUDA libraries ($(cat .gpu/cuda-lib/BUILT))"
+            return 0
+        fi
+        echo "the prebuilt CUDA libraries do not load here: $missing; building from the sources"
+    fi
     export LLAMA_CPP_LIB_PATH=$BUILD/bin
     [ -f "$BUILD/.done" ] || [ -n "${DG_BUILD:-}" ] && return 0
-    local src=$WORK/src/$SDIST_DIR
     if [ ! -f "$WORK/src/.patched" ]; then
         rm -rf "$WORK/src" && mkdir -p "$WORK/src"
         tar -xzf .gpu/llama-src.tar.gz -C "$WORK/src"
@@ -190,6 +247,7 @@ EOF
 
 case "${1:-}" in
     prep) prep ;;
+    prep-cuda) prep_cuda ;;
     device) device ;;
-    *) echo "usage: $0 prep|device" >&2; exit 2 ;;
+    *) echo "usage: $0 prep|prep-cuda|device" >&2; exit 2 ;;
 esac
