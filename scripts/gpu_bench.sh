@@ -6,7 +6,8 @@
 # but no network and no gguf / diskcache, and a call may send only 64 MiB. So:
 #
 #   1. here, once per session:      bash scripts/gpu_bench.sh prep   (and, to skip the device's build,
-#                                   bash scripts/gpu_bench.sh prep-cuda: ~15 min on 2 cores, see prep_cuda)
+#                                   bash scripts/gpu_bench.sh prep-cuda: ~25 min on 2 cores, see prep_cuda;
+#                                   then carry=[".gpu-cuda"] instead of [".gpu"])
 #      -> .gpu/ (git-ignored through .git/info/exclude, ~35 MiB): the pinned sdist trimmed to what the CMake
 #         build and the llama_cpp Python bindings need, the vocab-only Gemma 4 GGUF, and gguf + diskcache wheels.
 #   2. on the device, the same call until it prints GPU_BENCH_DONE (each call resumes where the last stopped:
@@ -60,9 +61,9 @@ prep() {
 
 # the CUDA libraries built here, on the CPU machine, with NVIDIA's compiler, runtime and cuBLAS from PyPI wheels
 # (sm_90 only, the CPU code for any AVX2 machine), so that the device's budget goes to running, not compiling:
-# .gpu/cuda-lib holds the stripped shared libraries. libcuda (the driver) is the device's own: the build links
-# against an empty stub carrying its soname. The device uses them when they load there (ldd finds the CUDA 13
-# runtime and cuBLAS), else builds from the sources as before.
+# .gpu-cuda holds the stripped shared libraries. libcuda (the driver) is the device's own: the build links
+# against an empty stub carrying its soname. They need the CUDA 13 runtime and cuBLAS on the device (ldd is
+# checked first); where those are missing, carry .gpu and the device builds from the sources as before.
 CUDA_WHEELS="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.1.3 nvidia-cuda-cccl==13.0.85
              nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88"
 
@@ -95,11 +96,18 @@ prep_cuda() {
         > "$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; exit 1; }
     cmake --build "$work/build" -j "$(nproc)" --target llama ggml-rpc > "$work/build.log" 2>&1 \
         || { tail -40 "$work/build.log"; exit 1; }
-    rm -rf .gpu/cuda-lib && mkdir -p .gpu/cuda-lib
-    cp -P "$work/build/bin/"*.so* .gpu/cuda-lib/
-    strip --strip-unneeded .gpu/cuda-lib/*.so.*.* 2>/dev/null || true
-    "$cu/bin/nvcc" --version | tail -1 > .gpu/cuda-lib/BUILT
-    du -sh .gpu/cuda-lib .gpu
+    # .gpu-cuda replaces .gpu on the device (carry=[".gpu-cuda"]), compressed to fit the 64 MiB a call may carry
+    # with the working tree: the libraries (~40 MB), the vocabulary (~3 MB), the Python bindings and wheels
+    rm -rf .gpu-cuda "$work/lib" && mkdir -p .gpu-cuda "$work/lib/cuda-lib"
+    cp -P "$work/build/bin/"*.so* "$work/lib/cuda-lib/"
+    strip --strip-unneeded "$work/lib/cuda-lib/"*.so.*.* 2>/dev/null || true
+    "$cu/bin/nvcc" --version | tail -1 > "$work/lib/cuda-lib/BUILT"
+    tar -C "$work/lib" -cf - cuda-lib | xz -6 -T0 > .gpu-cuda/cuda-lib.tar.xz
+    xz -6 -T0 -c ".gpu/cache/upstream/$VERSION/$VOCAB_MEMBER" > .gpu-cuda/vocab.gguf.xz
+    tar -czf .gpu-cuda/bindings.tar.gz -C "$work/src" "$SDIST_DIR/llama_cpp"
+    cp -r .gpu/whl .gpu-cuda/whl
+    grep -qx '/.gpu-cuda/' "$(git rev-parse --git-path info/exclude)" || echo '/.gpu-cuda/' >> "$(git rev-parse --git-path info/exclude)"
+    du -sh .gpu-cuda
 }
 
 # -- device ------------------------------------------------------------------------------------------------------
@@ -115,10 +123,17 @@ again() { echo "GPU_BENCH_CONTINUE: $1 (call again at once)"; exit 3; }
 
 setup_python() {
     export DGLOCAL_CACHE=$ROOT/.gpu/cache
+    local carried=.gpu
+    if [ -d .gpu-cuda ]; then  # prep-cuda's package: the vocabulary unpacked into a cache of our own
+        carried=.gpu-cuda
+        export DGLOCAL_CACHE=$WORK/cache
+        local vocab=$DGLOCAL_CACHE/upstream/$VERSION/$VOCAB_MEMBER
+        [ -f "$vocab" ] || { mkdir -p "$(dirname "$vocab")"; xz -dc .gpu-cuda/vocab.gguf.xz > "$vocab.tmp"; mv "$vocab.tmp" "$vocab"; }
+    fi
     export PYTHONPATH=$WORK/pkg:$WORK/site:$WORK/src/$SDIST_DIR${PYTHONPATH:+:$PYTHONPATH}
     export PYTHONUNBUFFERED=1
     if [ ! -f "$WORK/site/.done" ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpu/whl/*.whl
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$carried"/whl/*.whl
         touch "$WORK/site/.done"
     fi
     # dglocal as pyproject.toml lays it out (convert/ is dglocal.convert), fresh from this call's tree
@@ -129,17 +144,16 @@ setup_python() {
 build() {
     if [ -n "${DG_BUILD:-}" ]; then BUILD=$DG_BUILD; else BUILD=$WORK/build; fi
     local src=$WORK/src/$SDIST_DIR
-    if [ -z "${DG_BUILD:-}" ] && [ -f .gpu/cuda-lib/BUILT ]; then
+    if [ -z "${DG_BUILD:-}" ] && [ -f .gpu-cuda/cuda-lib.tar.xz ]; then
+        [ -f "$WORK/cuda-lib/BUILT" ] || tar -xJf .gpu-cuda/cuda-lib.tar.xz -C "$WORK"
+        [ -d "$src/llama_cpp" ] || { mkdir -p "$WORK/src"; tar -xzf .gpu-cuda/bindings.tar.gz -C "$WORK/src"; }
+        export LD_LIBRARY_PATH=$WORK/cuda-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
         local missing
-        missing=$(ldd .gpu/cuda-lib/libggml-cuda.so 2>&1 | grep "not found" || true)
-        if [ -z "$missing" ]; then
-            # the libraries prep-cuda built: only the Python bindings come from the sources
-            [ -d "$src/llama_cpp" ] || { mkdir -p "$WORK/src"; tar -xzf .gpu/llama-src.tar.gz -C "$WORK/src" "$SDIST_DIR/llama_cpp"; }
-            export LLAMA_CPP_LIB_PATH=$ROOT/.gpu/cuda-lib
-            echo "prebuilt CUDA libraries ($(cat .gpu/cuda-lib/BUILT))"
-            return 0
-        fi
-        echo "the prebuilt CUDA libraries do not load here: $missing; building from the sources"
+        missing=$(ldd "$WORK/cuda-lib/libggml-cuda.so" 2>&1 | grep "not found" || true)
+        [ -z "$missing" ] || { echo "the prebuilt CUDA libraries do not load here: $missing (carry .gpu to build)"; exit 1; }
+        export LLAMA_CPP_LIB_PATH=$WORK/cuda-lib
+        echo "prebuilt CUDA libraries ($(cat "$WORK/cuda-lib/BUILT"))"
+        return 0
     fi
     export LLAMA_CPP_LIB_PATH=$BUILD/bin
     [ -f "$BUILD/.done" ] || [ -n "${DG_BUILD:-}" ] && return 0
