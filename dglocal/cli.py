@@ -208,7 +208,7 @@ FitOption = Annotated[bool, typer.Option(
     "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
 
 
-def _fit(path, n_ctx: int, parallel: int, cache: dict, n_gpu_layers: int, where: dict) -> tuple[int, dict]:
+def _fit(path, n_ctx: int, parallel: int, cache: dict, where: dict) -> tuple[int, dict]:
     """--fit: the plan for the free device memory replaces -ngl and --n-cpu-moe (not -ot, which it refuses)."""
     from . import ui
 
@@ -306,7 +306,7 @@ def run(
     where = placement_options(rpc, override_tensor, n_cpu_moe, tensor_split)
     cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit:
-        n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache, n_gpu_layers, where)
+        n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache, where)
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
                            seed=seed or 0, **cache, **where)
@@ -511,7 +511,7 @@ def serve(
     where = placement_options(rpc, override_tensor, n_cpu_moe, tensor_split)
     cache = _given(kv_type=cache_type, swa_full=swa_full)
     if fit and model is not None:
-        n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache, n_gpu_layers, where)
+        n_gpu_layers, where = _fit(path, ctx_size or 4096 * parallel, parallel, cache, where)
     with ui.status(f"loading {path.name}"):
         if model is None:
             llm = sudoku_mod.load_model(path, threads=threads, batch=parallel)

@@ -474,10 +474,10 @@ class Sequence:
         """Keep the first n cached tokens (multi-turn reuse). A windowed sliding cache that no longer holds the
         keys position n reads re-encodes from its latest checkpoint (or the start); returns how many tokens that
         re-encoded."""
-        kept = self.tokens[:checks.integer("truncate length", n, 0, len(self.tokens))]
-        k = self.rewind(n)
+        held = list(self.tokens)
+        k = self.rewind(n)  # checks n
         if k < n:
-            self.prefill(kept[k:])
+            self.prefill(held[k:n])
         return n - k
 
     def rewind(self, n: int) -> int:

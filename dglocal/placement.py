@@ -78,6 +78,11 @@ def rpc_devices(endpoints: list[str]) -> list[int]:
     return devs
 
 
+def load_devices(rpc: list[str] | None) -> list[int]:
+    """The devices a load uses, in llama.cpp's order: this load's RPC servers, then local GPUs."""
+    return (rpc_devices(rpc) if rpc else []) + _local_devices()
+
+
 def buffer_types() -> dict[str, int]:
     """Buffer type name -> handle: every device's own, and the CPU's extra ones (CPU_REPACK, AMX, ...)."""
     nat = _nat()
@@ -158,7 +163,7 @@ def placement(rpc: list[str] | None = None, tensor_overrides: list[str] | None =
         out.split = (ctypes.c_float * n_max)(*shares)
     if rpc or _rpc_regs:
         # explicit device list: this load's RPC servers, then local GPUs; never servers another load registered
-        devs = (rpc_devices(rpc) if rpc else []) + _local_devices()
+        devs = load_devices(rpc)
         out.devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
     pairs = parse_overrides(tensor_overrides or [], n_cpu_moe)
     if pairs:

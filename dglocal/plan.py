@@ -58,7 +58,7 @@ def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_g
         side = host if _is_host(name) else device
         for p in PARTS:
             side[p] += parts[p]
-        if not _is_host(name):
+        if side is device:
             devices[name] = sum(parts[p] for p in PARTS)
     return Choice(n_gpu_layers, n_cpu_moe, device, host, cache, devices)
 
@@ -66,10 +66,9 @@ def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_g
 def device_names(rpc: list[str] | None) -> list[str]:
     """The buffer type names of the devices a load uses, in llama.cpp's order (RPC servers, then GPUs)."""
     from . import _native as nat
-    from .placement import _local_devices, rpc_devices
+    from .placement import load_devices
 
-    devs = (rpc_devices(rpc) if rpc else []) + _local_devices()
-    return [nat.ggml_backend_buft_name(nat.ggml_backend_dev_buffer_type(d)).decode() for d in devs]
+    return [nat.ggml_backend_buft_name(nat.ggml_backend_dev_buffer_type(d)).decode() for d in load_devices(rpc)]
 
 
 def _smallest(lo: int, hi: int, ok) -> int | None:
@@ -182,6 +181,7 @@ def parse_vram(vram):
 def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
          margin=None, swa_full: bool | None = None) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
+    from .convert.report import parse_size
     from .placement import _local_devices
 
     vram = parse_vram(vram)
@@ -205,9 +205,9 @@ def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[
     import ctypes
 
     from . import _native as nat
-    from .placement import _local_devices, rpc_devices
+    from .placement import load_devices
 
-    devs = (rpc_devices(rpc) if rpc else []) + _local_devices()
+    devs = load_devices(rpc)
     if not devs:
         return None
     free = []
@@ -233,8 +233,9 @@ def render(r: dict, console=None) -> None:
     console.print(f"{r['model']}: n_ctx {r['n_ctx']}, {r['parallel']} slot(s), KV {r['kv_type']}, device "
                   f"{r['vram'] / gib:.1f} GiB with {r['margin'] / gib:.2f} GiB spare{note}")
     if len(r["devices"]) > 1:
+        shares = ",".join(f"{v / gib:g}" for v in r["tensor_split"])
         console.print("  " + ", ".join(f"{d['name']}: {d['used'] / gib:.2f} of {d['vram'] / gib:.1f} GiB"
-                                       for d in r["devices"]) + f" (-ts {','.join(f'{v / gib:g}' for v in r['tensor_split'])})")
+                                       for d in r["devices"]) + f" (-ts {shares})")
     t = Table()
     for col in ("", "weights", "KV + state", "compute", "total"):
         t.add_column(col, justify="right" if col else "left")

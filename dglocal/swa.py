@@ -109,10 +109,3 @@ class Checkpoints:
             self.saved.pop()
         self._ll.llama_memory_seq_rm(self._mem, self.seq_id, -1, -1)
         return 0
-
-    def clear(self) -> None:
-        self.saved.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(c.data) for c in self.saved)

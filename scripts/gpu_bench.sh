@@ -59,6 +59,22 @@ prep() {
     du -sh .gpu
 }
 
+# the pinned sources under DIR with dglocal's patches applied (once)
+patched_src() {
+    local dir=$1
+    [ -f "$dir/.patched" ] && return 0
+    rm -rf "$dir" && mkdir -p "$dir"
+    tar -xzf .gpu/llama-src.tar.gz -C "$dir"
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$dir/$SDIST_DIR'))"
+    touch "$dir/.patched"
+}
+
+# the flags build_backend.py gives a CUDA wheel (sm_90), plus a plain shared-library build of llama.cpp itself
+cuda_flags() {
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))"
+    echo "-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF"
+}
+
 # the CUDA libraries built here, on the CPU machine, with NVIDIA's compiler, runtime and cuBLAS from PyPI wheels
 # (sm_90 only, the CPU code for any AVX2 machine), so that the device's budget goes to running, not compiling:
 # .gpu-cuda holds the stripped shared libraries. libcuda (the driver) is the device's own: the build links
@@ -80,18 +96,10 @@ prep_cuda() {
     for l in cublas cublasLt cudart; do ln -sf "lib$l.so.13" "$cu/lib/lib$l.so"; done
     mkdir -p "$cu/lib/stubs"
     echo 'void dglocal_cuda_stub(void) {}' | gcc -x c -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cu/lib/stubs/libcuda.so" -
+    patched_src "$work/src"
     local src=$work/src/$SDIST_DIR
-    if [ ! -f "$work/src/.patched" ]; then
-        rm -rf "$work/src" && mkdir -p "$work/src"
-        tar -xzf .gpu/llama-src.tar.gz -C "$work/src"
-        python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$src'))"
-        touch "$work/src/.patched"
-    fi
-    local flags
-    flags=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))")
-    # shellcheck disable=SC2086
-    cmake -S "$src/vendor/llama.cpp" -B "$work/build" $flags -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+    # shellcheck disable=SC2046
+    cmake -S "$src/vendor/llama.cpp" -B "$work/build" $(cuda_flags) -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
         -DGGML_F16C=ON -DGGML_BMI2=ON -DCMAKE_CUDA_COMPILER="$cu/bin/nvcc" -DCUDAToolkit_ROOT="$cu" \
         > "$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; exit 1; }
     cmake --build "$work/build" -j "$(nproc)" --target llama ggml-rpc > "$work/build.log" 2>&1 \
@@ -157,12 +165,7 @@ build() {
     fi
     export LLAMA_CPP_LIB_PATH=$BUILD/bin
     [ -f "$BUILD/.done" ] || [ -n "${DG_BUILD:-}" ] && return 0
-    if [ ! -f "$WORK/src/.patched" ]; then
-        rm -rf "$WORK/src" && mkdir -p "$WORK/src"
-        tar -xzf .gpu/llama-src.tar.gz -C "$WORK/src"
-        python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; from pathlib import Path; b.apply_patches(Path('$src'))"
-        touch "$WORK/src/.patched"
-    fi
+    patched_src "$WORK/src"
     # a failed configure leaves CMakeCache.txt behind but no build.ninja: test that, and start such a one afresh
     if [ ! -f "$BUILD/build.ninja" ]; then
         local cublas
@@ -171,11 +174,8 @@ build() {
         [ -n "$cublas" ] || { echo "no cuBLAS headers (cublas_v2.h) on this image: ggml-cuda cannot build"; exit 1; }
         echo "cuBLAS: $cublas"
         rm -rf "$BUILD"
-        # the flags build_backend.py gives a CUDA wheel, plus a plain shared-library build of llama.cpp itself
-        local flags
-        flags=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import build_backend as b; print(' '.join(b.cmake_flags('cuda', '90')))")
-        cmake -S "$src/vendor/llama.cpp" -B "$BUILD" -G Ninja $flags -DCMAKE_BUILD_TYPE=Release \
-            -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF > "$WORK/cmake.log" 2>&1 \
+        # shellcheck disable=SC2046
+        cmake -S "$src/vendor/llama.cpp" -B "$BUILD" -G Ninja $(cuda_flags) > "$WORK/cmake.log" 2>&1 \
             || { tail -30 "$WORK/cmake.log"; exit 1; }
     fi
     # the build runs in its own session so that it outlives this call if the budget runs out

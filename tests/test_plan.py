@@ -73,6 +73,11 @@ def test_plan_with_too_little_memory_keeps_everything_on_the_host(small, device)
     assert sum(r["choice"]["device"].values()) == 0
 
 
+def test_plan_takes_sizes_as_text(small, device):
+    r = planner.plan(small, "300M", n_ctx=1024, rpc=device, margin="0M")
+    assert r["vram"] == 300 << 20 and r["margin"] == 0 and r["device"] == "rpc"
+
+
 def test_plan_command(small):
     r = subprocess.run([*DGLOCAL, "plan", str(small), "--vram", "8G", "-c", "1024", "--json"], capture_output=True,
                        text=True, timeout=300)
