@@ -64,9 +64,9 @@ llama_dg_last_io_bytes = _bind("llama_dg_last_io_bytes", [_ll.llama_context_p_ct
                                None)
 
 # typedef void (*llama_dg_node_cb)(void * user, const char * op, const char * name, int32_t src0_type,
-#                                  double flops, double bytes);
+#                                  double flops, double bytes, const char * backend, double copied);
 llama_dg_node_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32,
-                                    ctypes.c_double, ctypes.c_double)
+                                    ctypes.c_double, ctypes.c_double, ctypes.c_char_p, ctypes.c_double)
 # int32_t llama_dg_graph_walk(struct llama_context * ctx, int32_t kind, int32_t n_tokens, llama_dg_node_cb cb,
 #                             void * user);
 llama_dg_graph_walk = _bind("llama_dg_graph_walk", [_ll.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,

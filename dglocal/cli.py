@@ -204,6 +204,11 @@ SwaOption = Annotated[Optional[bool], typer.Option(
     "Default: full up to twice the windowed size, windowed beyond (dglocal plan says which).", show_default=False)]
 
 
+PrecisionOption = Annotated[Optional[str], typer.Option(
+    "--precision", help="f32: f32 math on devices that round f32 operands through f16 (Vulkan), for results "
+                        "that match the reference. Default: auto (the backend's own choice).", show_default=False)]
+
+
 FitOption = Annotated[bool, typer.Option(
     "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
 
@@ -222,6 +227,12 @@ def _fit(path, n_ctx: int, parallel: int, cache: dict, where: dict) -> tuple[int
     ui.print_status(f"--fit ({chosen['free'] / 2**30:.1f} GiB free): {chosen['words']}")
     split = _given(tensor_split=chosen["tensor_split"])  # several devices: layers in proportion to their memory
     return chosen["n_gpu_layers"], {**where, "n_cpu_moe": chosen["n_cpu_moe"], **split}
+
+
+def _weights_where(llm) -> str:
+    """Where llama.cpp put the weights, largest first: "Vulkan0 2.4 MiB, CPU_Mapped 0.1 MiB"."""
+    held = sorted(((d["model"], name) for name, d in llm.memory_breakdown().items() if d["model"]), reverse=True)
+    return ", ".join(f"{name} {size / 2**20:.1f} MiB" for size, name in held)
 
 
 def placement_options(rpc: str | None, override: list[str] | None, n_cpu_moe: int, split: str | None = None) -> dict:
@@ -276,6 +287,7 @@ def run(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
     cache_type: CacheTypeOption = None,
     swa_full: SwaOption = None,
+    precision: PrecisionOption = None,
     fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
@@ -309,7 +321,7 @@ def run(
         n_gpu_layers, where = _fit(path, ctx_size or 4096, 1, cache, where)
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, n_ctx=ctx_size or 4096, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                           seed=seed or 0, **cache, **where)
+                           seed=seed or 0, **cache, **where, **_given(precision=precision))
     with llm:
         view = ui.make_view(llm, interactive=interactive)
         chat = ui.ChatLoop(llm, view, **options)
@@ -423,6 +435,7 @@ def bench(
         "--flash-attn/--no-flash-attn", help="Flash attention. Default: llama.cpp's choice.",
         show_default=False)] = None,
     kv_type: CacheTypeOption = None,
+    precision: PrecisionOption = None,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="Sampling seed. Default: 0.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -447,7 +460,7 @@ def bench(
         steps=steps or None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
         threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed, batch=batch), json=as_json,
-        placement=placement_options(rpc, override_tensor, n_cpu_moe, tensor_split))
+        placement=placement_options(rpc, override_tensor, n_cpu_moe, tensor_split) | _given(precision=precision))
 
 
 @app.command()
@@ -487,6 +500,7 @@ def serve(
         "--t-max", help="Default t_max. Default: from the model.", show_default=False)] = None,
     cache_type: CacheTypeOption = None,
     swa_full: SwaOption = None,
+    precision: PrecisionOption = None,
     fit: FitOption = False,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
@@ -518,10 +532,11 @@ def serve(
         else:
             llm = dglocal.load(path, n_ctx=ctx_size or 4096 * parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
                                seed=seed, n_seq_max=parallel, n_ubatch=max(512, parallel * 256),
-                               **cache, **where)
+                               **cache, **where, **_given(precision=precision))
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
-        ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s)")
+        ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s) · weights on "
+                        f"{_weights_where(llm)}")
         run_server(llm, model_id=model_id, host=host, port=port, parallel=parallel, api_key=api_key,
                    defaults=defaults, sudoku=model is None, queue_size=queue)
 

@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import checks, swa
 from .errors import BackendError, ConfigError, ContextError, ModelError
 from .gguf_read import read_header
-from .placement import placement
+from .placement import device_precision, placement
 
 
 @dataclass
@@ -36,6 +37,18 @@ class Denoised:
     logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
 
 
+class GraphNode(NamedTuple):
+    """One compute node of a graph as llama.cpp builds and schedules it (Model.graph_nodes)."""
+
+    op: str
+    name: str
+    src0_type: int  # ggml type id of the first source (a matmul's weight), -1 if none
+    flops: float
+    bytes: float  # read + written
+    backend: str  # where the scheduler runs it ("CPU", "Vulkan0", "CUDA0", ...)
+    copied: float  # bytes of its sources the scheduler copies in from another backend
+
+
 KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}
 QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
 
@@ -46,7 +59,7 @@ class Model:
                  swa_full: bool | None = None, flash_attn: bool | None = None, extra_bufts: bool = True,
                  rpc: list[str] | None = None, tensor_overrides: list[str] | None = None, n_cpu_moe: int = 0,
                  n_seq_max: int = 1, no_alloc: bool = False, mmap: bool = True, swa_checkpoints: int = 4,
-                 tensor_split=None):
+                 tensor_split=None, precision: str = "auto"):
         self._ctx = self._model = None
         self._stack = ExitStack()
         seed = checks.load_options(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads, seed=seed,
@@ -78,6 +91,7 @@ class Model:
             swa_full = swa.full_by_default(n_ctx_seq, self.sliding_window, n_ubatch)
         self.swa_full = bool(swa_full) or self.sliding_window == 0
         self.swa_checkpoints = checks.integer("swa_checkpoints", swa_checkpoints, 0, 64)
+        device_precision(precision)
         try:  # whatever exists when a step fails (or Ctrl-C arrives) is freed
             self._open(n_ctx, n_gpu_layers, n_threads, n_ubatch, kv_type, self.swa_full,
                        flash_attn, extra_bufts, placement(rpc, tensor_overrides, n_cpu_moe, tensor_split))
@@ -330,18 +344,18 @@ class Model:
         self._nat.llama_dg_last_io_bytes(self._ctx, ctypes.byref(to_backend), ctypes.byref(to_host))
         return to_backend.value, to_host.value
 
-    def graph_nodes(self, kind: str, n_tokens: int) -> list[tuple[str, str, int, float, float]]:
+    def graph_nodes(self, kind: str, n_tokens: int) -> list[GraphNode]:
         """The compute nodes of the graph llama.cpp builds for one micro-batch of n_tokens ("encode": the causal
-        encoder; "denoise": a canvas pass), walked without running it: (op, name, type id of the first source,
-        FLOPs, bytes read + written). Works with no_alloc."""
+        encoder; "denoise": a canvas pass), walked without running it, as the scheduler splits it between
+        backends. Works with no_alloc."""
         self.check_open()
         kinds = {"encode": 0, "denoise": 1}
         if kind not in kinds:
             raise ConfigError(f"graph kind must be one of {sorted(kinds)}, got {kind!r}")
         n_tokens = checks.integer("n_tokens", n_tokens, 1, self.n_ubatch)
         nodes = []
-        cb = self._nat.llama_dg_node_cb(
-            lambda _u, op, name, t, flops, nbytes: nodes.append((op.decode(), name.decode(), t, flops, nbytes)))
+        cb = self._nat.llama_dg_node_cb(lambda _u, op, name, t, flops, nbytes, backend, copied: nodes.append(
+            GraphNode(op.decode(), name.decode(), t, flops, nbytes, backend.decode(), copied)))
         if self.native(self._nat.llama_dg_graph_walk, self._ctx, kinds[kind], n_tokens, cb, None) < 0:
             raise BackendError(f"could not build the {kind} graph: {self._nat.last_errors()}")
         return nodes
@@ -500,5 +514,6 @@ def load(path, **opts) -> Model:
     servers), tensor_overrides (["REGEX=BUFFER_TYPE", ...], llama.cpp's -ot), n_cpu_moe (experts of the first N
     layers in host memory), tensor_split ("3,1": each device's share of the layers, llama.cpp's -ts), n_seq_max,
     mmap (False: llama.cpp's --no-mmap), no_alloc (sizes only: graph_nodes, memory_breakdown; nothing runs),
-    swa_full (None: by context size, dglocal.swa), swa_checkpoints (sliding-cache checkpoints per sequence)."""
+    swa_full (None: by context size, dglocal.swa), swa_checkpoints (sliding-cache checkpoints per sequence),
+    precision ("f32": f32 math on devices that would round f32 through f16, for exactness; per process)."""
     return Model(path, **opts)

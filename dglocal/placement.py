@@ -37,6 +37,36 @@ def _local_devices() -> list[int]:
     return out
 
 
+PRECISIONS = ("auto", "f32")
+_precision: str | None = None  # what this process' devices were set up with (the first load decides)
+
+
+def device_precision(precision: str) -> None:
+    """The math of f32 tensors on the devices, before the first model of the process loads: "auto" is each
+    backend's default; "f32" keeps it f32 where a backend would round through f16 (Vulkan rounds matmul operands
+    through f16 on devices with f16 support: ggml's GGML_VK_DISABLE_F16). ggml sets a device up once per
+    process, so a later load cannot change it."""
+    global _precision
+    import os
+
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if os.environ.get("GGML_VK_DISABLE_F16"):
+        precision = "f32"  # set by hand: ggml reads it as is
+    if _precision is None:
+        if precision == "f32":
+            os.environ["GGML_VK_DISABLE_F16"] = "1"
+        _precision = precision
+    elif precision == "f32" and _precision != "f32" and any(_vulkan(d) for d in _local_devices()):
+        raise ModelError("precision 'f32' needs a new process: the Vulkan device was set up with f16 math by an "
+                         "earlier load in this one")
+
+
+def _vulkan(dev) -> bool:
+    nat = _nat()
+    return nat.ggml_backend_reg_name(nat.ggml_backend_dev_backend_reg(dev)) == b"Vulkan"
+
+
 def parse_endpoint(text: str) -> str:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

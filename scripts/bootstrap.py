@@ -90,7 +90,84 @@ def main(argv: list[str]) -> int:
     install(python, "[test]")
     ensure_tmux()
     print(f"== pytest {' '.join(rest)}", flush=True)
-    return subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
+    cpu = subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
+    gpu = gpu_tier(python, rest)
+    return cpu or gpu
+
+
+# -- the GPU tier: llama.cpp's Vulkan backend, on Mesa's software driver (lavapipe) where no GPU is present ------
+
+VULKAN_PACKAGES = ["glslc", "libvulkan-dev", "spirv-headers", "mesa-vulkan-drivers"]
+VULKAN_FILES = {"glslc": "/usr/bin/glslc", "libvulkan-dev": "/usr/include/vulkan/vulkan.h",
+                "spirv-headers": "/usr/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake",
+                "mesa-vulkan-drivers": "/usr/share/vulkan/icd.d"}
+
+
+BACKPORTS = Path("/etc/apt/sources.list.d/dglocal-bookworm-backports.list")
+
+
+def _deb_version(package: str) -> str:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def _debian_codename() -> str:
+    try:
+        fields = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    except OSError:
+        return ""
+    return fields.get("VERSION_CODENAME", "").strip('"')
+
+
+def _newer_lavapipe() -> None:
+    """Debian 12's Mesa 22.3 lavapipe crashes (a segfault in its queue thread) on some of ggml's Vulkan graphs;
+    the Mesa 25 of bookworm-backports runs them, and runs them faster."""
+    if _debian_codename() != "bookworm" or int((_deb_version("mesa-vulkan-drivers") or "0").split(".")[0]) >= 24:
+        return
+    if not BACKPORTS.exists():
+        BACKPORTS.write_text("deb http://deb.debian.org/debian bookworm-backports main\n")
+    step("Mesa's lavapipe from bookworm-backports", ["apt-get", "update", "-qq"])
+    step("Mesa's lavapipe from bookworm-backports", ["apt-get", "install", "-y", "-qq", "-t", "bookworm-backports",
+                                                     "mesa-vulkan-drivers"])
+
+
+def vulkan_missing() -> str | None:
+    """Why the Vulkan tier cannot run here, after installing Debian's packages where we may; None if it can."""
+    if os.environ.get("DGLOCAL_GPU_TIER", "1") == "0":
+        return "DGLOCAL_GPU_TIER=0"
+    if sys.platform != "linux":
+        return "the GPU tier runs on Linux (Mesa's lavapipe, or a GPU's Vulkan driver)"
+    may_install = os.geteuid() == 0 and shutil.which("apt-get") is not None
+    missing = [p for p, f in VULKAN_FILES.items() if not Path(f).exists()]
+    if missing and may_install:
+        step("install the Vulkan build and driver packages", ["apt-get", "update", "-qq"])
+        step("install the Vulkan build and driver packages", ["apt-get", "install", "-y", "-qq", *VULKAN_PACKAGES])
+        missing = [p for p, f in VULKAN_FILES.items() if not Path(f).exists()]
+    if missing:
+        return f"missing {', '.join(missing)} (Debian: apt-get install {' '.join(VULKAN_PACKAGES)})"
+    if may_install:
+        _newer_lavapipe()
+    return None
+
+
+def gpu_tier(python: str, rest: list[str]) -> int:
+    """The tests marked gpu_tier with every layer on Vulkan0: the Vulkan build in a directory of its own, ahead of
+    the CPU build on PYTHONPATH. Lavapipe is a CPU device, which ggml lists only when asked (GGML_VK_VISIBLE_DEVICES);
+    Mesa's shader cache keeps its compiled pipelines between runs."""
+    why = vulkan_missing()
+    if why:
+        print(f"== the GPU tier did not run: {why}; the CPU tier above is the whole result", flush=True)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from dglocal.upstream import cache_dir
+
+    target = cache_dir() / "envs" / "vulkan"
+    step("patched llama.cpp backend, Vulkan", [python, str(ROOT / "scripts" / "build_backend.py"), "--backend",
+                                               "vulkan", "--target", str(target)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])),
+               DGLOCAL_TEST_DEVICE="Vulkan0", GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
+    print(f"== GPU tier (Vulkan0): pytest {' '.join(rest)}", flush=True)
+    return subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":

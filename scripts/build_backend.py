@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Build and install the patched llama-cpp-python that dglocal runs on.
 
-    python scripts/build_backend.py --backend cpu|cuda|metal|vulkan [--cuda-arch 90] [--jobs N]
+    python scripts/build_backend.py --backend cpu|cuda|metal|vulkan [--cuda-arch 90] [--jobs N] [--target DIR]
 
 Fetches the pinned sdist with pip, checks its sha256, applies patches/NNNN-*.patch in order to its vendored
 llama.cpp, builds a wheel and installs it into the current environment. Wheels are cached under
 $DGLOCAL_CACHE (default ~/.cache/dglocal) keyed by (sdist hash, patch hash, build flags), so a rebuild happens
-only when the patches or flags change.
+only when the patches or flags change. --target installs the build into DIR alone (ahead of the environment's own
+build on PYTHONPATH: a second backend beside the first, as the GPU test tier runs it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,14 +85,20 @@ def run(cmd: list[str], what: str, env: dict | None = None) -> None:
         raise BuildError(f"{what} (exit {r.returncode}): {' '.join(cmd)}")
 
 
-def build_wheel(flags: list[str], out: Path, jobs: int) -> Path:
+def build_wheel(backend: str, flags: list[str], out: Path, jobs: int) -> Path:
     sdist = fetch_sdist()
-    with tempfile.TemporaryDirectory(prefix="dglocal-build-") as tmp:
+    # one fixed directory per backend, so that the same sources compile at the same paths each time: with ccache
+    # installed (llama.cpp's CMake uses it when found), a rebuild after a patch recompiles only what it touched
+    tmp = CACHE / "build" / backend
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
         with tarfile.open(sdist) as tf:
             tf.extractall(tmp, filter="data")
         src = Path(tmp) / SDIST.removesuffix(".tar.gz")
         apply_patches(src)
-        env = dict(os.environ, CMAKE_ARGS=" ".join(flags), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+        env = dict(os.environ, CMAKE_ARGS=" ".join(flags), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs),
+                   SKBUILD_BUILD_DIR=str(tmp / "cmake"))
         staging = Path(tmp) / "wheel"
         print(f"building the wheel (CMAKE_ARGS={env['CMAKE_ARGS']}) ...", flush=True)
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(staging), str(src)], "wheel build failed", env)
@@ -103,6 +109,23 @@ def build_wheel(flags: list[str], out: Path, jobs: int) -> Path:
         shutil.copyfile(wheel, partial)
         partial.rename(out / wheel.name)
         return out / wheel.name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_target(wheel: Path, target: Path, build: str) -> None:
+    """The wheel alone in `target` (its dependencies come from the environment); kept while the build matches."""
+    stamp = target / ".dglocal-build"
+    if stamp.is_file() and stamp.read_text().strip() == build:
+        print(f"{target} holds build {build}", flush=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial), str(wheel)],
+        "pip install --target failed")
+    (partial / ".dglocal-build").write_text(build + "\n")
+    partial.rename(target)  # an interrupted install never looks complete
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
     ap.add_argument("--rebuild", action="store_true", help="ignore a cached wheel")
     ap.add_argument("--print-key", action="store_true", help="print the cache key and exit")
+    ap.add_argument("--target", type=Path, help="install into this directory only (for PYTHONPATH)")
     args = ap.parse_args(argv)
 
     flags = cmake_flags(args.backend, args.cuda_arch)
@@ -123,16 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     wheels = sorted(cached.glob("*.whl"))
     try:
         if args.rebuild or not wheels:
-            wheels = [build_wheel(flags, cached, args.jobs)]
+            wheels = [build_wheel(args.backend, flags, cached, args.jobs)]
         else:
             print(f"using cached wheel {wheels[0]}", flush=True)
-        # replace any other llama-cpp-python build, then add its missing dependencies (without touching numpy)
-        run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheels[0])], "pip install failed")
-        run([sys.executable, "-m", "pip", "install", str(wheels[0])], "pip install of the wheel's dependencies failed")
+        if args.target:
+            install_target(wheels[0], args.target, f"{args.backend}-{key}")
+        else:
+            # replace any other llama-cpp-python build, then add its missing dependencies (without touching numpy)
+            run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheels[0])],
+                "pip install failed")
+            run([sys.executable, "-m", "pip", "install", str(wheels[0])], "pip install of the wheel's dependencies failed")
+            (CACHE / "installed-backend").write_text(f"{args.backend}-{key}\n")
     except DglocalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    (CACHE / "installed-backend").write_text(f"{args.backend}-{key}\n")
     print(f"installed {PACKAGE} {VERSION} + {len(patch_files())} patches ({args.backend}, key {key})")
     return 0
 

@@ -1,5 +1,11 @@
-"""Shared fixtures: one tiny random reference model and its checkpoint per test session."""
+"""Shared fixtures: one tiny random reference model and its checkpoint per test session.
 
+DGLOCAL_TEST_DEVICE=Vulkan0 (set by `scripts/bootstrap.py test` for its GPU tier, in an environment whose
+llama.cpp build has that device) runs only the tests marked `gpu_tier`, with the devices set up for f32 math,
+and checks that every model loaded with all its layers offloaded has its weights and KV cache on that device.
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -10,8 +16,57 @@ sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import ti
 import tiny  # noqa: E402
 
 
+DEVICE = os.environ.get("DGLOCAL_TEST_DEVICE")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "backend: needs the patched llama.cpp library (dglocal._native)")
+    config.addinivalue_line("markers", "gpu_tier: also runs in the GPU tier (DGLOCAL_TEST_DEVICE), layers on the device")
+    config.addinivalue_line("markers", "gpu_only: needs a device: runs in the GPU tier alone")
+    config.addinivalue_line("markers", "slow: left out of the fast tier (-m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier keeps the gpu_tier tests; the CPU tier drops the gpu_only ones (they need a device)."""
+    marker = "gpu_tier" if DEVICE else "gpu_only"
+    kept = [item for item in items if bool(item.get_closest_marker(marker)) == bool(DEVICE)]
+    if DEVICE:  # the driver over the reference model alone (tests/test_generate.py) needs no device
+        kept = [item for item in kept if getattr(item, "callspec", None) is None or
+                item.callspec.params.get("model") != "reference"]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def on_the_device():
+    """The GPU tier: f32 device math (the exactness the parity tests assert; inherited by child processes through
+    the environment), and every load that offloads all layers checked to have landed on DEVICE."""
+    if not DEVICE:
+        yield
+        return
+    from dglocal import model, placement
+
+    placement.device_precision("f32")
+    init = model.Model.__init__
+
+    def checked_init(self, path, **kw):
+        init(self, path, **kw)
+        if kw.get("n_gpu_layers", -1) == -1 and not (kw.get("rpc") or kw.get("tensor_overrides") or
+                                                     kw.get("n_cpu_moe") or kw.get("no_alloc")):
+            assert_on_device(self)
+
+    model.Model.__init__ = checked_init
+    yield
+    model.Model.__init__ = init
+
+
+def assert_on_device(m):
+    """Weights and KV cache on DEVICE: a silent fallback to the host fails here."""
+    mem = m.memory_breakdown()
+    assert DEVICE in mem, f"no buffer on {DEVICE}: {mem}"
+    assert mem[DEVICE]["model"] > 0 and mem[DEVICE]["context"] > 0, mem
+    host = sum(d["context"] for name, d in mem.items() if name != DEVICE)
+    assert host == 0, f"KV cache or state off {DEVICE}: {mem}"
 
 
 @pytest.fixture(scope="session")

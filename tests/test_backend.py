@@ -14,7 +14,7 @@ from reference_harness import ReferenceModel, encoder_logits
 
 from dglocal.errors import ConfigError, BackendError, ContextError, ModelError
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
 W = tiny.TEXT["sliding_window"]
 C = tiny.CANVAS

@@ -13,7 +13,7 @@ from dglocal.generate import Completion, Step, stream, stream_calls
 from dglocal.sampler import SeededNoise
 from dglocal.schedule import StepScheduler, derive_seed, run_jobs
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
 V, C = tiny.VOCAB, tiny.CANVAS
 PROMPTS = [[2] + list(range(10, 10 + n)) for n in (3, 9, 13, 20, 30)]  # some beyond the sliding window (8)

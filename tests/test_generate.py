@@ -15,6 +15,8 @@ from dglocal.errors import ConfigError, ContextError
 from dglocal.generate import Block, BlockText, ChatSession, Step, generate, generate_steps, stream
 from dglocal.sampler import SeededNoise, accept_mask
 
+pytestmark = pytest.mark.gpu_tier
+
 V, C = 512, 16
 PROMPT = [2] + list(range(10, 30))  # 21 tokens: beyond the sliding window of 8
 BASE = dict(max_new_tokens=48, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,

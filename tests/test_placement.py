@@ -78,6 +78,7 @@ def wide(tiny_vocab, tmp_path_factory):
     return model, reference_run(model), tiny.save_checkpoint(model, d / "ck"), d
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("type_name", list(BOUNDS))
 def test_quant_types_run_with_every_cpu_placement(wide, tiny_vocab, type_name):
     """llama.cpp's defaults (repacked / AMX layouts where the CPU has them) and extra buffer types off: both
@@ -108,6 +109,7 @@ def test_quant_types_run_with_every_cpu_placement(wide, tiny_vocab, type_name):
 
 # measured (median per-position rel. L2, worst of encoder and 4 steps; random weights amplify): q8_0 0.061 (0.009
 # before the commit writes canvas K/V into the cache), q4_0 0.21; flash attention alone, f16 cache: ~1e-3
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("kv_type, bound", [("q8_0", 0.12), ("q4_0", 0.35)])
 def test_quantized_kv_cache(tiny_vocab, tiny_f32_gguf, tmp_path_factory, kv_type, bound):
     """A q8_0 / q4_0 KV cache (flash attention on, which llama.cpp needs for a quantized V), canvas K/V included,

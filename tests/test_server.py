@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -72,7 +73,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_f32_gguf):
-    s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "2048", "--alias", "tiny", "--seed", "1")
+    s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "2048", "--alias", "tiny", "--seed", "1", "-ngl", "99")
     yield s
     s.stop()
 
@@ -93,10 +94,16 @@ def chat_tokens(model, messages):
     return ChatSession(model).prompt_tokens(messages)
 
 
+@pytest.mark.gpu_tier
 def test_models_and_health(tiny_server):
     assert [m.id for m in tiny_server.client().models.list().data] == ["tiny"]
+    banner = next(line for line in tiny_server.log if "dglocal serve:" in line)
+    # -ngl 99: on a build with a GPU every weight but the token embedding (llama.cpp keeps it on the host) is there
+    device = os.environ.get("DGLOCAL_TEST_DEVICE")
+    assert (f"weights on {device} " if device else "weights on CPU") in banner, banner  # CPU: CPU_Mapped, CPU_REPACK..
 
 
+@pytest.mark.gpu_tier
 def test_chat_stream_equals_whole_equals_generate(tiny_server, reference):
     c = tiny_server.client()
     msgs = [{"role": "user", "content": "Write a line about the sea."}]

@@ -17,7 +17,7 @@ import dglocal
 from dglocal import swa
 from dglocal.generate import generate
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
 W, C, V = tiny.TEXT["sliding_window"], tiny.CANVAS, tiny.VOCAB
 ATOL = 2e-4
