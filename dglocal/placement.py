@@ -12,7 +12,7 @@ import ctypes
 import re
 from dataclasses import dataclass, field
 
-from .errors import BackendError, ModelError
+from .errors import BackendError, ConfigError, ModelError
 
 # llama.cpp's --n-cpu-moe pattern: the expert tensors of one layer
 _EXPERTS = r"blk\.{}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -50,7 +50,7 @@ def device_precision(precision: str) -> None:
     import os
 
     if precision not in PRECISIONS:
-        raise ModelError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if os.environ.get("GGML_VK_DISABLE_F16"):
         precision = "f32"  # set by hand: ggml reads it as is
     if _precision is None:
@@ -58,8 +58,8 @@ def device_precision(precision: str) -> None:
             os.environ["GGML_VK_DISABLE_F16"] = "1"
         _precision = precision
     elif precision == "f32" and _precision != "f32" and any(_vulkan(d) for d in _local_devices()):
-        raise ModelError("precision 'f32' needs a new process: the Vulkan device was set up with f16 math by an "
-                         "earlier load in this one")
+        raise ConfigError("precision 'f32' needs a new process: the Vulkan device was set up with f16 math by an "
+                          "earlier load in this one")
 
 
 def _vulkan(dev) -> bool:

@@ -84,8 +84,8 @@ def _family(name: str, op: str) -> str:
 def graph_time(dev: Device, nodes) -> tuple[float, dict[str, float]]:
     """Seconds for one pass, and seconds per node family."""
     per = defaultdict(float)
-    for op, name, t, flops, nbytes in nodes:
-        per[_family(name, op)] += node_seconds(dev, op, t, flops, nbytes)
+    for n in nodes:
+        per[_family(n.name, n.op)] += node_seconds(dev, n.op, n.src0_type, n.flops, n.bytes)
     return sum(per.values()), per
 
 

@@ -185,3 +185,13 @@ def test_load_seed_makes_generations_reproducible(tiny_f32_gguf):
             runs.append([m.generate([2, 10, 11, 12], **opts).tokens for _ in range(2)])
     assert runs[0] == runs[1]  # same load seed: the same sequence of answers
     assert runs[0][0] != runs[0][1]  # but each call draws a fresh seed from it
+
+
+def test_precision_option(tiny_f32_gguf):
+    """precision: "auto" or "f32" (f32 device math, decided once per process); anything else names the value."""
+    import dglocal
+
+    with pytest.raises(ConfigError, match=r"precision must be one of \['auto', 'f32'\], got 'f16'"):
+        dglocal.load(tiny_f32_gguf, precision="f16")
+    with dglocal.load(tiny_f32_gguf, n_ctx=256, n_threads=1, precision="f32") as m:
+        assert m.sequence().prefill([2, 10, 11], logits_last=True).shape == (tiny.VOCAB,)
