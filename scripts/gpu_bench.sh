@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark of the 26B-A4B shape (issue 7): CUDA build of the patched llama.cpp, `dglocal synth` of the
-# 26B-A4B at Q4_K_M, then `dglocal bench` (fixed 8/16/48 steps + adaptive, with the autoregressive ratio).
+# 26B-A4B at Q4_K_M, a GPU-vs-CPU check first, then `dglocal bench` (16 steps + adaptive, batch 1 and 4, with the
+# autoregressive ratio).
 #
 # The device machine (see /work/.library/device/README.md) has CUDA, cmake, ninja, numpy, jinja2, rich, typer,
 # but no network and no gguf / diskcache, and a call may send only 64 MiB. So:
@@ -218,6 +219,11 @@ def run(ngl):
 cpu, gpu = run(0), run(-1)
 worst = max(float(np.abs(a - b).max()) for a, b in zip(cpu, gpu))
 print(f"GPU vs CPU, tiny f32: max abs logit difference {worst:.2e} ({'ok' if worst < 1e-3 else 'FAIL'})")
+with dglocal.load(path, n_ctx=512, n_gpu_layers=-1) as m:  # where the scheduler runs the denoise pass
+    nodes = m.graph_nodes("denoise", m.canvas_length)
+    off = sorted({(n.op, n.name) for n in nodes if n.backend.startswith("CPU")})
+    print(f"denoise graph: {len(nodes)} nodes, {len(off)} on the host {off[:8]}, "
+          f"{sum(n.copied for n in nodes) / 2**20:.2f} MiB copied between backends per step")
 EOF
 }
 
@@ -226,6 +232,7 @@ device() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     setup_python
     build
+    [ -f "$OUT/parity.txt" ] || parity  # first: a wrong GPU result makes the bench moot
     local model=$WORK/synth-$PRESET-$TYPE.gguf
     if [ ! -f "$model" ]; then
         [ "$(left)" -gt 180 ] || again "synth needs ~3 minutes"
@@ -236,7 +243,6 @@ r = synth('$PRESET', '$TYPE', '$model', force=True)
 print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} s, mix {r.quant_mix}')
 " 2>&1 | tee "$OUT/synth.txt"
     fi
-    [ -f "$OUT/parity.txt" ] || parity
     [ "$(left)" -gt 150 ] || again "bench needs ~2.5 minutes"
     python3 - "$model" "$OUT" <<'EOF' 2>&1 | tee "$OUT/bench.txt"
 import json, os, sys
@@ -245,9 +251,10 @@ from rich.console import Console
 from dglocal.bench import bench, render
 
 path, out = sys.argv[1], Path(sys.argv[2])
-steps = tuple(int(s) for s in os.environ.get("BENCH_STEPS", "8,16,48").split(","))
+steps = tuple(int(s) for s in os.environ.get("BENCH_STEPS", "16").split(","))
 r = bench(path, n_gpu_layers=-1, steps=steps, adaptive=os.environ.get("ADAPTIVE", "1") == "1",
-          canvases=int(os.environ.get("CANVASES", "2")), prompt_tokens=64, ar_tokens=128)
+          canvases=int(os.environ.get("CANVASES", "2")), prompt_tokens=64, ar_tokens=128,
+          batch=int(os.environ.get("BATCH", "4")))  # batch 1, and 4 generations denoised together
 (out / "bench.json").write_text(json.dumps(r, indent=2))
 render(r, Console(width=120))
 fixed16 = next((x for x in r["runs"] if x["max_steps"] == 16), r["runs"][0])
