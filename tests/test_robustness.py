@@ -116,8 +116,13 @@ def test_load_options_are_checked_before_loading(tiny_f32_gguf):
                         (dict(n_gpu_layers=-5), "n_gpu_layers must be in -1..")]:
         with pytest.raises(ConfigError, match=message):
             dglocal.load(tiny_f32_gguf, **kw)
-    with dglocal.load(tiny_f32_gguf, n_ctx=256, seed=-1) as m:  # -1: a random seed, as in llama.cpp
-        assert m.generate([2, 3], max_new_tokens=8, max_denoising_steps=2).tokens
+    seeds = []
+    for _ in range(2):
+        with dglocal.load(tiny_f32_gguf, n_ctx=256, seed=-1) as m:  # -1: a random seed, as in llama.cpp
+            done = m.generate([2, 3], max_new_tokens=8, max_denoising_steps=2)  # may end at an EOS drawn first
+            assert done.finish_reason in ("eos", "length") and len(done.tokens) <= 8
+            seeds.append(m.next_seed())
+    assert seeds[0] != seeds[1]  # each load draws its own
 
 
 def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None):
