@@ -68,7 +68,7 @@ def load_errors(path, *variants: dict) -> list[str]:
 
 def run_probe(path, out, **options):
     r = subprocess.run([sys.executable, str(HERE / "placement_probe.py"), str(path), str(out), json.dumps(options)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)  # lavapipe compiles a type's shaders on first use
     assert r.returncode == 0, f"probe {options} exited {r.returncode}:\n{r.stderr[-3000:]}"
     with np.load(out) as z:
         return z["enc"], z["steps"]
