@@ -23,6 +23,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "backend: needs the patched llama.cpp library (dglocal._native)")
     config.addinivalue_line("markers", "gpu_tier: also runs in the GPU tier (DGLOCAL_TEST_DEVICE), layers on the device")
     config.addinivalue_line("markers", "gpu_only: needs a device: runs in the GPU tier alone")
+    config.addinivalue_line("markers", "cpu_only: left out of the GPU tier (the reason is at the test)")
     config.addinivalue_line("markers", "slow: left out of the fast tier (-m 'not slow')")
 
 
@@ -31,8 +32,8 @@ def pytest_collection_modifyitems(config, items):
     marker = "gpu_tier" if DEVICE else "gpu_only"
     kept = [item for item in items if bool(item.get_closest_marker(marker)) == bool(DEVICE)]
     if DEVICE:  # the driver over the reference model alone (tests/test_generate.py) needs no device
-        kept = [item for item in kept if getattr(item, "callspec", None) is None or
-                item.callspec.params.get("model") != "reference"]
+        kept = [item for item in kept if not item.get_closest_marker("cpu_only") and (
+                getattr(item, "callspec", None) is None or item.callspec.params.get("model") != "reference")]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 

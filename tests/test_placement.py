@@ -100,8 +100,11 @@ def amplifying(tmp_path_factory):
     return model, tiny.save_checkpoint(model, d / "ck"), d
 
 
+# iq4_nl in the GPU tier: once, lavapipe (Mesa 25.0) ran its probe past 8 minutes at 7 GB without an answer, where
+# an earlier tier run had passed it in about a minute; until that is understood it runs in the CPU tier only
 @pytest.mark.gpu_tier
-@pytest.mark.parametrize("type_name", list(BOUNDS))
+@pytest.mark.parametrize("type_name", [pytest.param(t, marks=pytest.mark.cpu_only) if t == "iq4_nl" else t
+                                       for t in BOUNDS])
 def test_quant_types_run_with_every_cpu_placement(wide, amplifying, tiny_vocab, type_name):
     """llama.cpp's defaults (repacked / AMX layouts where the CPU has them) and extra buffer types off: both
     run prefill, self-conditioned denoise steps and a commit, stay within the type's bound of the reference,
