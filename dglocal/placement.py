@@ -9,6 +9,7 @@ The model parameters take pointers; `Placement` keeps the arrays they point to a
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -25,15 +26,20 @@ def _nat():
     return _native
 
 
+def _backend(dev) -> str:
+    """The name of the backend a device belongs to: "CPU", "Vulkan", "CUDA", "RPC", ..."""
+    nat = _nat()
+    return nat.ggml_backend_reg_name(nat.ggml_backend_dev_backend_reg(dev)).decode()
+
+
 def _local_devices() -> list[int]:
     """Registered devices other than CPUs and RPC servers (GPUs), in registry order."""
     nat = _nat()
     out = []
     for i in range(nat.ggml_backend_dev_count()):
         dev = nat.ggml_backend_dev_get(i)
-        if nat.ggml_backend_dev_type(dev) in (1, 2):
-            if nat.ggml_backend_reg_name(nat.ggml_backend_dev_backend_reg(dev)) != b"RPC":
-                out.append(dev)
+        if nat.ggml_backend_dev_type(dev) in (1, 2) and _backend(dev) != "RPC":
+            out.append(dev)
     return out
 
 
@@ -47,8 +53,6 @@ def device_precision(precision: str) -> None:
     through f16 on devices with f16 support: ggml's GGML_VK_DISABLE_F16). ggml sets a device up once per
     process, so a later load cannot change it."""
     global _precision
-    import os
-
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if os.environ.get("GGML_VK_DISABLE_F16"):
@@ -57,14 +61,9 @@ def device_precision(precision: str) -> None:
         if precision == "f32":
             os.environ["GGML_VK_DISABLE_F16"] = "1"
         _precision = precision
-    elif precision == "f32" and _precision != "f32" and any(_vulkan(d) for d in _local_devices()):
+    elif precision == "f32" and _precision != "f32" and any(_backend(d) == "Vulkan" for d in _local_devices()):
         raise ConfigError("precision 'f32' needs a new process: the Vulkan device was set up with f16 math by an "
                           "earlier load in this one")
-
-
-def _vulkan(dev) -> bool:
-    nat = _nat()
-    return nat.ggml_backend_reg_name(nat.ggml_backend_dev_backend_reg(dev)) == b"Vulkan"
 
 
 def parse_endpoint(text: str) -> str:
@@ -232,7 +231,7 @@ def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str |
         raise BackendError("this llama.cpp build has no RPC backend (build it with scripts/build_backend.py)")
     devs = {nat.ggml_backend_dev_name(d).decode(): d
             for d in map(nat.ggml_backend_dev_get, range(nat.ggml_backend_dev_count()))
-            if nat.ggml_backend_reg_name(nat.ggml_backend_dev_backend_reg(d)) != b"RPC"}
+            if _backend(d) != "RPC"}
     name = device or next(n for n, d in devs.items() if nat.ggml_backend_dev_type(d) == 0)
     if name not in devs:
         raise ModelError(f"--device {name!r} is not one of: {', '.join(devs)}")
