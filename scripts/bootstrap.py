@@ -159,7 +159,7 @@ def gpu_tier(python: str, rest: list[str]) -> int:
         print(f"== the GPU tier did not run: {why}; the CPU tier above is the whole result", flush=True)
         return 0
     sys.path.insert(0, str(ROOT))
-    from dglocal.upstream import cache_dir
+    from dglocal.runtime.upstream import cache_dir
 
     target = cache_dir() / "envs" / "vulkan"
     step("patched llama.cpp backend, Vulkan", [python, str(ROOT / "scripts" / "build_backend.py"), "--backend",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the pin lives in the package: dglocal/upstream.py
-from dglocal.upstream import PACKAGE, SDIST, SDIST_SHA256, VERSION, DglocalError, cache_dir, fetch_sdist  # noqa: E402
+from dglocal.runtime.upstream import PACKAGE, SDIST, SDIST_SHA256, VERSION, DglocalError, cache_dir, fetch_sdist  # noqa: E402
 
 PATCHES = ROOT / "patches"
 CACHE = cache_dir()

@@ -39,8 +39,8 @@ prep() {
     grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
     mkdir -p .gpu/whl
     local sdist
-    sdist=$(python3 -c 'from dglocal.upstream import fetch_sdist; print(fetch_sdist())')
-    python3 -c "from dglocal.upstream import sdist_file; print(sdist_file('$VOCAB_MEMBER'))" >/dev/null
+    sdist=$(python3 -c 'from dglocal.runtime.upstream import fetch_sdist; print(fetch_sdist())')
+    python3 -c "from dglocal.runtime.upstream import sdist_file; print(sdist_file('$VOCAB_MEMBER'))" >/dev/null
     local tmp
     tmp=$(mktemp -d)
     tar -xzf "$sdist" -C "$tmp"
@@ -202,7 +202,7 @@ parity() {
 import sys
 import numpy as np
 import dglocal
-from dglocal.synth import synth
+from dglocal.convert.synth import synth
 
 path = sys.argv[1]
 synth("tiny", "f32", path, force=True)
@@ -219,8 +219,9 @@ def run(ngl):
 cpu, gpu = run(0), run(-1)
 worst = max(float(np.abs(a - b).max()) for a, b in zip(cpu, gpu))
 print(f"GPU vs CPU, tiny f32: max abs logit difference {worst:.2e} ({'ok' if worst < 1e-3 else 'FAIL'})")
+from dglocal.runtime.diagnostics import graph_nodes
 with dglocal.load(path, n_ctx=512, n_gpu_layers=-1) as m:  # where the scheduler runs the denoise pass
-    nodes = m.graph_nodes("denoise", m.canvas_length)
+    nodes = graph_nodes(m, "denoise", m.canvas_length)
     off = sorted({(n.op, n.name) for n in nodes if n.backend.startswith("CPU")})
     print(f"denoise graph: {len(nodes)} nodes, {len(off)} on the host {off[:8]}, "
           f"{sum(n.copied for n in nodes) / 2**20:.2f} MiB copied between backends per step")
@@ -238,7 +239,7 @@ device() {
         [ "$(left)" -gt 180 ] || again "synth needs ~3 minutes"
         python3 -c "
 import time
-from dglocal.synth import synth
+from dglocal.convert.synth import synth
 r = synth('$PRESET', '$TYPE', '$model', force=True)
 print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} s, mix {r.quant_mix}')
 " 2>&1 | tee "$OUT/synth.txt"
@@ -248,7 +249,8 @@ print(f'synth: {r.size / 2**30:.2f} GiB, {r.n_tensors} tensors, {r.seconds:.0f} 
 import json, os, sys
 from pathlib import Path
 from rich.console import Console
-from dglocal.bench import bench, render
+from dglocal.cli.render import show_bench
+from dglocal.tools.bench import bench
 
 path, out = sys.argv[1], Path(sys.argv[2])
 steps = tuple(int(s) for s in os.environ.get("BENCH_STEPS", "16").split(","))
@@ -256,7 +258,7 @@ r = bench(path, n_gpu_layers=-1, steps=steps, adaptive=os.environ.get("ADAPTIVE"
           canvases=int(os.environ.get("CANVASES", "2")), prompt_tokens=64, ar_tokens=128,
           batch=int(os.environ.get("BATCH", "4")))  # batch 1, and 4 generations denoised together
 (out / "bench.json").write_text(json.dumps(r, indent=2))
-render(r, Console(width=120))
+show_bench(r, Console(width=120))
 fixed16 = next((x for x in r["runs"] if x["max_steps"] == 16), r["runs"][0])
 print(f"{r['name']} {r['file_type']}: {fixed16['max_steps']} steps {fixed16['canvas_tok_s']:.0f} canvas tok/s, "
       f"{fixed16['ms_per_step']:.1f} ms/step, AR {r['autoregressive']['tok_s']:.0f} tok/s, "

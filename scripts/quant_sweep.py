@@ -22,7 +22,7 @@ each the median over positions of the per-position relative L2 error of the logi
 rounded reference ("vs~"). Where the rounded reference moves as much as llama.cpp errs, the error is the model's
 amplification of that rounding, not a fault of the runtime.
 
-The real 262144-token vocabulary is the pinned sdist's vocab-only Gemma 4 GGUF (dglocal.upstream.VOCAB_GEMMA4,
+The real 262144-token vocabulary is the pinned sdist's vocab-only Gemma 4 GGUF (dglocal.runtime.upstream.VOCAB_GEMMA4,
 tests/tiny.vocab_gguf); smaller ones are cuts of it (tiny.tiny_vocab_gguf). Prompt and canvas tokens are drawn from
 the whole vocabulary unless a config says `draw`. A real-vocabulary config takes 1.5-5 minutes (its 67M-entry
 embedding is converted, dequantized and run several times); --vocab 512 gives each config a 512-token vocabulary

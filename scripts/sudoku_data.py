@@ -4,7 +4,7 @@
     python scripts/sudoku_data.py --n 256 --seed 1000003 --out scripts/sudoku/heldout.txt
 
 Each output line is `puzzle solution` (81 characters each, '.' for blanks). Every puzzle has exactly
-one solution (checked by the counting solver in `dglocal.sudoku_core`) and `--min-givens`..`--max-givens`
+one solution (checked by the counting solver in `dglocal.sudoku.core`) and `--min-givens`..`--max-givens`
 givens. Training seeds are small integers; the held-out set uses seed 1000003 and the training
 pool is checked against it for identical solution grids.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dglocal.sudoku_core import count_solutions, format_grid, parse_grid, solve
+from dglocal.sudoku.core import count_solutions, format_grid, parse_grid, solve
 
 HELDOUT_SEED = 1_000_003
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sudoku_data import read_pairs  # noqa: E402
 from sudoku_train import HERE, evaluate  # noqa: E402
 
-from dglocal.sudoku_core import format_grid  # noqa: E402
+from dglocal.sudoku.core import format_grid  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -32,21 +32,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sudoku_data import HELDOUT_SEED, augment, pairs_array, read_pairs  # noqa: E402
 
-from dglocal import sudoku_core as sc  # noqa: E402
+from dglocal.convert.source import generation_defaults  # noqa: E402
+from dglocal.sudoku import core as sc  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "sudoku"
 N_STRUCT = len(sc.STRUCTURE_IDS)  # constant prompt prefix, encoded once per batch at batch size 1
 
-# Sampler schedule the checkpoint ships with; the training SC temperature follows the same t_min..t_max.
-GENERATION = dict(
-    max_new_tokens=sc.CANVAS_LENGTH,
-    max_denoising_steps=48,
-    t_min=0.4,
-    t_max=0.8,
-    stability_threshold=1,
-    confidence_threshold=0.005,
-    entropy_bound=0.1,
-)
+# Sampler schedule the checkpoint ships with (the reference defaults, dglocal.generation.config); the training SC
+# temperature follows the same t_min..t_max.
+GENERATION = dict(generation_defaults(), max_new_tokens=sc.CANVAS_LENGTH)
 
 
 def build_model(args):

@@ -15,10 +15,11 @@ import time
 import numpy as np
 
 import dglocal
+from dglocal.runtime.diagnostics import memory_breakdown
 
 
 def kv_bytes(m) -> int:
-    return sum(parts["context"] for parts in m.memory_breakdown().values())
+    return sum(parts["context"] for parts in memory_breakdown(m).values())
 
 
 def timed(fn):

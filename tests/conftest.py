@@ -20,7 +20,7 @@ DEVICE = os.environ.get("DGLOCAL_TEST_DEVICE")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "backend: needs the patched llama.cpp library (dglocal._native)")
+    config.addinivalue_line("markers", "backend: needs the patched llama.cpp library (dglocal.runtime.native)")
     config.addinivalue_line("markers", "gpu_tier: also runs in the GPU tier (DGLOCAL_TEST_DEVICE), layers on the device")
     config.addinivalue_line("markers", "gpu_only: needs a device: runs in the GPU tier alone")
     config.addinivalue_line("markers", "cpu_only: left out of the GPU tier (the reason is at the test)")
@@ -45,15 +45,15 @@ def on_the_device():
     if not DEVICE:
         yield
         return
-    from dglocal import model, placement
+    from dglocal.runtime import model, placement
 
     placement.device_precision("f32")
     init = model.Model.__init__
 
-    def checked_init(self, path, **kw):
-        init(self, path, **kw)
-        if kw.get("n_gpu_layers", -1) == -1 and not (kw.get("rpc") or kw.get("tensor_overrides") or
-                                                     kw.get("n_cpu_moe") or kw.get("no_alloc")):
+    def checked_init(self, path, options=None, **kw):
+        init(self, path, options, **kw)
+        o = self.options
+        if o.n_gpu_layers == -1 and not (o.rpc or o.tensor_overrides or o.n_cpu_moe or o.no_alloc):
             assert_on_device(self)
 
     model.Model.__init__ = checked_init
@@ -63,7 +63,9 @@ def on_the_device():
 
 def assert_on_device(m):
     """Weights and KV cache on DEVICE: a silent fallback to the host fails here."""
-    mem = m.memory_breakdown()
+    from dglocal.runtime.diagnostics import memory_breakdown
+
+    mem = memory_breakdown(m)
     assert DEVICE in mem, f"no buffer on {DEVICE}: {mem}"
     assert mem[DEVICE]["model"] > 0 and mem[DEVICE]["context"] > 0, mem
     host = sum(d["context"] for name, d in mem.items() if name != DEVICE)

@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref_gen
 
-from dglocal.sampler import inverse_cdf
+from dglocal.generation.sampler import inverse_cdf
 
 
 # A bijective character-level "tokenizer" for tiny vocabularies: id t <-> chr(t) (ASCII text is ids < 128).
@@ -52,6 +52,16 @@ class ReferenceModel:
     def sequence(self) -> ReferenceSequence:
         return ReferenceSequence(self)
 
+    def encode_batch(self, items, *, all_logits: bool = False) -> None:
+        """Model.encode_batch: (sequence, tokens) pairs, each encoded on its own."""
+        for seq, tokens in items:
+            seq.prefill(tokens)
+
+    def denoise_batch(self, requests, *, return_logits: bool = False) -> list:
+        """Model.denoise_batch: (sequence, canvas, temperature, uniforms, self_condition), each on its own."""
+        return [seq.denoise(canvas, temperature=t, uniforms=u, self_condition=sc, return_logits=return_logits)
+                for seq, canvas, t, u, sc in requests]
+
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
         bos = self.torch_model.config.text_config.bos_token_id
         return ([bos] if add_special else []) + _tok(text)
@@ -70,7 +80,7 @@ class ReferenceSequence:
         self.tokens: list[int] = []
         self._sc = None  # processed logits of the previous denoise: the reference's self_conditioning_logits
         self._snapshots = [(0, copy.deepcopy(self.cache))]  # for truncate: (n_past, cache) after each prefill
-        self.n_prefilled = self.n_committed = 0  # counters the tests assert on (tokens encoded)
+        self.n_encoded = 0  # tokens its encoder passes appended (Sequence.n_encoded), the tests assert on
         self.n_denoise = 0
 
     @property
@@ -79,11 +89,10 @@ class ReferenceSequence:
 
     def prefill(self, tokens) -> None:
         self._encode(tokens)
-        self.n_prefilled += len(tokens)
+        self.n_encoded += len(tokens)
 
     def commit(self, tokens) -> None:
-        self._encode(tokens)
-        self.n_committed += len(tokens)
+        self.prefill(tokens)
 
     @torch.no_grad()
     def _encode(self, tokens) -> None:

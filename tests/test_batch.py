@@ -9,9 +9,10 @@ from reference_harness import ReferenceModel, reference_generate
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import tiny
-from dglocal.generate import Completion, Step, stream, stream_calls
-from dglocal.sampler import SeededNoise
-from dglocal.schedule import StepScheduler, derive_seed, run_jobs
+from dglocal.generation.events import Completion, Step
+from dglocal.generation.sampler import SeededNoise
+from dglocal.generation.driver import Driver, run_many, start, stream
+from dglocal.generation.request import derive_seed
 
 pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
@@ -71,7 +72,7 @@ def test_generate_many_equals_each_alone_and_the_reference(batched, llama_model,
     """Five prompts through the scheduler (three canvases each, different early stops): tokens and steps equal
     each prompt run alone with the same noise, and the reference generate."""
     specs = [(p, dict(cfg, eos_token_id=(), noise=SeededNoise(V, 40 + i))) for i, p in enumerate(PROMPTS)]
-    many = run_jobs(batched, specs)
+    many = run_many(batched, specs)
     for i, (p, _) in enumerate(specs):
         alone = llama_model.generate(p, **dict(cfg, eos_token_id=(), noise=SeededNoise(V, 40 + i)))
         assert many[i].tokens == alone.tokens and many[i].stats.steps_per_canvas == alone.stats.steps_per_canvas
@@ -101,19 +102,19 @@ def test_more_prompts_than_slots_and_seeds_independent_of_batch(batched, tiny_f3
 def test_join_leave_and_cancel_leave_the_others_unchanged(batched):
     """A generation that joins mid-way, one cancelled mid-canvas: the others give what they give alone."""
     opts = dict(BASE, eos_token_id=())
-    sched = StepScheduler(batched)
+    sched = Driver(batched)
     out = {}
 
     def keep(name):
         return lambda e: out.__setitem__(name, e) if isinstance(e, Completion) else None
 
-    a = sched.add(stream_calls(batched, PROMPTS[0], seq=batched.sequence(0), noise=SeededNoise(V, 1), **opts), keep("a"))
-    doomed = sched.add(stream_calls(batched, PROMPTS[1], seq=batched.sequence(1), noise=SeededNoise(V, 2), **opts),
+    a = sched.add(start(batched, PROMPTS[0], batched.sequence(0), noise=SeededNoise(V, 1), **opts), keep("a"))
+    doomed = sched.add(start(batched, PROMPTS[1], batched.sequence(1), noise=SeededNoise(V, 2), **opts),
                        keep("doomed"))
     for _ in range(3):
         sched.tick()
     sched.cancel(doomed)
-    sched.add(stream_calls(batched, PROMPTS[2], seq=batched.sequence(2), noise=SeededNoise(V, 3), **opts), keep("c"))
+    sched.add(start(batched, PROMPTS[2], batched.sequence(2), noise=SeededNoise(V, 3), **opts), keep("c"))
     while sched.jobs:
         sched.tick()
     assert a.done and "doomed" not in out
@@ -149,22 +150,22 @@ def test_a_guide_re_noises_and_holds_off_the_early_stop(llama_model):
 def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_model):
     """Model.encode_batch: the prompts of three sequences in one llama_decode call; every cache then holds what a
     prefill of its own gives (same denoise logits after it)."""
-    from dglocal import _native
+    from dglocal.runtime import native
 
     calls = []
-    real = batched.native
+    real = batched.model.native
 
     def counting(fn, *args):
         calls.append(fn)
         return real(fn, *args)
 
     seqs = [batched.sequence(i) for i in range(3)]
-    batched.native = counting
+    batched.model.native = counting
     try:
-        batched.encode_batch([(s, p, "prefill") for s, p in zip(seqs, PROMPTS[1:4])])
+        batched.encode_batch([(s, p) for s, p in zip(seqs, PROMPTS[1:4])])
     finally:
-        del batched.native
-    assert calls.count(_native._ll.llama_decode) == 1
+        del batched.model.native
+    assert calls.count(native.llama_decode) == 1
     assert [s.tokens for s in seqs] == PROMPTS[1:4]
     got = batched.denoise_batch([(s, canvas(i), 1.0, None, False) for i, s in enumerate(seqs)], return_logits=True)
     for i, p in enumerate(PROMPTS[1:4]):

@@ -269,10 +269,10 @@ def _recorder(monkeypatch, module, name, returns=None):
 
 
 def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_f32_gguf, tmp_path):
-    import dglocal.bench
-    import dglocal.synth
+    import dglocal.tools.bench
+    import dglocal.convert.synth
 
-    calls = _recorder(monkeypatch, dglocal.bench, "main")
+    calls = _recorder(monkeypatch, dglocal.tools.bench, "main")
     args = ["bench", str(tiny_f32_gguf), "--steps", "8", "--steps", "16", "--no-adaptive", "--adaptive-steps", "4",
             "--canvases", "2", "--prompt-tokens", "8", "--ar-tokens", "9", "-c", "512", "-ngl", "0", "-t", "1",
             "--flash-attn", "--kv-type", "f32", "--seed", "3", "--json", "--rpc", "10.0.0.1:50052,h:1",
@@ -289,7 +289,7 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
     from types import SimpleNamespace
 
     written = SimpleNamespace(path=tmp_path / "s.gguf", type="f16", n_tensors=7, size=4096)
-    calls = _recorder(monkeypatch, dglocal.synth, "synth", returns=written)
+    calls = _recorder(monkeypatch, dglocal.convert.synth, "synth", returns=written)
     result = CliRunner().invoke(cli.app, ["synth", str(tmp_path / "s.gguf"), "--preset", "tiny", "--type", "f16"])
     assert result.exit_code == 0 and "wrote" in result.output, result.output
     assert calls and {k: v for k, v in calls[0].items() if k != "progress"} == dict(
@@ -393,7 +393,7 @@ def small_model(tiny_f32_gguf):
 
 
 def test_chat_loop_commands(small_model):
-    from dglocal.ui import ChatLoop
+    from dglocal.cli.views import ChatLoop
 
     view = RecordingView(["/set steps 3", "/set t-min 5", "/set bogus 1", "/set", "/help", "/nope", "hello", "/stats",
                           "/reset", "/exit", "never read"])
@@ -417,7 +417,7 @@ def test_chat_loop_commands(small_model):
 
 
 def test_chat_loop_ctrl_c_keeps_the_session(small_model):
-    from dglocal.ui import ChatLoop
+    from dglocal.cli.views import ChatLoop
 
     view = RecordingView(["hello", "hello"], interrupt_at=2)
     loop = ChatLoop(small_model, view, max_new_tokens=32, max_denoising_steps=4, seed=1)

@@ -256,7 +256,7 @@ def test_dry_run_matches_the_written_file(converted, tiny_checkpoint, type_name)
 @pytest.mark.backend
 def test_dry_run_with_vram_is_dglocal_plan_on_the_converted_file(converted, tiny_checkpoint):
     """--vram: llama.cpp's own sizes for the file's shapes, the same computation as `dglocal plan`."""
-    from dglocal.plan import plan as plan_file
+    from dglocal.runtime.plan import plan as plan_file
 
     got = dry_run(tiny_checkpoint, "q8_0", vram="1G", context=1024)
     want = plan_file(converted["q8_0"], "1G", n_ctx=1024)
@@ -340,7 +340,7 @@ def test_quantize_without_backend_is_a_clear_error(tiny_checkpoint, tiny_vocab, 
     import dglocal
 
     # `from dglocal import _native` raises ImportError, even after an earlier test imported it
-    monkeypatch.setitem(sys.modules, "dglocal._native", None)
+    monkeypatch.setitem(sys.modules, "dglocal.runtime.native", None)
     monkeypatch.delattr(dglocal, "_native", raising=False)
     out = tmp_path / "m.gguf"
     with pytest.raises(ConvertError, match=r"q4_k_m needs llama.cpp's quantizer.*build_backend.py"):
@@ -348,7 +348,7 @@ def test_quantize_without_backend_is_a_clear_error(tiny_checkpoint, tiny_vocab, 
     assert _nothing_written(out)
 
 
-# --- need the patched llama.cpp (dglocal._native) ---------------------------------------------------------------
+# --- need the patched llama.cpp (dglocal.runtime.native) ---------------------------------------------------------------
 #
 # Logit comparisons use the relative RMS error ||a - b|| / ||b|| per position. On the canvas we take the median
 # over its 16 positions (the encoder: over 6): MoE top-2 routing is discontinuous, and a weight perturbation that flips one expert

@@ -10,10 +10,12 @@ from reference_harness import ReferenceModel, reference_generate
 from tiny import tiny_model
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
-from dglocal.config import GenerationConfig
+from dglocal.generation.config import GenerationConfig
 from dglocal.errors import ConfigError, ContextError
-from dglocal.generate import Block, BlockText, ChatSession, Step, generate, generate_steps, stream
-from dglocal.sampler import SeededNoise, accept_mask
+from dglocal.generation.chat import ChatSession
+from dglocal.generation.driver import generate, stream
+from dglocal.generation.events import BlockText, Step
+from dglocal.generation.sampler import SeededNoise, accept_mask
 
 pytestmark = pytest.mark.gpu_tier
 
@@ -50,11 +52,13 @@ def run_reference(tm, seed, eos=None, **cfg):
 
 
 def run_driver(model, seed, eos=(), **cfg):
+    """The block loop after a prompt the sequence already holds (nothing left to encode): its blocks, whole canvases
+    (BlockText.canvas), and its steps."""
     seq = model.sequence()
     seq.prefill(PROMPT)
-    events = list(generate_steps(seq, GenerationConfig(**cfg), canvas_length=C, eos_ids=eos,
-                                 noise=SeededNoise(V, seed)))
-    blocks = [e for e in events if isinstance(e, Block)]
+    GenerationConfig(**cfg)
+    events = list(stream(model, PROMPT, seq=seq, eos_token_id=eos, noise=SeededNoise(V, seed), **cfg))
+    blocks = [e for e in events if isinstance(e, BlockText)]
     return blocks, [e for e in events if isinstance(e, Step)], seq
 
 
@@ -72,7 +76,7 @@ def test_trajectory_parity(tm, model, seed, cfg, early):
     ref_tokens, ref_steps = run_reference(tm, seed, **cfg)
     blocks, steps, seq = run_driver(model, seed, **cfg)
     assert len(blocks) == 3
-    assert np.concatenate([b.tokens for b in blocks]).tolist() == ref_tokens
+    assert np.concatenate([b.canvas for b in blocks]).tolist() == ref_tokens
     assert [b.steps for b in blocks] == ref_steps
     assert seq.n_denoise == sum(ref_steps) and seq.n_past == len(PROMPT) + 2 * C  # last block not encoded
     if early:
@@ -82,7 +86,7 @@ def test_trajectory_parity(tm, model, seed, cfg, early):
 
 def test_trajectory_parity_eos_inside_a_block(tm, model):
     blocks, _, _ = run_driver(model, 0, **BASE)
-    out = np.concatenate([b.tokens for b in blocks]).tolist()
+    out = np.concatenate([b.canvas for b in blocks]).tolist()
     # an EOS id the model does produce: the first token of block 1 (after position 3) not seen before it
     p = next(i for i in range(C + 3, 2 * C) if out[i] not in out[:i])
     eos = (out[p],)
@@ -90,7 +94,7 @@ def test_trajectory_parity_eos_inside_a_block(tm, model):
     blocks, _, _ = run_driver(model, 0, eos=eos, **BASE)
     assert len(ref_steps) == 2 and [b.steps for b in blocks] == ref_steps
     assert [b.eos for b in blocks] == [False, True]
-    assert padded_after_eos(np.concatenate([b.tokens for b in blocks]).tolist(), eos) == ref_tokens
+    assert padded_after_eos(np.concatenate([b.canvas for b in blocks]).tolist(), eos) == ref_tokens
     # the public layer: EOS and what follows it dropped
     done = generate(model, PROMPT, noise=SeededNoise(V, 0), eos_token_id=eos, **BASE)
     assert done.finish_reason == "eos" and done.tokens == out[:p] and done.text == model.detokenize(out[:p])
@@ -108,27 +112,28 @@ def test_constraints_hold_and_free_positions_follow_the_rule(model):
     pinned = {0: 7, 5: 9, 17: 100, 31: 2}
 
     class Spy:  # records what the driver sends and gets back
-        def __init__(self, seq):
-            self.seq, self.calls = seq, []
+        def __init__(self, model):
+            self.model, self.calls = model, []
 
         def __getattr__(self, name):
-            return getattr(self.seq, name)
+            return getattr(self.model, name)
 
-        def denoise(self, canvas, **kw):
-            out = self.seq.denoise(canvas, **kw)
-            self.calls.append((np.array(canvas), out))
-            return out
+        def denoise_batch(self, requests, **kw):
+            outs = self.model.denoise_batch(requests, **kw)
+            self.calls += [(np.array(r[1]), out) for r, out in zip(requests, outs)]
+            return outs
 
     seq = model.sequence()
     seq.prefill(PROMPT)
-    spy = Spy(seq)
+    spy = Spy(model)
     cfg = GenerationConfig(**dict(BASE, max_new_tokens=32, entropy_bound=0.3))
     table = np.full(32, -1)
     for p, t in pinned.items():
         table[p] = t
-    events = list(generate_steps(spy, cfg, canvas_length=C, eos_ids=(), noise=SeededNoise(V, 4), constraints=table))
+    events = list(stream(spy, PROMPT, seq=seq, eos_token_id=(), noise=SeededNoise(V, 4), constraints=table,
+                         **dict(BASE, max_new_tokens=32, entropy_bound=0.3)))
     steps = [e for e in events if isinstance(e, Step)]
-    blocks = [e for e in events if isinstance(e, Block)]
+    blocks = [e for e in events if isinstance(e, BlockText)]
     assert len(steps) == len(spy.calls) == sum(b.steps for b in blocks)
     for s, (canvas, out) in zip(steps, spy.calls):
         here = {p - s.block * C: t for p, t in pinned.items() if p // C == s.block}
@@ -138,7 +143,7 @@ def test_constraints_hold_and_free_positions_follow_the_rule(model):
         # free positions: the reference rule on their own entropies (pinned ones count as zero)
         assert (s.accepted[~held] == accept_mask(out.entropy[~held], cfg.entropy_bound)).all()
         assert (s.argmax[~held] == out.argmax[~held]).all()
-    committed = np.concatenate([b.tokens for b in blocks])
+    committed = np.concatenate([b.canvas for b in blocks])
     assert all(committed[p] == t for p, t in pinned.items())
     # the public API takes the same mapping
     done = generate(model, PROMPT, noise=SeededNoise(V, 4), constraints=pinned, eos_token_id=(),
@@ -170,7 +175,7 @@ def test_context_error_before_any_work(tm):
     seq = small.sequence()
     with pytest.raises(ContextError, match="n_ctx 60"):
         next(stream(small, PROMPT, seq=seq, **BASE))  # 21 + 3 * 16 = 69 > 60
-    assert seq.n_prefilled == 0 and seq.n_denoise == 0
+    assert seq.n_encoded == 0 and seq.n_denoise == 0
 
 
 def test_break_leaves_the_sequence_consistent(model):
@@ -183,20 +188,20 @@ def test_break_leaves_the_sequence_consistent(model):
     assert seq.n_past == len(seq.tokens) == len(PROMPT) + C and seq.tokens[: len(PROMPT)] == PROMPT
 
     class Interrupting:  # KeyboardInterrupt from inside the backend call
-        def __init__(self, seq, after):
-            self.seq, self.after = seq, after
+        def __init__(self, model, after):
+            self.model, self.after = model, after
 
         def __getattr__(self, name):
-            return getattr(self.seq, name)
+            return getattr(self.model, name)
 
-        def denoise(self, *a, **kw):
+        def denoise_batch(self, *a, **kw):
             self.after -= 1
             if self.after < 0:
                 raise KeyboardInterrupt
-            return self.seq.denoise(*a, **kw)
+            return self.model.denoise_batch(*a, **kw)
 
     with pytest.raises(KeyboardInterrupt):
-        list(stream(model, PROMPT, seq=Interrupting(seq, 9), seed=3, eos_token_id=(), **BASE))
+        list(stream(Interrupting(model, 9), PROMPT, seq=seq, seed=3, eos_token_id=(), **BASE))
     assert seq.n_past == len(seq.tokens) == len(PROMPT) + C  # block 0 committed, block 1 never finished
     # the sequence is still usable: it reuses the whole prompt and gives the fresh-sequence answer
     again = generate(model, PROMPT, seq=seq, seed=3, eos_token_id=(), **BASE)
@@ -209,7 +214,7 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_session(model):
     chat = ChatSession(model, **opts)
     first = chat.send("hi there", seed=1)
     held = list(chat.seq.tokens)
-    before = chat.seq.n_prefilled
+    before = chat.seq.n_encoded
     second = chat.send("and then?", seed=2)
     prompt2 = chat.prompt_tokens(chat.messages[:-1])
     lcp = next((i for i, (a, b) in enumerate(zip(held, prompt2)) if a != b), min(len(held), len(prompt2)))
@@ -218,7 +223,8 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_session(model):
     else:  # Gemma 4's template drops the generation prompt's empty thought channel from the history
         turn1 = chat.template.render(messages=chat.messages[:1], add_generation_prompt=False, bos_token="")
         assert lcp >= len(model.tokenize(turn1, add_special=True))  # still, the whole first user turn is reused
-    assert chat.seq.n_prefilled - before == second.stats.prefilled_tokens == len(prompt2) - lcp
+    committed = C * (second.stats.canvases - 1)  # the blocks before the last, which is never encoded
+    assert chat.seq.n_encoded - before - committed == second.stats.prefilled_tokens == len(prompt2) - lcp
     fresh = ChatSession(model, messages=chat.messages[:2], **opts).send("and then?", seed=2)
     assert fresh.tokens == second.tokens and fresh.text == second.text
     assert first.text == chat.messages[1]["content"]

@@ -17,6 +17,7 @@ import tiny
 from reference_harness import ReferenceModel
 
 import dglocal
+from dglocal.runtime.diagnostics import graph_nodes, last_io_bytes, memory_breakdown
 
 pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier, pytest.mark.gpu_only]
 
@@ -29,7 +30,7 @@ HOST_BY_DESIGN = {("GET_ROWS", "embd")}
 
 def test_every_node_but_the_embedding_lookup_runs_on_the_device(llama_model):
     for kind, n in (("denoise", C), ("encode", C), ("encode", 1)):
-        nodes = llama_model.graph_nodes(kind, n)
+        nodes = graph_nodes(llama_model, kind, n)
         off = [(x.op, x.name, x.backend) for x in nodes if x.backend != DEVICE and (x.op, x.name) not in HOST_BY_DESIGN]
         assert not off, f"{kind} graph nodes off {DEVICE}: {off}"
         assert sum(x.backend == DEVICE for x in nodes) > 100
@@ -39,7 +40,7 @@ def test_bytes_between_host_and_device_per_step_are_canvas_sized(llama_model):
     """What the scheduler copies between host and device for a denoise pass: the canvas' embeddings, positions
     and the attention masks (llama.cpp's, [n_kv, canvas] each), never a vocabulary-sized tensor; the reductions
     come back as 3 numbers per position."""
-    nodes = llama_model.graph_nodes("denoise", C)
+    nodes = graph_nodes(llama_model, "denoise", C)
     copies = {x.name: x.copied for x in nodes if x.copied}
     n_kv = llama_model.n_ctx
     masks = sum(b for name, b in copies.items() if name.startswith("kq_soft_max"))
@@ -52,7 +53,7 @@ def test_bytes_between_host_and_device_per_step_are_canvas_sized(llama_model):
     seq = llama_model.sequence()
     seq.prefill(list(range(3, 40)))
     seq.denoise(np.arange(C, dtype=np.int32), temperature=0.7, uniforms=np.full(C, 0.5))
-    to_backend, to_host = llama_model.last_io_bytes()
+    to_backend, to_host = last_io_bytes(llama_model)
     assert to_host <= 4 * C * 4 and 0 < to_backend <= 2 * n_kv * C * 4 + 64 * C
 
 
@@ -81,9 +82,9 @@ def parity_run(m, ref, n_prompt=W + 13):
 def test_layers_split_between_device_and_host_match_the_reference(tiny_f32_gguf, tiny_model, placement):
     """-ngl in the middle and --n-cpu-moe: the scheduler's splits between the device and the host, exact."""
     with dglocal.load(tiny_f32_gguf, n_ctx=1024, kv_type="f32", n_threads=2, flash_attn=False, **placement) as m:
-        mem = m.memory_breakdown()
+        mem = memory_breakdown(m)
         assert mem[DEVICE]["model"] > 0 and sum(d["model"] for k, d in mem.items() if k != DEVICE) > 0, mem
-        backends = {x.backend for x in m.graph_nodes("denoise", C)}
+        backends = {x.backend for x in graph_nodes(m, "denoise", C)}
         assert backends == {DEVICE, "CPU"}, backends
         parity_run(m, ReferenceModel(tiny_model))
 
@@ -92,7 +93,7 @@ def test_real_vocabulary_runs_and_matches_the_host(tmp_path_factory):
     """The real 262144-token vocabulary: on devices whose buffers cannot address the transposed embedding or a
     canvas of logits (lavapipe: 128 MiB), those live and run on the host instead of aborting the process. The same
     build's CPU backend (-ngl 0) is the judge."""
-    from dglocal.synth import synth
+    from dglocal.convert.synth import synth
 
     path = tmp_path_factory.mktemp("real_vocab") / "tiny-real-f32.gguf"
     synth("tiny", "f32", path)
@@ -109,7 +110,7 @@ def test_real_vocabulary_runs_and_matches_the_host(tmp_path_factory):
                     for k, cv in enumerate(canvases)]
             runs.append(outs)
             if ngl == -1:
-                assert m.memory_breakdown()[DEVICE]["context"] > 0
+                assert memory_breakdown(m)[DEVICE]["context"] > 0
     for got, want in zip(*runs):
         scale = np.abs(want.logits).max()
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-4 * scale, rtol=0)

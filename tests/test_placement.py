@@ -316,14 +316,15 @@ c = np.arange(m.canvas_length, dtype=np.int32)
 s.denoise(c, temperature=1.0, self_condition=False)
 print('ready', flush=True); sys.stdin.readline()
 s.denoise(c, temperature=0.9, self_condition=True, uniforms=np.full(m.canvas_length, 0.5, np.float32))
-print('done', *m.last_io_bytes(), flush=True); sys.stdin.readline()
+from dglocal.runtime.diagnostics import last_io_bytes
+print('done', *last_io_bytes(m), flush=True); sys.stdin.readline()
 """
 
 
 def test_rpc_bytes_per_denoise_step_are_canvas_sized(rpc_servers, tmp_path):
     """With all layers on an RPC device (as on a GPU), one denoise step of the `small` preset (real 262144-token
     vocabulary) moves O(canvas) bytes across the device boundary: no vocabulary-sized tensor crosses."""
-    from dglocal.synth import synth
+    from dglocal.convert.synth import synth
 
     path = synth("small", "q8_0", tmp_path / "small-q8_0.gguf").path
     proxy = CountingProxy(int(rpc_servers[0].rsplit(":", 1)[1]))
@@ -357,7 +358,7 @@ def test_rpc_bytes_per_denoise_step_are_canvas_sized(rpc_servers, tmp_path):
 
 def test_override_and_endpoint_parsing():
     from dglocal.errors import ModelError
-    from dglocal.placement import parse_endpoint, parse_overrides
+    from dglocal.runtime.placement import parse_endpoint, parse_overrides
 
     assert parse_overrides(["exps=CPU", "a=CPU, b\\.c=RPC0[h:1]"], n_cpu_moe=1) == [
         ("exps", "CPU"), ("a", "CPU"), ("b\\.c", "RPC0[h:1]"),

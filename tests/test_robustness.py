@@ -172,7 +172,7 @@ def test_non_causal_context_and_other_seq_ids_are_errors(tiny_f32_gguf):
     r = child(f"""
 import numpy as np, dglocal
 from dglocal import _native as nat
-from dglocal.model import Sequence
+from dglocal.runtime.model import Sequence
 m = dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=64)
 cp = nat._ll.llama_context_default_params()
 cp.n_ctx = 64
@@ -342,7 +342,7 @@ print('ok', s.n_past, flush=True)
 def test_ctrl_c_stops_a_denoise_step_midway(tmp_path):
     """SIGINT during a long denoise step (the `small` preset: real vocabulary, about a second a step here) stops
     it at llama.cpp's next graph node through the abort flag, not after the step."""
-    from dglocal.synth import synth
+    from dglocal.convert.synth import synth
 
     path = synth("small", "f32", tmp_path / "small.gguf").path
     p = subprocess.Popen([sys.executable, "-c", INTERRUPT_CHILD, str(path)], stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""Graph walks without running (`Model.graph_nodes`, no_alloc loads), `bench --roofline` and `synth --shapes-only`.
+"""Graph walks without running (`diagnostics.graph_nodes`, no_alloc loads), `bench --roofline` and `synth --shapes-only`.
 
 The cost model itself is arithmetic on published peaks; what is tested here is that it reads the graphs llama.cpp
 really builds (the FLOPs of the matmuls it contains equal the model's shapes), that a walk leaves the context as
@@ -16,8 +16,9 @@ from test_cli import DGLOCAL
 
 import dglocal
 from dglocal.errors import ConfigError
-from dglocal.gguf_read import read_header
-from dglocal.synth import synth
+from dglocal.runtime.diagnostics import graph_nodes, memory_breakdown
+from dglocal.runtime.gguf import read_header
+from dglocal.convert.synth import synth
 
 
 
@@ -32,15 +33,15 @@ def test_denoise_graph_flops_are_the_models_matmuls(tiny):
     with dglocal.load(tiny["f32"], n_ctx=256, n_threads=2) as m:
         H = int(m.metadata["diffusion-gemma.embedding_length"])  # noqa: N806
         C, V = m.canvas_length, m.n_vocab
-        nodes = m.graph_nodes("denoise", C)
+        nodes = graph_nodes(m, "denoise", C)
         mm = [n for n in nodes if n[0] == "MUL_MAT" and n[3] == 2.0 * C * V * H]
         assert len(mm) == 2, [n for n in nodes if n[0] == "MUL_MAT"][-4:]
         # the encoder computes the LM head for its last token only; the rest scales with the tokens
         head = 2.0 * V * H
-        enc = m.graph_nodes("encode", 1)
+        enc = graph_nodes(m, "encode", 1)
         assert len(enc) > 10 and all(n[3] >= 0 and n[4] > 0 for n in enc)
         assert sum(n[0] == "MUL_MAT" and n[3] == head for n in enc) == 1
-        assert sum(n[3] for n in m.graph_nodes("encode", C)) - head > 10 * (sum(n[3] for n in enc) - head)
+        assert sum(n[3] for n in graph_nodes(m, "encode", C)) - head > 10 * (sum(n[3] for n in enc) - head)
 
 
 def test_a_walk_leaves_the_context_as_it_was(tiny):
@@ -52,8 +53,8 @@ def test_a_walk_leaves_the_context_as_it_was(tiny):
             canvas = rng.integers(0, m.n_vocab, m.canvas_length)
             a = seq.denoise(canvas, temperature=0.8, self_condition=False, return_logits=True).logits
             if walk:
-                m.graph_nodes("denoise", m.canvas_length)
-                m.graph_nodes("encode", 1)
+                graph_nodes(m, "denoise", m.canvas_length)
+                graph_nodes(m, "encode", 1)
             b = seq.denoise(canvas, temperature=0.8, return_logits=True).logits
             seq.commit(canvas)
             c = seq.denoise(canvas, temperature=0.8, self_condition=False, return_logits=True).logits
@@ -66,7 +67,7 @@ def test_no_alloc_predicts_what_a_real_load_allocates(tiny):
     """Weights, KV cache + denoise state, compute buffers: a no_alloc load reports what a real one allocates."""
     def breakdown(**opts):
         with dglocal.load(tiny["q8_0"], n_ctx=512, n_threads=2, **opts) as m:
-            return m.memory_breakdown()
+            return memory_breakdown(m)
     # the sizing pass maps nothing: it predicts a load that reads the weights into llama.cpp's buffers (--no-mmap)
     real, sim = breakdown(mmap=False), breakdown(no_alloc=True)
     assert real.keys() == sim.keys()
@@ -81,7 +82,7 @@ def test_a_no_alloc_model_refuses_to_run(tiny):
         with pytest.raises(ConfigError, match="no_alloc"):
             m.sequence()
         with pytest.raises(ConfigError, match="graph kind"):
-            m.graph_nodes("decode", 1)
+            graph_nodes(m, "decode", 1)
 
 
 def test_shapes_only_file_has_the_real_tensor_table(tiny, tmp_path):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref
 
-from dglocal.config import GenerationConfig
+from dglocal.generation.config import GenerationConfig
 from dglocal.errors import ConfigError
-from dglocal.sampler import (
+from dglocal.generation.sampler import (
     SeededNoise, StabilityHistory, accept_mask, find_stop, inverse_cdf, is_confident, stop_holdback, temperature,
     trim_eos,
 )

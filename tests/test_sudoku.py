@@ -21,7 +21,7 @@ from test_cli import DGLOCAL
 
 from dglocal import sudoku_core as sc
 from dglocal.cli import DEFAULT_MODEL
-from dglocal.sampler import SeededNoise
+from dglocal.generation.sampler import SeededNoise
 
 pytestmark = pytest.mark.backend
 
@@ -90,7 +90,7 @@ def model(gguf_path):
 def test_converted_header(gguf_path):
     from gguf import TokenType
 
-    from dglocal.gguf_read import read_header
+    from dglocal.runtime.gguf import read_header
 
     kv = read_header(gguf_path).kv
     assert kv["tokenizer.ggml.model"] == "gpt2"

@@ -1,4 +1,4 @@
-"""`dglocal.synth` (random-weight GGUFs with the real shapes) and `dglocal.bench` (issue 7): correctness, not speed.
+"""`dglocal.convert.synth` (random-weight GGUFs with the real shapes) and `dglocal.tools.bench` (issue 7): correctness, not speed.
 
 The 26B-A4B figures are written out here from the vocab-only Gemma 4 GGUF's own keys and docs/model.md and docs/gguf.md, not from
 synth's table, so a mis-read hyperparameter fails.
@@ -15,8 +15,8 @@ from gguf import quants
 from dglocal.convert import schema
 from dglocal.convert.writer import quantize_gguf
 from dglocal.errors import ConvertError
-from dglocal.gguf_read import read_header
-from dglocal.synth import preset_params, synth, vocab_path
+from dglocal.runtime.gguf import read_header
+from dglocal.convert.synth import preset_params, synth, vocab_path
 
 N_VOCAB = 262144
 
@@ -191,7 +191,7 @@ def test_k_quant_file_loads(tiny_q4km):
 
 @pytest.mark.backend
 def test_bench_returns_sane_numbers(files):
-    from dglocal.bench import bench
+    from dglocal.tools.bench import bench
 
     r = bench(files["tiny", "f32"], threads=2, steps=(2,), adaptive=True, adaptive_steps=3, prompt_tokens=12, ar_tokens=4,
               commit_reps=2)

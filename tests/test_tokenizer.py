@@ -14,8 +14,8 @@ import pytest
 
 import tiny
 from dglocal.convert import convert
-from dglocal.gguf_read import read_header
-from dglocal.upstream import sdist_file
+from dglocal.runtime.gguf import read_header
+from dglocal.runtime.upstream import sdist_file
 
 N_VOCAB = 262144
 VECTORS = "vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf"

@@ -69,7 +69,7 @@ GENERATION = dict(
 
 def vocab_gguf() -> Path:
     """The vocab-only Gemma 4 GGUF shipped in the pinned llama-cpp-python sdist (docs/gguf.md)."""
-    from dglocal.upstream import VOCAB_GEMMA4, sdist_file
+    from dglocal.runtime.upstream import VOCAB_GEMMA4, sdist_file
 
     return Path(os.environ.get("DGLOCAL_VOCAB_GGUF") or sdist_file(VOCAB_GEMMA4))
 
@@ -143,12 +143,12 @@ def save_checkpoint(model, directory, *, config_form: str = "per_layer", generat
 
 def tiny_vocab_gguf(path, n_vocab: int = VOCAB, source: Path | None = None) -> Path:
     """Write a vocab-only gemma4 GGUF holding the first `n_vocab` tokens of the real tokenizer
-    (dglocal.synth.cut_tokenizer: merges kept where both halves and their concatenation remain)."""
+    (dglocal.convert.synth.cut_tokenizer: merges kept where both halves and their concatenation remain)."""
     import gguf
 
     from dglocal.convert.tokenizer import write_tokenizer
-    from dglocal.gguf_read import read_header
-    from dglocal.synth import cut_tokenizer
+    from dglocal.runtime.gguf import read_header
+    from dglocal.convert.synth import cut_tokenizer
 
     h = read_header(source or vocab_gguf())
     tok = [(k, v, *h.kv_types[k]) for k, v in h.kv.items() if k.startswith("tokenizer.")]

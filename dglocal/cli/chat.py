@@ -1,0 +1,185 @@
+"""The chat loop of `dglocal run`: turns, slash commands and settings over a model's chat session. It never
+touches rich: it talks to a view (dglocal.cli.views), and dispatches a generation's events by their kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from contextlib import closing
+
+from dglocal.errors import ConfigError, DglocalError
+from dglocal.generation.config import GenerationConfig
+from dglocal.generation.events import Completion
+
+# CLI spellings accepted by /set, besides the GenerationConfig field names themselves
+SET_ALIASES = {
+    "n": "max_new_tokens", "steps": "max_denoising_steps", "stability": "stability_threshold",
+    "confidence": "confidence_threshold",
+}
+INT_FIELDS = {"max_new_tokens", "max_denoising_steps", "stability_threshold", "seed"}
+FLOAT_FIELDS = {"entropy_bound", "t_min", "t_max", "confidence_threshold"}
+
+COMMANDS = [
+    ("/reset", "forget the conversation and empty the cache"),
+    ("/stats", "statistics of the last answer"),
+    ("/set", "show the generation settings; /set <param> <value> changes one: a name /set shows, or steps, "
+             "n, stability, confidence, t-min, t-max, entropy-bound (e.g. /set steps 16)"),
+    ("/help", "this list"),
+    ("/exit", "quit (also Ctrl-D); Ctrl-C stops an answer"),
+]
+
+
+class RawSession:
+    """A model without a chat template: each message is a raw prompt (the cache still reuses common prefixes)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def stream(self, content, **options):
+        return self.model.stream(content, **options)
+
+    def reset(self) -> None:
+        pass
+
+    @property
+    def seq(self):
+        return self.model.session_sequence
+
+
+def parse_setting(name: str, value: str) -> tuple[str, object]:
+    """`/set` arguments -> (GenerationConfig field, value); ConfigError names a bad name or value."""
+    field = SET_ALIASES.get(name, name.replace("-", "_"))
+    try:
+        if field in INT_FIELDS:
+            return field, int(value)
+        if field in FLOAT_FIELDS:
+            return field, float(value)
+        if field == "stop":
+            return field, tuple(shlex.split(value))
+        if field == "eos_token_id":
+            return field, tuple(int(t) for t in value.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{name} needs a number, got {value!r}") from None
+    known = sorted(INT_FIELDS | FLOAT_FIELDS | {"stop", "eos_token_id"} | set(SET_ALIASES))
+    raise ConfigError(f"unknown setting {name!r}; known: {', '.join(known)}")
+
+
+class ChatLoop:
+    """Turns and slash commands over a model's chat session; renders only through `view`."""
+
+    def __init__(self, model, view, **options):
+        self.model, self.view = model, view
+        self.options = {k: v for k, v in options.items() if v is not None}
+        self.config = GenerationConfig.from_metadata(model.metadata, **self.options)  # validates the options
+        self.session = model.chat() if model.chat_template else RawSession(model)
+        self.last: Completion | None = None
+
+    def run(self) -> None:
+        """Read and answer until /exit or end of input (Ctrl-D)."""
+        while True:
+            try:
+                line = self.view.read()
+            except EOFError:
+                self.view.end_of_input()
+                return
+            except KeyboardInterrupt:  # at the prompt: drop the line, stay
+                self.view.cancelled_input()
+                continue
+            if not self.handle(line):
+                return
+
+    def handle(self, line: str) -> bool:
+        """One input line; False when the loop should end."""
+        text = line.strip()
+        if not text:
+            return True
+        if text.startswith("/"):
+            return self.command(text)
+        try:
+            self.ask(text)
+        except DglocalError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            self.view.error(str(e))
+        return True
+
+    def ask(self, content: str) -> Completion | None:
+        """One turn, drawn by the view; None when Ctrl-C stopped it (the session stays usable)."""
+        self.view.begin_answer()
+        done, stopped = None, False
+        try:
+            with closing(self.session.stream(content, **self.options)) as events:
+                for event in events:
+                    if event.kind == "done":
+                        done = self.last = event
+                    else:
+                        getattr(self.view, event.kind)(event)  # view.step, view.block
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            self.view.end_answer(done, stopped=stopped)
+        return done
+
+    def command(self, text: str) -> bool:
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            self.view.table("commands", COMMANDS)
+        elif name == "/reset":
+            self.session.reset()
+            self.last = None
+            self.view.notice("conversation cleared")
+        elif name == "/stats":
+            self.view.table("last answer", self.stats_rows())
+        elif name == "/set":
+            self.set(arg)
+        else:
+            self.view.error(f"unknown command {name}; /help lists them")
+        return True
+
+    def set(self, arg: str) -> None:
+        if not arg:
+            rows = [(f.name, _fmt(getattr(self.config, f.name))) for f in dataclasses.fields(self.config)]
+            self.view.table("settings", rows)
+            return
+        name, _, value = arg.partition(" ")
+        try:
+            if not value.strip():
+                raise ConfigError(f"/set {name} needs a value")
+            field, parsed = parse_setting(name, value.strip())
+            options = {**self.options, field: parsed}
+            self.config = GenerationConfig.from_metadata(self.model.metadata, **options)
+        except ConfigError as e:
+            self.view.error(str(e))
+            return
+        self.options = options
+        self.view.notice(f"{field} = {_fmt(getattr(self.config, field))}")
+
+    def stats_rows(self) -> list[tuple[str, str]]:
+        seq = getattr(self.session, "seq", None)
+        rows = [("context", f"{seq.n_past if seq is not None and seq.live else 0} / {self.model.n_ctx} tokens")]
+        if self.last is None:
+            return rows + [("answer", "none yet")]
+        s = self.last.stats
+        return rows + [
+            ("prompt tokens", str(s.prompt_tokens)),
+            ("prefilled tokens", f"{s.prefilled_tokens} (the rest came from the cache)"),
+            ("generated tokens", f"{s.generated_tokens} ({self.last.finish_reason})"),
+            ("canvases", str(s.canvases)),
+            ("steps per canvas", " ".join(map(str, s.steps_per_canvas))),
+            ("tokens per forward", f"{s.tokens_per_forward:.2f}"),
+            ("ms per step", f"{s.ms_per_step:.1f}"),
+            ("tokens per second", f"{s.tokens_per_second:.1f}"),
+            ("time to first token", f"{s.time_to_first_token:.2f} s"),
+            ("prefill", f"{s.prefill_seconds:.2f} s"),
+            ("total", f"{s.total_seconds:.2f} s"),
+            ("seed", f"{s.seed} (--seed {s.seed} with the same settings repeats it)"),
+        ]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(repr(v) if isinstance(v, str) else str(v) for v in value) or "()"
+    return str(value)
+
+

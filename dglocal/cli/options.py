@@ -1,0 +1,105 @@
+"""The options `run`, `serve`, `bench`, `plan` and `sudoku` share, declared once, and the one place they become a
+LoadOptions (`load_options`) or generation settings (`generation`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dglocal.errors import ConfigError
+from dglocal.runtime.options import DEFAULT_CTX, LoadOptions
+
+QuantOption = Annotated[str, typer.Option(
+    "--quant", help="Which GGUF of an HF repo to use (matched in the file name), or the type to convert a "
+                    "safetensors repo to.")]
+CtxOption = Annotated[Optional[int], typer.Option(
+    "-c", "--ctx-size", help=f"Context size in tokens, shared by the slots (as llama-server). Default: {DEFAULT_CTX} "
+                             "per slot.", show_default=False)]
+NglOption = Annotated[int, typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU; -1: all.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    "-t", "--threads", help="CPU threads. Default: all cores.", show_default=False)]
+SeedOption = Annotated[Optional[int], typer.Option(
+    "--seed", help="Seed of the answers' seeds: the same seed and settings repeat a run. Default: random (the "
+                   "seed of each answer is in its statistics).", show_default=False)]
+StepsOption = Annotated[Optional[int], typer.Option(
+    "--steps", help="Most denoising steps per canvas (max_denoising_steps). Default: from the model.",
+    show_default=False)]
+EntropyOption = Annotated[Optional[float], typer.Option(
+    "--entropy-bound", help="Entropy budget of the positions accepted per step; larger accepts more per step. "
+                            "Default: from the model.", show_default=False)]
+TMinOption = Annotated[Optional[float], typer.Option(
+    "--t-min", help="Temperature at the last step. Default: from the model.", show_default=False)]
+TMaxOption = Annotated[Optional[float], typer.Option(
+    "--t-max", help="Temperature at the first step. Default: from the model.", show_default=False)]
+
+# weight placement and the cache, as llama.cpp spells them
+RpcOption = Annotated[Optional[str], typer.Option(
+    "--rpc", help="ggml RPC servers HOST:PORT[,HOST:PORT...] (see dglocal rpc-server): layers go to them as "
+                  "to GPUs.", show_default=False)]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(
+    "-ot", "--override-tensor", help="REGEX=BUFFER_TYPE: tensors whose name matches go to that buffer type "
+                                     "(e.g. exps=CPU); repeat or comma-separate.", show_default=False)]
+CpuMoeOption = Annotated[int, typer.Option(
+    "--n-cpu-moe", help="Keep the experts of the first N layers in host memory.")]
+SplitOption = Annotated[Optional[str], typer.Option(
+    "-ts", "--tensor-split", help="Each device's share of the layers, e.g. 3,1 (RPC servers first, then GPUs). "
+                                  "Default: in proportion to their free memory.", show_default=False)]
+
+
+CacheTypeOption = Annotated[Optional[str], typer.Option(
+    "--cache-type", "--kv-type", help="KV cache type: f16, f32, q8_0 or q4_0 (the quantized ones halve or "
+                                      "quarter it and run with flash attention). Default: f16.",
+    show_default=False)]
+
+
+SwaOption = Annotated[Optional[bool], typer.Option(
+    "--swa-full/--swa-window", help="KV cache of the sliding-window layers: every token (full), or the last "
+    "window (windowed: far smaller at long contexts; a truncation past it restores a checkpoint or re-encodes). "
+    "Default: full up to twice the windowed size, windowed beyond (dglocal plan says which).", show_default=False)]
+
+
+PrecisionOption = Annotated[Optional[str], typer.Option(
+    "--precision", help="f32: f32 math on devices that round f32 operands through f16 (Vulkan), for results "
+                        "that match the reference. Default: auto (the backend's own choice).", show_default=False)]
+
+
+FitOption = Annotated[bool, typer.Option(
+    "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
+
+
+
+
+def load_options(*, ctx_size=None, parallel: int = 1, n_gpu_layers: int = -1, threads=None, cache_type=None,
+                 swa_full=None, precision=None, rpc=None, override_tensor=None, n_cpu_moe: int = 0,
+                 tensor_split=None, **extra) -> LoadOptions:
+    """The command line's LoadOptions: unset options keep LoadOptions' defaults."""
+    given = dict(n_ctx=ctx_size, n_seq_max=parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                 kv_type=cache_type, swa_full=swa_full, precision=precision,
+                 rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None, tensor_overrides=override_tensor or None,
+                 n_cpu_moe=n_cpu_moe or None, tensor_split=tensor_split, **extra)
+    return LoadOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def generation(**settings) -> dict:
+    """GenerationConfig overrides from the command line: the options given."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def fit(path, opts: LoadOptions) -> LoadOptions:
+    """--fit: the plan for the free device memory replaces -ngl and --n-cpu-moe (not -ot, which it refuses)."""
+    from dglocal.cli import render
+    from dglocal.runtime import plan
+
+    if opts.tensor_overrides:
+        raise ConfigError("--fit chooses the placement itself: drop -ot, or drop --fit")
+    n_ctx = opts.n_ctx or DEFAULT_CTX * opts.n_seq_max
+    with render.status("sizing placements for the device (--fit)"):
+        chosen = plan.fit(path, n_ctx=n_ctx, parallel=opts.n_seq_max, rpc=list(opts.rpc) if opts.rpc else None,
+                          kv_type=opts.kv_type, swa_full=opts.swa_full)
+    if chosen is None:
+        render.print_status("--fit: no GPU or RPC device: everything runs on the host")
+        return opts.replace(n_gpu_layers=0)
+    render.print_status(f"--fit ({chosen['free'] / 2**30:.1f} GiB free): {chosen['words']}")
+    split = {"tensor_split": chosen["tensor_split"]} if chosen["tensor_split"] is not None else {}
+    return opts.replace(n_gpu_layers=chosen["n_gpu_layers"], n_cpu_moe=chosen["n_cpu_moe"], **split)

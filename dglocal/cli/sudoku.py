@@ -1,0 +1,86 @@
+"""`dglocal sudoku` (and `dglocal run` with no model): one puzzle with the board filling in live, a puzzle per
+input line, or a file evaluated; the solving is dglocal.sudoku's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dglocal.errors import ConfigError
+from dglocal.runtime.checks import integer
+from dglocal.sudoku import core as sc
+from dglocal.sudoku.solve import EVAL_BATCH, Solved, bad_cells, evaluate, load_model, read_puzzles, solve_stream, write_grids
+
+from . import render as ui
+from .views import is_terminal
+
+
+def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
+         steps: int | None = None, threads: int | None = None, seed: int | None = None,
+         pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None, guide: bool = True,
+         batch: int | None = None) -> None:
+    """The `dglocal sudoku` command."""
+    if puzzle is not None and eval_file is not None:
+        raise ConfigError("give a PUZZLE or --eval FILE, not both")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+    cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
+    pairs = read_puzzles(eval_file) if eval_file is not None else None
+    options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
+    batch = integer("--batch", batch, 1, 256) if batch is not None else EVAL_BATCH if pairs else 1
+
+    with ui.status(f"loading {Path(model).name}"):
+        llm = load_model(model, threads=threads, n_ctx=n_ctx, batch=batch)
+    with llm:
+        if pairs is not None:
+            with ui.sudoku_progress(len(pairs)) as advance:
+                result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
+            if output is not None:
+                write_grids(output, result.results)
+            ui.show_sudoku_eval(result, llm.metadata.get("diffusion.eb_max_steps") if steps is None else steps)
+        elif cells is not None:
+            done = _solve_live(llm, cells, options)
+            if output is not None:
+                write_grids(output, [done])
+        else:
+            _solve_lines(llm, options, output)
+
+
+def _solve_live(llm, cells, options) -> Solved:
+    with ui.sudoku_live() as draw:
+        for event in solve_stream(llm, cells, **options):
+            if event.kind == "step":
+                draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
+    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid))
+    return event
+
+
+def _solve_lines(llm, options, output) -> None:
+    """A puzzle per input line until end of input or /exit (`dglocal run` with no model)."""
+    interactive = is_terminal()
+    done = []
+    if interactive:
+        ui.print_status("one puzzle per line (81 characters, '.' or '0' for blanks) · Ctrl-D quits")
+    while True:
+        try:
+            line = input("puzzle> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if not text:
+            continue
+        try:
+            cells = sc.parse_grid(text)
+        except ConfigError as e:
+            ui.print_error(str(e))
+            continue
+        try:
+            done.append(_solve_live(llm, cells, options))
+        except KeyboardInterrupt:  # Ctrl-C stops this puzzle, as it stops an answer in the chat
+            ui.print_status("stopped")
+    if output is not None:
+        write_grids(output, done)
+    if interactive:
+        print(file=sys.stderr)

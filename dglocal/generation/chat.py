@@ -1,0 +1,89 @@
+"""Conversations: the GGUF chat template rendered in one place (jinja2, sandboxed), and a multi-turn session
+that keeps its sequence across turns, so each turn encodes only what differs from what the cache holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from ..errors import BackendError, ConfigError, ModelError
+from .driver import stream
+from .events import Event
+
+
+class ChatTemplate:
+    """A model's `tokenizer.chat_template`, compiled once."""
+
+    def __init__(self, source: str):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ConfigError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise ModelError(f"the chat template does not compile: {e}") from None
+
+    @classmethod
+    def of(cls, model) -> ChatTemplate | None:
+        source = model.metadata.get("tokenizer.chat_template")
+        return cls(source) if source else None
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
+        # BOS comes from the tokenizer (add_special), not from the template's bos_token
+        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                    **{"bos_token": "", **kwargs})
+
+    def tokens(self, model, messages: Sequence[dict], **kwargs) -> list[int]:
+        return model.tokenize(self.render(messages, **kwargs), add_special=True, parse_special=True)
+
+
+class ChatSession:
+    """Multi-turn chat over one sequence. `seeds`: where turns without a seed draw theirs."""
+
+    def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, **options):
+        self.template = ChatTemplate.of(model)
+        if self.template is None:
+            raise ModelError("this model has no tokenizer.chat_template")
+        self.model, self.options, self.seeds = model, options, seeds
+        self.initial = [dict(m) for m in messages or ()]
+        self.messages = [dict(m) for m in self.initial]
+        self.seq = model.sequence()
+
+    def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
+        return self.template.tokens(self.model, messages)
+
+    def stream(self, content: str, **options) -> Iterator[Event]:
+        """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
+        messages = self.messages + [{"role": "user", "content": content}]
+        self._ensure_sequence()
+        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, seeds=self.seeds,
+                        **{**self.options, **options})
+        try:
+            for event in events:
+                if event.kind == "done":
+                    self.messages = messages + [{"role": "assistant", "content": event.text}]
+                yield event
+        finally:
+            events.close()
+
+    def send(self, content: str, **options):
+        for event in self.stream(content, **options):
+            pass
+        return event
+
+    def reset(self) -> None:
+        """Forget the conversation (back to the initial messages) and empty the cache."""
+        self.messages = [dict(m) for m in self.initial]
+        self._ensure_sequence()
+        self.seq.truncate(0)
+
+    def _ensure_sequence(self) -> None:
+        # a model has one cache: if something else took it over, start a fresh sequence (full re-prefill)
+        if getattr(self.model, "closed", False):
+            raise BackendError("the model is closed")
+        if not getattr(self.seq, "live", True):
+            self.seq = self.model.sequence()

@@ -1,0 +1,136 @@
+"""Generation settings: one dataclass, the reference's names and defaults, read from GGUF metadata.
+
+Mirrors transformers' `DiffusionGemmaGenerationConfig` (generation_diffusion_gemma.py): the defaults are
+its `_get_default_generation_params()`, the checks its `validate()`. `entropy_bound` is flattened out of the
+reference's `sampler_config`. The only place in dglocal where these defaults are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime.checks import MAX_TEMPERATURE, MIN_TEMPERATURE
+from ..errors import ConfigError
+
+# GGUF metadata key -> GenerationConfig field (keys written by the community converters, docs/gguf.md)
+METADATA_KEYS = {
+    "diffusion.eb_max_steps": "max_denoising_steps",
+    "diffusion.eb_t_min": "t_min",
+    "diffusion.eb_t_max": "t_max",
+    "diffusion.eb_entropy_bound": "entropy_bound",
+    "diffusion.eb_stability_threshold": "stability_threshold",
+    "diffusion.eb_confidence_threshold": "confidence_threshold",
+}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256  # dglocal trims the output to it; the reference returns whole canvases
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int | None = 1  # None (or confidence_threshold None): no early stop, as the reference
+    confidence_threshold: float | None = 0.005
+    eos_token_id: tuple[int, ...] | None = None  # None: the model's EOS ids
+    seed: int | None = None  # None: a fresh random seed
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        if isinstance(self.stop, str):
+            set_("stop", (self.stop,))
+        set_("stop", tuple(self.stop or ()))
+        if _is_int(self.seed) and self.seed == -1:  # llama.cpp's convention: -1 is a random seed
+            set_("seed", None)
+        if isinstance(self.eos_token_id, int):
+            set_("eos_token_id", (self.eos_token_id,))
+        elif self.eos_token_id is not None:
+            set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                set_(name, float(value))
+        self.validate()
+
+    def validate(self) -> None:
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("max_denoising_steps", self.max_denoising_steps)
+        _number("entropy_bound", self.entropy_bound, low=0.0, strict=True)
+        _number("t_min", self.t_min, low=0.0)
+        _number("t_max", self.t_max, low=0.0)
+        if self.t_max <= self.t_min:  # the reference rejects a flat schedule too
+            raise ConfigError(f"t_max must be > t_min, got t_max={self.t_max} and t_min={self.t_min}")
+        if self.stability_threshold is not None and (
+            not _is_int(self.stability_threshold) or self.stability_threshold < 0
+        ):
+            raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        if self.confidence_threshold is not None:
+            _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an integer in 0..2**64-1 (or -1: random), got {self.seed!r}")
+        if self.t_min < MIN_TEMPERATURE or self.t_max > MAX_TEMPERATURE:
+            raise ConfigError(f"temperatures must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the logits are "
+                              f"divided by them), got t_min={self.t_min} and t_max={self.t_max}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.eos_token_id is not None and any(t < 0 for t in self.eos_token_id):
+            raise ConfigError(f"eos_token_id must be >= 0, got {self.eos_token_id!r}")
+
+    @property
+    def early_stop(self) -> bool:
+        return self.stability_threshold is not None and self.confidence_threshold is not None
+
+    def replace(self, **overrides) -> GenerationConfig:
+        _check_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping | None, **overrides) -> GenerationConfig:
+        """Defaults < GGUF `diffusion.eb_*` metadata < overrides. None overrides are ignored; "off" sets a field
+        to None (stability_threshold="off": no early stop)."""
+        _check_names(overrides)
+        values = {}
+        for key, name in METADATA_KEYS.items():
+            if metadata is not None and key in metadata:
+                values[name] = _from_gguf(name, metadata[key])
+        values.update({k: None if isinstance(v, str) and v == "off" else v
+                       for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _check_names(overrides) -> None:
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown generation option(s) {unknown}; known: {sorted(names)}")
+
+
+def _from_gguf(name, value):
+    # GGUF stores f32: take the shortest decimal that round-trips the f32 (0.4, not 0.4000000059604645), the
+    # value the reference reads from generation_config.json; the schedule is computed from it in f32 later.
+    if isinstance(value, (float, np.floating)):
+        return float(str(np.float32(value)))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _number(name, value, *, low, strict=False) -> None:
+    bad = not isinstance(value, float) or math.isnan(value) or value < low or (strict and value == low)
+    if bad:
+        raise ConfigError(f"{name} must be a number {'>' if strict else '>='} {low}, got {value!r}")

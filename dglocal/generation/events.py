@@ -1,0 +1,67 @@
+"""What a generation emits, a small closed family with a common base: `kind` names the event, so consumers
+dispatch on it (`handlers[event.kind](event)`) instead of testing classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+class Event:
+    kind: ClassVar[str]
+
+
+@dataclass
+class Step(Event):
+    """One denoising step: the draft (argmax canvas) and which positions were accepted."""
+
+    kind: ClassVar[str] = "step"
+    block: int
+    step: int  # 1-based within the block
+    argmax: np.ndarray
+    accepted: np.ndarray
+    temperature: float
+    mean_entropy: float
+    early_stop: bool
+    seconds: float  # the denoise call plus the host-side sampler work
+    guided: np.ndarray | None = None  # positions the guide re-noised at this step (None without a guide)
+
+
+@dataclass
+class BlockText(Event):
+    """A finished block: the tokens and text it adds to the output, and the whole canvas it came from."""
+
+    kind: ClassVar[str] = "block"
+    block: int
+    tokens: list[int]  # what it adds: before an EOS, within max_new_tokens, before a stop string
+    text: str
+    steps: int
+    canvas: np.ndarray | None = field(default=None, repr=False)  # the argmax of its last step, all of it
+    eos: bool = False  # an EOS inside the part of the canvas that counts towards max_new_tokens
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    prefilled_tokens: int  # the part of the prompt not already in the cache
+    generated_tokens: int
+    canvases: int
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    ms_per_step: float
+    tokens_per_second: float  # generated tokens over the time after the prefill
+    time_to_first_token: float  # seconds from the call to the first committed block
+    prefill_seconds: float
+    total_seconds: float
+    seed: int | None = None  # the seed its noise came from: the same seed (and settings) repeats it
+
+
+@dataclass
+class Completion(Event):
+    kind: ClassVar[str] = "done"
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eos", "length" or "stop"
+    stats: Stats = field(repr=False)

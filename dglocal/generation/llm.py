@@ -1,0 +1,66 @@
+"""The high-level API, what `dglocal.load` returns: a runtime Model with generation on top (stream, generate,
+generate_many, chat) and the seeds of requests that give none, drawn from the load seed.
+
+    llm = dglocal.load("model.gguf", seed=0)
+    print(llm.generate("Write a haiku", max_new_tokens=64).text)
+    chat = llm.chat(); chat.send("Hello")
+
+The runtime Model's own attributes and methods (tokenize, sequence, n_ctx, ...) read through."""
+
+from __future__ import annotations
+
+from .chat import ChatSession
+from .driver import generate_many, stream
+from .request import SeedSource
+
+
+class LLM:
+    def __init__(self, model, *, seed: int | None = None):
+        self.model = model
+        self.seeds = SeedSource(seed)
+        self._seq = None  # the sequence stream() reuses across calls (its prompt cache)
+
+    def __getattr__(self, name):
+        if name == "model":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def close(self) -> None:
+        self._seq = None
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def stream(self, prompt, **options):
+        """Generate after `prompt` (text or token ids); yields Step drafts, BlockText per block and a final
+        Completion. Consecutive calls reuse the cached common prefix."""
+        self.model.check_open()
+        if self._seq is None or not self._seq.live:
+            self._seq = self.model.sequence()
+        return stream(self.model, prompt, seq=self._seq, seeds=self.seeds, **options)
+
+    def generate(self, prompt, **options):
+        """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats."""
+        for event in self.stream(prompt, **options):
+            pass
+        return event
+
+    def generate_many(self, prompts, *, seed: int | None = None, **options):
+        """`generate` for every prompt, up to n_seq_max canvases per forward; with a seed, prompt i's noise comes
+        from (seed, i): its result does not depend on the batch. A list of Completions."""
+        self.model.check_open()
+        return generate_many(self.model, prompts, seed=seed, seeds=self.seeds, **options)
+
+    def chat(self, messages=None, **options) -> ChatSession:
+        """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
+        self.model.check_open()
+        return ChatSession(self.model, messages, seeds=self.seeds, **options)
+
+    @property
+    def session_sequence(self):
+        """The sequence `stream` and `generate` reuse (None before the first call)."""
+        return self._seq

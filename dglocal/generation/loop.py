@@ -1,0 +1,249 @@
+"""One generation as an explicit state object: the reference `generate` loop (generation_diffusion_gemma.py)
+over one sequence, with the prompt cache, detokenizing, stop strings and statistics.
+
+    gen = Generation(model, plan, seq)       # plan: dglocal.generation.request.plan(...)
+    while gen.pending is not None:           # the call it needs next: an EncodeCall or a DenoiseCall
+        events = gen.take(answer(gen.pending))   # Step, BlockText and, at the end, Completion
+
+It never calls the backend: the driver (dglocal.generation.driver) answers the calls of one or many generations,
+batched. A block is committed when the next one starts, as the reference does, so the last is never encoded; a
+generation dropped half-way leaves its sequence holding the prompt and the committed blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from .events import BlockText, Completion, Event, Stats, Step
+from .request import RequestPlan, reuse
+from .sampler import (
+    Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
+    trim_eos,
+)
+
+
+@dataclass
+class EncodeCall:
+    """A causal encoder pass a generation needs: its prompt (what the cache lacks of it), or a finished block."""
+
+    seq: object
+    tokens: list[int]
+
+
+@dataclass
+class DenoiseCall:
+    """A decoder pass over a canvas; the answer is a Denoised (argmax, sampled, entropy)."""
+
+    seq: object
+    canvas: np.ndarray
+    temperature: float
+    uniforms: np.ndarray
+    self_condition: bool
+
+    def request(self) -> tuple:
+        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition
+
+
+OWN_OPTIONS = ("noise", "constraints", "guide", "guide_restarts")  # Generation's; the rest are the plan's
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """(the plan's options, Generation's own) of a stream-style options dict."""
+    return ({k: v for k, v in options.items() if k not in OWN_OPTIONS},
+            {k: v for k, v in options.items() if k in OWN_OPTIONS})
+
+
+class Generation:
+    """`noise`: all the randomness (default: seeded by the plan's seed). `constraints`: {output position: token}
+    pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
+    docs/guides.md); a canvas it still objects to at the step cap starts again from fresh noise, up to
+    `guide_restarts` times."""
+
+    def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
+                 guide: Guide | None = None, guide_restarts: int = 0, t_start: float | None = None):
+        self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
+        self.C = C = model.canvas_length
+        self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
+        self.fixed = constraint_table(constraints, plan.n_blocks * C, model.n_vocab)
+        self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
+        self.t_start = t_start if t_start is not None else time.perf_counter()
+        self.cached = reuse(seq, plan)  # prompt tokens the sequence already holds
+        self.out: list[int] = []
+        self.text, self.finish = "", "length"
+        self.steps: list[int] = []  # per finished block
+        self.step_seconds, self.t_first, self.t_gen = 0.0, None, None
+        self.block = 0
+        self.pending: EncodeCall | DenoiseCall | None = None
+        if len(plan.tokens) > self.cached:
+            self.pending = EncodeCall(seq, plan.tokens[self.cached:])
+        else:
+            self._begin_block()
+
+    # -- the state machine -----------------------------------------------------------------------------------
+
+    def take(self, result=None) -> list[Event]:
+        """The answer to `pending` (None for an encode): the events it produces; `pending` is the next call, or
+        None once the Completion is among them."""
+        call, self.pending = self.pending, None
+        if isinstance(call, EncodeCall):  # the prompt, or the previous block: the next canvas starts
+            self._begin_block()
+            return []
+        if not isinstance(call, DenoiseCall):
+            raise ConfigError("this generation has ended: it needs no more calls")
+        return self._stepped(call, result)
+
+    def _begin_block(self) -> None:
+        if self.t_gen is None:
+            self.t_gen = time.perf_counter()
+        self.block_steps, self.attempt = 0, 0
+        b, C = self.block, self.C
+        self.pinned = None if self.fixed is None else self.fixed[b * C:(b + 1) * C]
+        self.held = None if self.pinned is None else self.pinned >= 0
+        self._begin_canvas()
+
+    def _begin_canvas(self) -> None:
+        """A canvas from fresh noise (the block's first attempt, or a restart the guide asked for)."""
+        cfg = self.config
+        self.history = StabilityHistory(cfg.stability_threshold, self.C) if cfg.early_stop else None
+        self.canvas = self.noise.tokens(self.C)
+        self.i = 0
+        self._next_denoise()
+
+    def _next_denoise(self) -> None:
+        self._t0 = time.perf_counter()
+        if self.held is not None:
+            self.canvas = np.where(self.held, self.pinned, self.canvas)
+        N = self.config.max_denoising_steps
+        T = temperature(N - self.i, N, self.config.t_min, self.config.t_max)
+        self.pending = DenoiseCall(self.seq, self.canvas, T, self.noise.uniforms(self.C), self.i > 0)
+
+    def _stepped(self, call: DenoiseCall, out) -> list[Event]:
+        cfg, C = self.config, self.C
+        argmax = np.asarray(out.argmax, dtype=np.int64)
+        sampled = np.asarray(out.sampled, dtype=np.int64)
+        entropy = np.asarray(out.entropy, dtype=np.float32)
+        if self.held is not None:  # pinned tokens count as accepted, with zero entropy
+            argmax, sampled = np.where(self.held, self.pinned, argmax), np.where(self.held, self.pinned, sampled)
+            entropy = np.where(self.held, np.float32(0), entropy)
+        accepted = accept_mask(entropy, cfg.entropy_bound)
+        flagged = guide_mask(self.guide, argmax, accepted, C)
+        objects = flagged is not None and bool(flagged.any())
+        if flagged is not None:
+            accepted = accepted & ~flagged  # re-noised instead of kept
+        self.canvas = np.where(accepted, sampled, self.noise.tokens(C))  # re-noise everything not accepted
+        stop = False
+        if self.history is not None:
+            stable = self.history.update(argmax)  # updated every step, as the reference
+            stop = stable and is_confident(entropy, cfg.confidence_threshold) and not objects
+        self.i += 1
+        seconds = time.perf_counter() - self._t0
+        self.step_seconds += seconds
+        events: list[Event] = [Step(self.block, self.block_steps + self.i, argmax, accepted, call.temperature,
+                                    float(entropy.mean()), stop, seconds, flagged)]
+        if not stop and self.i < cfg.max_denoising_steps:
+            self._next_denoise()
+            return events
+        self.block_steps += self.i
+        if objects and self.attempt < self.restarts:  # still broken at the step cap: again from fresh noise
+            self.attempt += 1
+            self._begin_canvas()
+            return events
+        return events + self._end_block(argmax)
+
+    def _end_block(self, canvas: np.ndarray) -> list[Event]:
+        """The block's text (EOS, max_new_tokens and stop strings applied), then a commit or the Completion."""
+        cfg, model = self.config, self.model
+        self.steps.append(self.block_steps)
+        new, eos = trim_eos(canvas[: cfg.max_new_tokens - len(self.out)], self.plan.eos_ids)
+        self.out += [int(t) for t in new]
+        full = model.detokenize(self.out)
+        stop_at = find_stop(full, cfg.stop, len(self.text)) if cfg.stop else -1
+        if stop_at >= 0:
+            full, self.finish, self.out = full[:stop_at], "stop", _tokens_for_text(model, self.out, stop_at)
+        elif eos:
+            self.finish = "eos"
+        last = self.finish != "length" or self.block == self.plan.n_blocks - 1
+        # hold back a tail that may begin a stop string, or an incomplete UTF-8 character
+        shown = full if last else full[: len(full) - stop_holdback(full, cfg.stop)].rstrip("\ufffd")
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        events: list[Event] = [BlockText(self.block, [int(t) for t in new], shown[len(self.text):], self.block_steps,
+                                         canvas, eos)]
+        self.text = shown
+        if last:
+            return events + [self._completion()]
+        self.block += 1
+        self.pending = EncodeCall(self.seq, [int(t) for t in canvas])
+        return events
+
+    def _completion(self) -> Completion:
+        t_end = time.perf_counter()
+        n_steps, n_out = sum(self.steps), len(self.out)
+        t_gen = self.t_gen or t_end
+        stats = Stats(
+            prompt_tokens=len(self.plan.tokens), prefilled_tokens=len(self.plan.tokens) - self.cached,
+            generated_tokens=n_out, canvases=len(self.steps), steps_per_canvas=list(self.steps),
+            tokens_per_forward=n_out / n_steps if n_steps else 0.0,
+            ms_per_step=1000 * self.step_seconds / n_steps if n_steps else 0.0,
+            tokens_per_second=n_out / (t_end - t_gen) if t_end > t_gen else 0.0,
+            time_to_first_token=(self.t_first or t_end) - self.t_start, prefill_seconds=t_gen - self.t_start,
+            total_seconds=t_end - self.t_start, seed=self.config.seed,
+        )
+        return Completion(self.text, list(self.out), self.finish, stats)
+
+
+# -- guides and constraints -------------------------------------------------------------------------------------
+
+Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
+
+
+def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, C: int) -> np.ndarray | None:
+    """The guide's verdict on a draft as a boolean mask over the canvas (None without a guide)."""
+    if guide is None:
+        return None
+    positions = guide(draft.copy(), accepted.copy())
+    mask = np.zeros(C, dtype=bool)
+    idx = np.fromiter((int(p) for p in positions), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= C):
+        raise ConfigError(f"the guide returned position {int(idx.min() if idx.min() < 0 else idx.max())} outside "
+                          f"the canvas of {C}")
+    mask[idx] = True
+    return mask
+
+
+def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray | None:
+    """{output position: token} or an int array (-1 = free) -> int64[n_positions], -1 where free."""
+    if constraints is None:
+        return None
+    table = np.full(n_positions, -1, dtype=np.int64)
+    if isinstance(constraints, Mapping):
+        items = [(int(p), int(t)) for p, t in constraints.items()]
+    else:
+        arr = np.asarray(constraints, dtype=np.int64).ravel()
+        items = [(int(p), int(arr[p])) for p in np.flatnonzero(arr >= 0)]
+        if len(arr) > n_positions:
+            raise ConfigError(f"constraints cover {len(arr)} positions, the generation only {n_positions}")
+    for p, t in items:
+        if not 0 <= p < n_positions:
+            raise ConfigError(f"constraint position {p} is outside the generation (0..{n_positions - 1})")
+        if not 0 <= t < n_vocab:
+            raise ConfigError(f"constraint token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
+        table[p] = t
+    return table
+
+
+def _tokens_for_text(model, tokens: list[int], n_chars: int) -> list[int]:
+    """The longest prefix of `tokens` whose text fits in the first `n_chars` characters."""
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(model.detokenize(tokens[:mid])) <= n_chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return tokens[:lo]

@@ -1,0 +1,84 @@
+"""Validation at the boundary: load options, token ids and a model file's diffusion keys, checked once before
+anything reaches llama.cpp (which aborts, wraps or truncates instead of reporting). Errors name the value."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ..errors import ConfigError, ModelError
+
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+MAX_CTX = 2**31 - 1
+MAX_SEQ = 256  # LLAMA_MAX_SEQ  # llama.cpp's n_ctx is a uint32, positions int32
+MAX_CANVAS = 65536
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below, logits / T overflows f32 into NaN probabilities
+INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses
+
+
+def integer(name: str, value, low: int, high: int) -> int:
+    """An int (not a bool, not a float that happens to be whole) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in {low}..{high}, got {value}")
+    return int(value)
+
+
+def seed_value(seed) -> int | None:
+    """None or -1: a random seed; otherwise an integer in 0..2**64-1."""
+    if seed is None or (not isinstance(seed, bool) and isinstance(seed, numbers.Integral) and seed == -1):
+        return None
+    return integer("seed", seed, 0, 2**64 - 1)
+
+
+def token_ids(tokens, n_vocab: int, what: str = "token ids") -> np.ndarray:
+    """int32 ids from a list / array of integers, each in [0, n_vocab): no float truncation, no wrap-around."""
+    arr = np.asarray(tokens)
+    if arr.dtype == object:
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in arr.reshape(-1)):
+            raise ConfigError(f"{what} must be integers, got {tokens!r:.80}")
+        arr = np.asarray([int(t) for t in arr.reshape(-1)], dtype=object)
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise ConfigError(f"{what} must be integers, got {arr.dtype} values")
+    flat = arr.reshape(-1)
+    if flat.size:
+        lo, hi = min(flat.tolist()), max(flat.tolist())
+        if lo < 0 or hi >= n_vocab:
+            raise ConfigError(f"{what} must be in [0, {n_vocab}), got {lo if lo < 0 else hi}")
+    return np.ascontiguousarray(flat, dtype=np.int32)
+
+
+def temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ConfigError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value!r}")
+    return float(value)
+
+
+def model_file(path, header) -> int:
+    """The diffusion keys and tensor types llama.cpp relies on without checking; returns the canvas length."""
+    kv = header.kv
+    if kv.get("general.architecture") != "diffusion-gemma":
+        raise ModelError(f"{path}: architecture is {kv.get('general.architecture')!r}, dglocal runs "
+                         f"'diffusion-gemma' models")
+    canvas = kv.get("diffusion.canvas_length")
+    if canvas is None:
+        raise ModelError(f"{path}: diffusion.canvas_length is missing (not a diffusion-gemma file?)")
+    if isinstance(canvas, bool) or not isinstance(canvas, int) or not 1 <= canvas <= MAX_CANVAS:
+        raise ModelError(f"{path}: diffusion.canvas_length must be an integer in 1..{MAX_CANVAS}, got {canvas!r}")
+    n_vocab = len(kv.get("tokenizer.ggml.tokens") or ())
+    eos = kv.get("diffusion.eos_token_ids")
+    if eos is not None:
+        if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < n_vocab for t in eos):
+            raise ModelError(f"{path}: diffusion.eos_token_ids must be token ids below {n_vocab}, got {eos!r:.80}")
+    for t in header.tensors:
+        if getattr(t.type, "name", "") in INTEGER_TYPES:
+            raise ModelError(f"{path}: tensor {t.name} has type {t.type.name}; weights are float or quantized")
+        # norms and scalars are multiplied into f32 activations; llama.cpp's binary ops abort on f16/bf16 there
+        if len(t.shape) == 1 and getattr(t.type, "name", "") != "F32":
+            raise ModelError(f"{path}: tensor {t.name} is {getattr(t.type, 'name', t.type)}; 1-D tensors (norms, "
+                             f"scales) must be F32 (reconvert with dglocal convert)")
+    return canvas

@@ -1,0 +1,402 @@
+"""Model and sequence: the low-level contract of the patched llama.cpp backend (no seeds, no chat, no defaults
+of generation: those are dglocal.generation's).
+
+    model = Model("model.gguf", n_ctx=4096)             # or LoadOptions(...); dglocal.load wraps it in an LLM
+    seq = model.sequence()
+    seq.prefill(model.tokenize("Hello"))               # encoder, causal, writes the KV cache
+    out = seq.denoise(canvas, temperature=0.8)         # decoder over the canvas, cache untouched
+    seq.commit(out.argmax)                             # encoder over the finished block
+
+Native handles live in an ExitStack and are freed context-before-model by `close()` (or `with`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, ContextError, ModelError
+from . import checks, swa
+from .gguf import read_header
+from .options import KV_TYPES, LoadOptions
+from .placement import device_precision, placement
+
+
+@dataclass
+class Denoised:
+    """One decoder pass over a canvas: per position, for x = logits / temperature."""
+
+    argmax: np.ndarray  # int32 [C]
+    sampled: np.ndarray | None  # int32 [C], inverse CDF of softmax(x) at the given uniforms
+    entropy: np.ndarray  # float32 [C], entropy of softmax(x)
+    logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike, options: LoadOptions | None = None, **changes):
+        """Load `path` with `options` (a LoadOptions), or with LoadOptions fields given by name."""
+        self._ctx = self._model = None
+        self._stack = ExitStack()
+        opts = (options or LoadOptions()).replace(**changes) if changes else options or LoadOptions()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: no such file")
+        header = read_header(self.path)  # raises ModelError on a malformed file
+        self.metadata = header.kv
+        self.canvas_length = checks.model_file(self.path, header)
+        self.sliding_window = swa.sliding_window(self.metadata)
+        self.options = opts = opts.resolve(self.canvas_length, self.sliding_window)
+        self.n_seq_max, self.swa_full, self.swa_checkpoints = opts.n_seq_max, opts.swa_full, opts.swa_checkpoints
+        # llama.cpp's no_alloc: shapes and buffer sizes without the weights (memory plans, cost models); such a
+        # model runs nothing (sequence() refuses)
+        self.no_alloc = opts.no_alloc
+        device_precision(opts.precision)
+        try:  # whatever exists when a step fails (or Ctrl-C arrives) is freed
+            self._open(opts, placement(opts.rpc, opts.tensor_overrides, opts.n_cpu_moe, opts.tensor_split))
+        except BaseException:
+            self.close()
+            raise
+        self._sequences: dict[int, Sequence] = {}  # the live sequence of each id
+
+    def _open(self, opts: LoadOptions, where) -> None:
+        from . import native as nat
+
+        self._nat = nat
+        nat.init()
+        # native calls run on a worker thread so that Ctrl-C, caught here, can raise the abort flag they poll
+        self._abort = ctypes.c_int32(0)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dglocal-native")
+        self._stack.callback(self._worker.shutdown)
+        mparams = nat.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        # llama.cpp's CPU "extra" buffer types (repacked / AMX weight layouts): its CPU speed, on by default
+        mparams.use_extra_bufts = bool(opts.extra_bufts)
+        mparams.no_alloc = opts.no_alloc  # as llama.cpp's own fit pass: nothing mapped, nothing read
+        if not opts.mmap or opts.no_alloc:
+            mparams.load_mode = 0  # llama.cpp's --no-mmap: weights read into its own buffers
+        progress = nat.llama_progress_callback(lambda _p, _d: not self._abort.value)  # False: stop loading
+        mparams.progress_callback = progress
+        where.apply(mparams)  # `where` keeps the arrays mparams points to alive
+        self._model = self.native(nat.llama_model_load_from_file, str(self.path).encode(), mparams)
+        if not self._model:
+            raise ModelError(f"{self.path}: llama.cpp could not load it: {nat.last_errors() or 'unknown error'}")
+        self._stack.callback(nat.llama_model_free, self._model)
+
+        cparams = nat.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = cparams.n_ubatch = opts.n_ubatch  # a canvas is one bidirectional micro-batch
+        cparams.n_seq_max = self.n_seq_max
+        # one cache stream per sequence (llama.cpp's default): attention spans a sequence's own cells only
+        cparams.n_threads = cparams.n_threads_batch = opts.n_threads or os.cpu_count() or 1
+        cparams.type_k = cparams.type_v = KV_TYPES[opts.kv_type]
+        # windowed sliding layers (swa_full False) need checkpoints to truncate (dglocal.runtime.swa)
+        cparams.swa_full = opts.swa_full
+        if opts.flash_attn is not None:
+            cparams.flash_attn_type = 1 if opts.flash_attn else 0
+        self._ctx = self.native(nat.llama_init_from_model, self._model, cparams)
+        if not self._ctx:
+            raise BackendError(f"could not create a llama.cpp context (n_ctx={opts.n_ctx}): "
+                               f"{nat.last_errors() or 'unknown error'}")
+        self._stack.callback(nat.llama_free, self._ctx)  # ExitStack: freed before the model
+        nat.llama_dg_set_abort_flag(self._ctx, ctypes.byref(self._abort))
+        self._stack.callback(self._worker.shutdown)  # LIFO: no native call is running when the context goes
+
+        self._vocab = nat.llama_model_get_vocab(self._model)
+        self.n_vocab = nat.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx = nat.llama_n_ctx_seq(self._ctx)  # per sequence: n_ctx / n_seq_max
+        # llama.cpp rounds n_ctx up and may cap n_batch / n_ubatch by it: feed it what it actually accepts
+        self.n_ubatch = min(nat.llama_n_batch(self._ctx), nat.llama_n_ubatch(self._ctx))
+        if self.n_ubatch < self.canvas_length:
+            raise ContextError(f"n_ctx {self.n_ctx} gives micro-batches of {self.n_ubatch} tokens, under the "
+                               f"canvas of {self.canvas_length}: raise n_ctx")
+        if nat.llama_dg_canvas_length(self._model) != self.canvas_length:
+            raise BackendError("the backend and the GGUF disagree on the canvas length")
+        self.eos_ids = self._eos_ids()
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    def native(self, fn, *args):
+        """Run a native call on the worker thread. Ctrl-C meanwhile sets the abort flag, which llama.cpp polls
+        between graph nodes; the KeyboardInterrupt is raised here once the stopped call has returned."""
+        future = self._worker.submit(fn, *args)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            self._abort.value = 1
+            try:
+                while not future.done():
+                    try:
+                        future.exception()  # wait for the call to stop; a second Ctrl-C does not cut this short
+                    except KeyboardInterrupt:
+                        pass
+            finally:
+                self._abort.value = 0
+            raise
+
+    def close(self) -> None:
+        """Free the context and the weights. Every Sequence and chat made from this model stops working."""
+        self._stack.close()
+        self._ctx = self._model = None
+        self._sequences = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def check_open(self) -> None:
+        if self._ctx is None:
+            raise BackendError("the model is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- tokenizer -----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self.check_open()
+        if not isinstance(text, str):
+            raise ConfigError(f"tokenize takes a str, got {type(text).__name__}")
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        for _ in range(2):  # a negative count is the size needed (byte-fallback tokens can outnumber bytes)
+            buf = (ctypes.c_int32 * n_max)()
+            n = self._nat.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+        raise BackendError(f"tokenization failed: llama.cpp asked for {n_max} tokens twice")
+
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        self.check_open()
+        token = checks.integer("token", token, 0, self.n_vocab - 1)
+        buf = ctypes.create_string_buffer(64)
+        n = self._nat.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._nat.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens, *, special: bool = False) -> str:
+        ids = checks.token_ids(tokens, self.n_vocab)
+        return b"".join(self.token_piece(int(t), special=special) for t in ids).decode("utf-8", "replace")
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = self.metadata.get("diffusion.eos_token_ids")
+        if ids is None:
+            ids = [t for t in range(self.n_vocab) if self._nat.llama_vocab_is_eog(self._vocab, t)]
+        return tuple(int(t) for t in ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    # -- sequences and generation ---------------------------------------------------------------------------
+
+    def sequence(self, seq_id: int = 0) -> "Sequence":
+        """KV-cache sequence `seq_id` (0..n_seq_max-1), emptied; an earlier Sequence of that id becomes unusable."""
+        self.check_open()
+        if self.no_alloc:
+            raise ConfigError(f"{self.path.name} was loaded with no_alloc (sizes only): it cannot run")
+        seq_id = checks.integer("seq_id", seq_id, 0, self.n_seq_max - 1)
+        self._sequences[seq_id] = Sequence(self, seq_id)
+        return self._sequences[seq_id]
+
+    def encode_batch(self, items, *, all_logits: bool = False) -> None:
+        """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches, in as
+        few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the logits of
+        the last token are kept (llama_get_logits_ith(-1)), or of every token of the last chunk with all_logits."""
+        work = []
+        for seq, tokens in items:
+            self._own(seq)
+            toks = checks.token_ids(tokens, self.n_vocab)
+            if len(seq.tokens) + toks.size > self.n_ctx:
+                raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
+            work += [(seq, int(t)) for t in toks]
+        if len({id(s) for s, _ in items}) != len(items):
+            raise ConfigError("encode_batch: each sequence may appear once per call")
+        batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
+        try:
+            for start in range(0, len(work), self.n_ubatch):
+                last = start + self.n_ubatch >= len(work)
+                self._encode_chunk(batch, work[start:start + self.n_ubatch], last=last, every=all_logits)
+        finally:
+            self._nat.llama_batch_free(batch)
+        for seq, tokens in items:
+            seq._encoded(len(tokens))
+
+    def _own(self, seq) -> None:
+        """A live Sequence of this model: another model's would put its tokens into this model's cache."""
+        if not isinstance(seq, Sequence):
+            raise ConfigError(f"expected a Sequence, got {type(seq).__name__}")
+        if seq.model is not self:
+            raise ConfigError(f"sequence {seq.seq_id} belongs to another model ({seq.model.path.name})")
+        seq._check_live()
+
+    def _encode_chunk(self, batch, chunk: list, *, last: bool, every: bool = False) -> None:
+        pos0, nxt = {}, {}
+        for i, (seq, tok) in enumerate(chunk):
+            pos = nxt.get(seq)
+            if pos is None:
+                pos = pos0[seq] = len(seq.tokens)
+            nxt[seq] = pos + 1
+            batch.token[i], batch.pos[i] = tok, pos
+            batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq.seq_id
+            batch.logits[i] = last and (every or i == len(chunk) - 1)
+        batch.n_tokens = len(chunk)
+        ret = self.native(self._nat.llama_decode, self._ctx, batch)
+        if ret != 0:
+            # a failed micro-batch may leave part of the chunk in the caches: drop it, they stay consistent
+            for seq, p in pos0.items():
+                seq.rewind(p)  # the tokens list still ends at p
+            raise BackendError(f"encoder pass failed (llama_decode returned {ret}): {self._nat.last_errors()}")
+        for seq, tok in chunk:
+            seq.tokens.append(tok)
+
+    def denoise_batch(self, requests, *, return_logits: bool = False) -> list["Denoised"]:
+        """One decoder pass per group of canvases that fits a micro-batch: `requests` are (sequence, canvas,
+        temperature, uniforms or None, self_condition) of distinct sequences; results in the same order."""
+        items = [self._request(*r) for r in requests]
+        if len({id(r[0]) for r in items}) != len(items):
+            raise ConfigError("denoise_batch: each sequence may appear once per call")
+        per = max(1, self.n_ubatch // self.canvas_length)
+        out: list[Denoised] = []
+        for k in range(0, len(items), per):
+            out += self._denoise_group(items[k:k + per], return_logits)
+        return out
+
+    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True):
+        """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool)."""
+        self._own(seq)
+        toks = checks.token_ids(canvas, self.n_vocab, "canvas ids")
+        n = self.canvas_length
+        if toks.size != n:
+            raise ConfigError(f"the canvas has {toks.size} tokens, the model's canvas_length is {n}")
+        u = None
+        if uniforms is not None:
+            u = np.ascontiguousarray(uniforms, dtype=np.float32).reshape(-1)
+            if u.size != n or not ((u >= 0) & (u <= 1)).all():
+                raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
+        return seq, toks, checks.temperature(temperature), u, bool(self_condition)
+
+    def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
+        nat, n = self._nat, self.canvas_length
+        results, arrays = [], []
+        canvases = (nat.llama_dg_canvas * len(items))()
+        for c, (seq, toks, temperature, u, sc) in zip(canvases, items):
+            res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
+                           np.empty(n, np.float32))
+            arrays.append((toks, u))  # kept alive through the call
+            ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
+            c.seq_id, c.tokens, c.n_tokens, c.temperature = seq.seq_id, ptr(toks, nat.c_int32_p), n, temperature
+            c.uniforms, c.self_condition = ptr(u, nat.c_float_p), sc
+            c.argmax, c.sampled = ptr(res.argmax, nat.c_int32_p), ptr(res.sampled, nat.c_int32_p)
+            c.entropy = ptr(res.entropy, nat.c_float_p)
+            results.append(res)
+        status = self.native(nat.llama_dg_denoise_batch, self._ctx, canvases, len(items), bool(return_logits))
+        if status != 0:
+            err = ContextError if status == -4 else BackendError
+            raise err(f"denoise failed: {nat.DG_STATUS.get(status, status)}: {nat.last_errors()}")
+        if return_logits:
+            lp = self._nat.llama_get_logits(self._ctx)
+            logits = np.ctypeslib.as_array(lp, shape=(n * len(items), self.n_vocab))
+            for k, res in enumerate(results):
+                res.logits = logits[k * n:(k + 1) * n].copy()
+        for seq, *_ in items:
+            seq.n_denoise += 1  # the decoder passes it took; its cache is untouched
+        return results
+
+
+class Sequence:
+    """One KV-cache sequence: encoder prefill/commit, decoder denoise, truncation. `tokens` is what it holds."""
+
+    def __init__(self, model: Model, seq_id: int = 0):
+        self.model = model
+        self.seq_id = seq_id
+        self._nat = model._nat
+        self._mem = self._nat.llama_get_memory(model._ctx)
+        self._nat.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        self.tokens: list[int] = []  # what its cache holds
+        self._window = None if model.swa_full else swa.Checkpoints(
+            model._ctx, seq_id, model.sliding_window, model.swa_checkpoints)
+        self.n_encoded = 0  # tokens its encoder passes appended (prompts, commits, re-encodes)
+        self.n_denoise = 0  # decoder passes run on it
+
+    @property
+    def live(self) -> bool:
+        """False once the model is closed or a newer model.sequence() has taken over the context's cache."""
+        return not self.model.closed and self.model._sequences.get(self.seq_id) is self
+
+    def _check_live(self) -> None:
+        self.model.check_open()
+        if self.model._sequences.get(self.seq_id) is not self:
+            raise BackendError("this sequence was replaced by a newer model.sequence() and its cache is gone")
+
+    @property
+    def n_past(self) -> int:
+        self._check_live()
+        return len(self.tokens)
+
+    def prefill(self, tokens, *, logits_last: bool = False, logits_all: bool = False) -> np.ndarray | None:
+        """Run the causal encoder over `tokens`, appending them to the cache. With logits_last, return the
+        encoder's next-token logits after the last token (the autoregressive view of the same weights); with
+        logits_all, those after every token, [n, n_vocab] (at most n_ubatch tokens)."""
+        if logits_all and len(tokens) > self.model.n_ubatch:
+            raise ConfigError(f"logits_all takes at most n_ubatch = {self.model.n_ubatch} tokens, got {len(tokens)}")
+        self.model.encode_batch([(self, tokens)], all_logits=logits_all)
+        if logits_all and len(tokens):
+            ptr = self._nat.llama_get_logits(self.model._ctx)
+            return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
+        if logits_last and len(tokens):
+            ptr = self._nat.llama_get_logits_ith(self.model._ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        return None
+
+    def commit(self, tokens) -> None:
+        """Append a finished block: the same causal encoder pass as prefill."""
+        self.model.encode_batch([(self, tokens)])
+
+    def _encoded(self, n: int) -> None:
+        """After an encoder pass appended n tokens: a windowed cache saves a checkpoint when it is due."""
+        self.n_encoded += n
+        if self._window:
+            self._window.after_encode(len(self.tokens))
+
+    def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
+                return_logits: bool = False) -> Denoised:
+        """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
+        self_condition=True feeds the soft embedding left by this sequence's previous denoise (its logits / its
+        temperature); False feeds zeros, as at the first step of a canvas."""
+        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition)],
+                                        return_logits=return_logits)[0]
+
+    def truncate(self, n: int) -> int:
+        """Keep the first n cached tokens (multi-turn reuse). A windowed sliding cache that no longer holds the
+        keys position n reads re-encodes from its latest checkpoint (or the start); returns how many tokens that
+        re-encoded."""
+        held = list(self.tokens)
+        k = self.rewind(n)  # checks n
+        if k < n:
+            self.prefill(held[k:n])
+        return n - k
+
+    def rewind(self, n: int) -> int:
+        """Cut the sequence back to at most n tokens, to where it can continue exactly: n, or with a windowed
+        sliding cache that lost the keys n needs, its latest checkpoint before n (0 without one). Returns the
+        new length; the caller encodes the rest (generate does it with the new prompt)."""
+        self._check_live()
+        n = checks.integer("truncate length", n, 0, len(self.tokens))
+        if not self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
+            raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
+        if self._window:
+            n = self._window.rewind(n)
+        del self.tokens[n:]
+        return n

@@ -1,0 +1,89 @@
+"""How a model is loaded: one frozen dataclass, built once from Python (`dglocal.load(path, **opts)`) or from the
+command line (dglocal.cli.options), checked on construction, and resolved against the file (`resolve`): the
+context, micro-batch and sliding-cache rules are written here and nowhere else."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import ConfigError, ContextError
+from . import checks, swa
+
+DEFAULT_CTX = 4096  # tokens per sequence when n_ctx is not given
+MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of at least this
+CTX_PAD = 256  # llama.cpp pads each sequence's cells to a multiple of this
+KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}  # ggml_type ids of the cache types
+QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
+
+
+def round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def ubatch_for(canvas_length: int, n_seq_max: int) -> int:
+    """The micro-batch a model is loaded with: a canvas per sequence fits one bidirectional pass."""
+    return max(MIN_UBATCH, n_seq_max * canvas_length)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int | None = None  # the whole context, shared by the sequences; None: DEFAULT_CTX each
+    n_gpu_layers: int = -1  # -1: every layer on the GPU
+    n_threads: int | None = None  # None: every core
+    n_ubatch: int | None = None  # None: ubatch_for(canvas, n_seq_max); never below a canvas
+    n_seq_max: int = 1  # sequences (slots, batch members) with their own cache
+    kv_type: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp's choice (on for the quantized caches)
+    swa_full: bool | None = None  # None: by context size (dglocal.runtime.swa)
+    swa_checkpoints: int = 4  # sliding-cache checkpoints per sequence
+    extra_bufts: bool = True  # llama.cpp's repacked / AMX CPU weight layouts
+    rpc: tuple[str, ...] | None = None  # ggml RPC servers HOST:PORT: layers go to them as to GPUs
+    tensor_overrides: tuple[str, ...] | None = None  # llama.cpp's -ot REGEX=BUFFER_TYPE
+    n_cpu_moe: int = 0  # experts of the first N layers in host memory
+    tensor_split: str | tuple | None = None  # llama.cpp's -ts "3,1"
+    mmap: bool = True  # False: llama.cpp's --no-mmap
+    no_alloc: bool = False  # sizes only (memory plans, graph walks): nothing runs
+    precision: str = "auto"  # "f32": f32 math on devices that round through f16 (per process)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        for name in ("rpc", "tensor_overrides"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            set_(name, tuple(value) if value else None)
+        if self.n_ctx is not None:
+            checks.integer("n_ctx", self.n_ctx, 1, checks.MAX_CTX)
+        checks.integer("n_gpu_layers", self.n_gpu_layers, -1, 1 << 20)
+        if self.n_ubatch is not None:
+            checks.integer("n_ubatch", self.n_ubatch, 1, 1 << 20)
+        if self.n_threads is not None:
+            checks.integer("n_threads", self.n_threads, 1, checks.MAX_THREADS)
+        checks.integer("n_seq_max", self.n_seq_max, 1, checks.MAX_SEQ)
+        checks.integer("swa_checkpoints", self.swa_checkpoints, 0, 64)
+        if self.kv_type not in KV_TYPES:
+            raise ConfigError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
+        if self.kv_type in QUANTIZED_KV:
+            if self.flash_attn is False:
+                raise ConfigError(f"a {self.kv_type} KV cache needs flash attention (llama.cpp quantizes V only "
+                                  "inside it): drop --no-flash-attn, or use an f16 cache")
+            set_("flash_attn", True)
+
+    def replace(self, **changes) -> LoadOptions:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, canvas_length: int, sliding_window: int) -> LoadOptions:
+        """Every rule that depends on the file filled in: the context, the micro-batch, the sliding cache."""
+        n_ctx = self.n_ctx if self.n_ctx is not None else DEFAULT_CTX * self.n_seq_max
+        if n_ctx < canvas_length + 1:
+            raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {canvas_length + 1}")
+        n_ubatch = max(self.n_ubatch or ubatch_for(canvas_length, self.n_seq_max), canvas_length)
+        swa_full = self.swa_full
+        if swa_full is None:
+            swa_full = swa.full_by_default(round_up(n_ctx // self.n_seq_max, CTX_PAD), sliding_window, n_ubatch)
+        return dataclasses.replace(self, n_ctx=n_ctx, n_ubatch=n_ubatch,
+                                   swa_full=bool(swa_full) or sliding_window == 0)

@@ -1,0 +1,224 @@
+"""Sudoku: parse, format, check, solve, and the token format of the Sudoku DiffusionGemma model.
+
+Pure Python (no numpy, no torch) so the runtime, the training recipe and the tests share one definition.
+A grid is a list of 81 ints, row-major, 0 for a blank and 1-9 for a digit.
+
+Token format (defined here only; `scripts/sudoku_train.py` and the runtime both import it):
+
+    prompt = <bos> <r..>*81 <c..>*81 <b..>*81 cell*81 <sep>      (PROMPT_LENGTH = 326 tokens)
+    canvas = digit*81                                          (CANVAS_LENGTH = 81 tokens)
+
+The three constant blocks give cell i its row, column and box as tokens at a fixed distance from
+canvas cell i and from prompt cell i: rotary positions only encode distances, and "same row" or
+"same box" is not a function of distance, so the model reads its coordinates instead of deriving them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from dglocal.errors import ConfigError
+
+# --- vocabulary -------------------------------------------------------------------------------
+
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+DIGIT_BASE = 2  # digit d (1-9) is token d + DIGIT_BASE: ids 3..11
+BLANK_ID = 12  # '.', a blank cell of the puzzle
+SEP_ID = 13  # ends the prompt
+ROW_BASE, COL_BASE, BOX_BASE = 14, 23, 32  # <rK>, <cK>, <bK> (K = 1..9) are BASE + K - 1
+VOCAB_SIZE = 41
+
+PROMPT_LENGTH = 1 + 4 * 81 + 1
+CANVAS_LENGTH = 81
+
+TOKENS = (
+    ["<pad>", "<eos>", "<bos>"]
+    + [str(d) for d in range(1, 10)]
+    + [".", "<sep>"]
+    + [f"<r{k}>" for k in range(1, 10)]
+    + [f"<c{k}>" for k in range(1, 10)]
+    + [f"<b{k}>" for k in range(1, 10)]
+)
+assert len(TOKENS) == VOCAB_SIZE
+
+
+def row_of(i: int) -> int:
+    return i // 9
+
+
+def col_of(i: int) -> int:
+    return i % 9
+
+
+def box_of(i: int) -> int:
+    return (i // 27) * 3 + (i % 9) // 3
+
+
+# The constant part of the prompt: bos, then each cell's row, column and box token.
+STRUCTURE_IDS: tuple[int, ...] = (
+    (BOS_ID,)
+    + tuple(ROW_BASE + row_of(i) for i in range(81))
+    + tuple(COL_BASE + col_of(i) for i in range(81))
+    + tuple(BOX_BASE + box_of(i) for i in range(81))
+)
+
+# --- parse / format ---------------------------------------------------------------------------
+
+
+def parse_grid(text: str) -> list[int]:
+    """Parse 81 cells: digits 1-9, '.' or '0' for a blank. Surrounding whitespace is ignored."""
+    s = text.strip()
+    if len(s) != 81:
+        raise ConfigError(f"a Sudoku puzzle has 81 cells, got {len(s)} characters: {s[:90]!r}")
+    cells = []
+    for pos, ch in enumerate(s):
+        if ch in "123456789":
+            cells.append(ord(ch) - 48)
+        elif ch in ".0":
+            cells.append(0)
+        else:
+            raise ConfigError(f"invalid Sudoku cell {ch!r} at position {pos + 1}: use 1-9, '.' or '0'")
+    return cells
+
+
+def format_grid(cells: Sequence[int]) -> str:
+    """81 characters, '.' for a blank."""
+    if len(cells) != 81:
+        raise ConfigError(f"a Sudoku grid has 81 cells, got {len(cells)}")
+    return "".join(str(c) if c else "." for c in cells)
+
+
+def _as_cells(grid: str | Sequence[int]) -> list[int]:
+    return parse_grid(grid) if isinstance(grid, str) else [int(c) for c in grid]
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+UNITS: tuple[tuple[int, ...], ...] = (
+    tuple(tuple(r * 9 + c for c in range(9)) for r in range(9))
+    + tuple(tuple(r * 9 + c for r in range(9)) for c in range(9))
+    + tuple(tuple(i for i in range(81) if box_of(i) == b) for b in range(9))
+)
+
+
+def check_grid(puzzle: str | Sequence[int], grid: str | Sequence[int]) -> bool:
+    """True iff `grid` is a complete valid Sudoku solution that keeps every given of `puzzle`."""
+    p, g = _as_cells(puzzle), _as_cells(grid)
+    if len(p) != 81 or len(g) != 81:
+        return False
+    if any(not 1 <= v <= 9 for v in g):
+        return False
+    if any(pv and pv != gv for pv, gv in zip(p, g)):
+        return False
+    return all(len({g[i] for i in unit}) == 9 for unit in UNITS)
+
+
+def is_consistent(cells: Sequence[int]) -> bool:
+    """No digit repeats in a row, column or box (blanks allowed)."""
+    for unit in UNITS:
+        seen = [c for c in (cells[i] for i in unit) if c]
+        if len(seen) != len(set(seen)):
+            return False
+    return True
+
+
+# --- solver: bitmask candidates, most-constrained cell first ------------------------------------
+
+_ALL = 0x3FE  # bits 1..9
+_PEERS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(sorted({j for u in UNITS if i in u for j in u} - {i})) for i in range(81)
+)
+_BITS = {1 << d: d for d in range(1, 10)}
+
+
+def _search(cells: list[int], limit: int, rng: random.Random | None, out: list[list[int]]) -> None:
+    # Find the blank cell with the fewest candidates; a cell with none means a dead end.
+    best, best_mask, best_n = -1, 0, 10
+    for i in range(81):
+        if cells[i]:
+            continue
+        used = 0
+        for j in _PEERS[i]:
+            used |= 1 << cells[j]
+        mask = _ALL & ~used
+        n = bin(mask).count("1")
+        if n < best_n:
+            best, best_mask, best_n = i, mask, n
+            if n <= 1:
+                break
+    if best < 0:
+        out.append(cells.copy())
+        return
+    digits = [d for d in range(1, 10) if best_mask >> d & 1]
+    if rng is not None:
+        rng.shuffle(digits)
+    for d in digits:
+        cells[best] = d
+        _search(cells, limit, rng, out)
+        if len(out) >= limit:
+            break
+    cells[best] = 0
+
+
+def solve(puzzle: str | Sequence[int], limit: int = 1, rng: random.Random | None = None) -> list[list[int]]:
+    """Up to `limit` solutions of `puzzle` (an inconsistent puzzle has none); `rng` shuffles the search."""
+    cells = _as_cells(puzzle)
+    if not is_consistent(cells):
+        return []
+    out: list[list[int]] = []
+    _search(cells, limit, rng, out)
+    return out
+
+
+def count_solutions(puzzle: str | Sequence[int], limit: int = 2) -> int:
+    """Number of solutions, counted up to `limit` (2 is enough to test uniqueness)."""
+    return len(solve(puzzle, limit))
+
+
+# --- token format -----------------------------------------------------------------------------
+
+
+def encode_prompt(puzzle: str | Sequence[int]) -> list[int]:
+    """Prompt token ids for a puzzle (PROMPT_LENGTH ids)."""
+    cells = _as_cells(puzzle)
+    return list(STRUCTURE_IDS) + [c + DIGIT_BASE if c else BLANK_ID for c in cells] + [SEP_ID]
+
+
+def encode_canvas(solution: str | Sequence[int]) -> list[int]:
+    """The clean canvas (CANVAS_LENGTH ids) the model is trained to produce."""
+    return [c + DIGIT_BASE for c in _as_cells(solution)]
+
+
+def decode_canvas(ids: Sequence[int]) -> list[int]:
+    """Canvas token ids to cells; a non-digit token becomes 0 (the grid then fails `check_grid`)."""
+    return [i - DIGIT_BASE if DIGIT_BASE < i <= DIGIT_BASE + 9 else 0 for i in ids]
+
+
+# --- the guide: rule-guided re-noising ----------------------------------------------------------
+
+PEERS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(sorted({j for unit in UNITS if i in unit for j in unit} - {i})) for i in range(81))
+
+
+def rule_breaks(puzzle: Sequence[int], cells: Sequence[int]) -> list[int]:
+    """Cells of a draft that an outside check can tell are wrong: a given that was changed, and every non-given
+    cell that is not a digit or repeats a digit of its row, column or box."""
+    bad = []
+    for i, (p, v) in enumerate(zip(puzzle, cells)):
+        if p:
+            if v != p:
+                bad.append(i)
+        elif not 1 <= v <= 9 or any(cells[j] == v for j in PEERS[i]):
+            bad.append(i)
+    return bad
+
+
+def guide_for(puzzle: str | Sequence[int]):
+    """The Sudoku guide for the driver: guide(draft canvas ids, accepted) -> canvas positions to re-noise."""
+    p = _as_cells(puzzle)
+
+    def guide(draft, accepted):
+        return rule_breaks(p, decode_canvas(draft.tolist()))
+
+    return guide
