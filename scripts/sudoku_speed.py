@@ -23,8 +23,8 @@ from sudoku_data import read_pairs  # noqa: E402
 from sudoku_train import HERE  # noqa: E402
 
 from dglocal import sudoku  # noqa: E402
-from dglocal import sudoku_core as sc  # noqa: E402
-from dglocal.generate import Completion, Step  # noqa: E402
+from dglocal.sudoku import core as sc  # noqa: E402
+from dglocal.generation.events import Completion, Step  # noqa: E402
 
 GGUF = Path(sudoku.__file__).parent / "data" / "sudoku.gguf"
 

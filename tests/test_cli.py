@@ -21,6 +21,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from dglocal import cli
+from dglocal.convert import hub
 from dglocal.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.backend
@@ -239,19 +240,19 @@ def test_bad_generation_option_fails_before_loading(tiny_f32_gguf):
 
 
 def test_no_default_model_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "sudoku.gguf")
+    monkeypatch.setattr(hub, "DEFAULT_MODEL", tmp_path / "sudoku.gguf")
     with pytest.raises(ModelError, match="no default model shipped yet"):
-        cli.resolve_model(None)
+        hub.resolve_model(None)
 
 
-@pytest.mark.parametrize("command", ["bench", "sudoku"])
-def test_missing_plugin_module_is_a_clear_error(command, monkeypatch, tiny_f32_gguf):
-    monkeypatch.setitem(sys.modules, f"dglocal.{command}", None)  # import raises ModuleNotFoundError
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tiny_f32_gguf)
+@pytest.mark.parametrize("command,module", [("bench", "dglocal.tools.bench"), ("sudoku", "dglocal.cli.sudoku")])
+def test_missing_plugin_module_is_a_clear_error(command, module, monkeypatch, tiny_f32_gguf):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+    monkeypatch.setattr(hub, "DEFAULT_MODEL", tiny_f32_gguf)
     args = [command, str(tiny_f32_gguf)] if command == "bench" else [command]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 1
-    assert f"`dglocal {command}` is not available in this build (module dglocal.{command} is missing)" in result.output
+    assert f"`dglocal {command}` is not available in this build (module {module} is missing)" in result.output
 
 
 def _recorder(monkeypatch, module, name, returns=None):
@@ -272,7 +273,10 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
     import dglocal.tools.bench
     import dglocal.convert.synth
 
-    calls = _recorder(monkeypatch, dglocal.tools.bench, "main")
+    import dglocal.cli.render
+
+    calls = _recorder(monkeypatch, dglocal.tools.bench, "bench", returns={})
+    monkeypatch.setattr(dglocal.cli.render, "show_bench", lambda result: None)
     args = ["bench", str(tiny_f32_gguf), "--steps", "8", "--steps", "16", "--no-adaptive", "--adaptive-steps", "4",
             "--canvases", "2", "--prompt-tokens", "8", "--ar-tokens", "9", "-c", "512", "-ngl", "0", "-t", "1",
             "--flash-attn", "--kv-type", "f32", "--seed", "3", "--json", "--rpc", "10.0.0.1:50052,h:1",
@@ -280,11 +284,12 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     placement = dict(rpc=["10.0.0.1:50052", "h:1"], tensor_overrides=["exps=CPU", "a=CPU,b=CPU"], n_cpu_moe=2)
-    assert calls == [dict(model=tiny_f32_gguf, steps=[8, 16], adaptive=False, adaptive_steps=4, canvases=2,
-                          prompt_tokens=8, ar_tokens=9, n_ctx=512, n_gpu_layers=0, threads=1, flash_attn=True,
-                          kv_type="f32", seed=3, json=True, placement=placement)]
+    flat = [{**{k: v for k, v in c.items() if k != "run_options"}, **c.get("run_options", {})} for c in calls]
+    assert flat == [dict(path=tiny_f32_gguf, steps=(8, 16), adaptive=False, adaptive_steps=4, canvases=2,
+                         prompt_tokens=8, ar_tokens=9, n_ctx=512, n_gpu_layers=0, threads=1, flash_attn=True,
+                         kv_type="f32", seed=3, placement=placement)]
     assert CliRunner().invoke(cli.app, ["bench", str(tiny_f32_gguf)]).exit_code == 0
-    assert calls[1] == dict(model=tiny_f32_gguf, json=False, placement={})  # the rest: bench's own defaults
+    assert calls[1] == dict(path=tiny_f32_gguf, n_gpu_layers=-1, placement={})  # the rest: bench's own defaults
 
     from types import SimpleNamespace
 
@@ -299,12 +304,12 @@ def test_bench_and_synth_get_their_options_by_their_own_names(monkeypatch, tiny_
 def test_pick_gguf():
     files = ["m-Q4_K_M.gguf", "m-q8_0.gguf", "m-Q4_K_S.gguf", "big-Q6_K-00002-of-00002.gguf",
              "big-Q6_K-00001-of-00002.gguf"]
-    assert cli.pick_gguf(files, "q4_k_m") == ["m-Q4_K_M.gguf"]
-    assert cli.pick_gguf(files, "Q8_0") == ["m-q8_0.gguf"]
-    assert cli.pick_gguf(files, "Q6_K") == ["big-Q6_K-00001-of-00002.gguf", "big-Q6_K-00002-of-00002.gguf"]
+    assert hub.pick_gguf(files, "q4_k_m") == ["m-Q4_K_M.gguf"]
+    assert hub.pick_gguf(files, "Q8_0") == ["m-q8_0.gguf"]
+    assert hub.pick_gguf(files, "Q6_K") == ["big-Q6_K-00001-of-00002.gguf", "big-Q6_K-00002-of-00002.gguf"]
     with pytest.raises(ModelError, match="no GGUF for --quant Q4_K"):  # no prefix match: Q4_K is not Q4_K_M
-        cli.pick_gguf(files, "Q4_K")
-    assert cli.pick_gguf(["only-F16.gguf"], "Q4_K_M", explicit=False) == ["only-F16.gguf"]
+        hub.pick_gguf(files, "Q4_K")
+    assert hub.pick_gguf(["only-F16.gguf"], "Q4_K_M", explicit=False) == ["only-F16.gguf"]
 
 
 # -- convert and info through the CLI ---------------------------------------------------------------------
@@ -393,7 +398,7 @@ def small_model(tiny_f32_gguf):
 
 
 def test_chat_loop_commands(small_model):
-    from dglocal.cli.views import ChatLoop
+    from dglocal.cli.chat import ChatLoop
 
     view = RecordingView(["/set steps 3", "/set t-min 5", "/set bogus 1", "/set", "/help", "/nope", "hello", "/stats",
                           "/reset", "/exit", "never read"])
@@ -417,7 +422,7 @@ def test_chat_loop_commands(small_model):
 
 
 def test_chat_loop_ctrl_c_keeps_the_session(small_model):
-    from dglocal.cli.views import ChatLoop
+    from dglocal.cli.chat import ChatLoop
 
     view = RecordingView(["hello", "hello"], interrupt_at=2)
     loop = ChatLoop(small_model, view, max_new_tokens=32, max_denoising_steps=4, seed=1)

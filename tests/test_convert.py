@@ -306,7 +306,7 @@ def test_progress_reports_every_byte(tiny_checkpoint, tiny_vocab, tmp_path):
 def test_info_community_style_file(tiny_vocab, tmp_path, capsys):
     """A GGUF as other tools write it: K-quant tensors, no dglocal-only keys (no diffusion.eos_token_ids,
     no general.name), only the required diffusion key."""
-    from dglocal import ui
+    from dglocal.cli import render as ui
     from dglocal.convert.tokenizer import tokenizer_from_gguf, write_tokenizer
 
     path = tmp_path / "community.gguf"
@@ -339,9 +339,9 @@ def test_quantize_without_backend_is_a_clear_error(tiny_checkpoint, tiny_vocab, 
 
     import dglocal
 
-    # `from dglocal import _native` raises ImportError, even after an earlier test imported it
+    # `from dglocal.runtime import native` raises ImportError, even after an earlier test imported it
     monkeypatch.setitem(sys.modules, "dglocal.runtime.native", None)
-    monkeypatch.delattr(dglocal, "_native", raising=False)
+    monkeypatch.delattr(dglocal.runtime, "native", raising=False)
     out = tmp_path / "m.gguf"
     with pytest.raises(ConvertError, match=r"q4_k_m needs llama.cpp's quantizer.*build_backend.py"):
         convert(tiny_checkpoint, out, "q4_k_m", tokenizer_from=tiny_vocab)

@@ -121,7 +121,7 @@ def test_load_options_are_checked_before_loading(tiny_f32_gguf):
         with dglocal.load(tiny_f32_gguf, n_ctx=256, seed=-1) as m:  # -1: a random seed, as in llama.cpp
             done = m.generate([2, 3], max_new_tokens=8, max_denoising_steps=2)  # may end at an EOS drawn first
             assert done.finish_reason in ("eos", "length") and len(done.tokens) <= 8
-            seeds.append(m.next_seed())
+            seeds.append(m.seeds.next())
     assert seeds[0] != seeds[1]  # each load draws its own
 
 
@@ -171,13 +171,13 @@ def test_non_causal_context_and_other_seq_ids_are_errors(tiny_f32_gguf):
     context must be refused by llama.cpp's batch checks and by llama_dg_denoise."""
     r = child(f"""
 import numpy as np, dglocal
-from dglocal import _native as nat
+from dglocal.runtime import native as nat
 from dglocal.runtime.model import Sequence
 m = dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=64)
-cp = nat._ll.llama_context_default_params()
+cp = nat.llama_context_default_params()
 cp.n_ctx = 64
 cp.attention_type = 1  # LLAMA_ATTENTION_TYPE_NON_CAUSAL
-print(bool(nat._ll.llama_init_from_model(m._model, cp)), nat.last_errors()[:200])
+print(bool(nat.llama_init_from_model(m.model._model, cp)), nat.last_errors()[:200])
 try:
     m.sequence(1)
 except dglocal.ConfigError as e:
@@ -294,11 +294,11 @@ def test_synth_cleans_up_on_sigterm(tmp_path):
 
 def test_sudoku_loop_ctrl_c_stops_one_puzzle(monkeypatch):
     """Ctrl-C during a puzzle stops that puzzle; the loop reads the next one (as the chat does)."""
-    from dglocal import sudoku, ui
+    from dglocal.cli import sudoku
 
     calls = []
 
-    def solve_live(llm, cells, ui_, options):
+    def solve_live(llm, cells, options):
         calls.append(cells)
         if len(calls) == 1:
             raise KeyboardInterrupt
@@ -314,8 +314,8 @@ def test_sudoku_loop_ctrl_c_stops_one_puzzle(monkeypatch):
 
     monkeypatch.setattr(sudoku, "_solve_live", solve_live)
     monkeypatch.setattr("builtins.input", read_line)
-    monkeypatch.setattr(ui, "is_terminal", lambda: False)
-    sudoku._solve_lines(None, ui, {}, None)
+    monkeypatch.setattr(sudoku, "is_terminal", lambda: False)
+    sudoku._solve_lines(None, {}, None)
     assert len(calls) == 2
 
 

@@ -89,7 +89,7 @@ def reference(tiny_f32_gguf):
 
 
 def chat_tokens(model, messages):
-    from dglocal.generate import ChatSession
+    from dglocal.generation.chat import ChatSession
 
     return ChatSession(model).prompt_tokens(messages)
 
@@ -147,7 +147,7 @@ def test_second_turn_encodes_only_the_new_tokens(tiny_f32_gguf):
     that both caches hold the same history: where keys sit in the cache decides the float rounding of
     attention, and a random-weight model's draws flip on the last bit.)"""
     import dglocal
-    from dglocal.generate import ChatSession
+    from dglocal.generation.chat import ChatSession
 
     server = Server(str(tiny_f32_gguf), "-np", "1", "-c", "1024", "--alias", "tiny", "--seed", "1")
     try:
@@ -261,7 +261,7 @@ def test_api_key(tiny_f32_gguf):
 
 
 def test_sudoku_served_with_no_model():
-    from dglocal import sudoku_core as sc
+    from dglocal.sudoku import core as sc
 
     s = Server("-np", "2")
     try:

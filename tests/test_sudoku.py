@@ -19,8 +19,8 @@ import pytest
 from reference_harness import ReferenceModel, encoder_logits, reference_generate
 from test_cli import DGLOCAL
 
-from dglocal import sudoku_core as sc
-from dglocal.cli import DEFAULT_MODEL
+from dglocal.sudoku import core as sc
+from dglocal.convert.hub import DEFAULT_MODEL
 from dglocal.generation.sampler import SeededNoise
 
 pytestmark = pytest.mark.backend

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dglocal import sudoku_core as sc
+from dglocal.sudoku import core as sc
 from dglocal.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

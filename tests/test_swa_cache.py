@@ -15,7 +15,7 @@ from reference_harness import ReferenceModel
 
 import dglocal
 from dglocal import swa
-from dglocal.generate import generate
+from dglocal.generation.driver import generate
 
 pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
@@ -61,7 +61,7 @@ def assert_same_denoise(seq, ref, held, seed):
 
 
 def pos_min(seq):
-    return seq._ll.llama_memory_seq_pos_min(seq._mem, seq.seq_id)
+    return seq._nat.llama_memory_seq_pos_min(seq._mem, seq.seq_id)
 
 
 def grown(win, n_prompt=300, n_commits=20):

@@ -80,6 +80,18 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _plugin(command: str, module: str):
+    """A command's module, imported when the command runs: a build without it says so."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in (module, "dglocal"):
+            raise
+        raise DglocalError(f"`dglocal {command}` is not available in this build (module {module} is missing)") from e
+
+
 def _resolve(model, quant: str = "Q4_K_M") -> Path:
     """resolve_model, with a status line and a progress bar while an HF safetensors repo is converted."""
     from dglocal.cli import render as ui
@@ -150,7 +162,7 @@ def run(
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         if max_new_tokens is not None:
             raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
-        from dglocal.cli.sudoku import main as sudoku_main
+        sudoku_main = _plugin("sudoku", "dglocal.cli.sudoku").main
 
         rest = {k: v for k, v in settings.items() if k != "max_denoising_steps"}
         sudoku_main(model=path, **generation(puzzle=prompt, steps=steps, threads=threads, seed=seed, n_ctx=ctx_size),
@@ -166,7 +178,7 @@ def run(
     with llm:
         interactive = is_terminal()
         view = make_view(llm, interactive=interactive)
-        chat = ChatLoop(llm, view, **settings)
+        chat = ChatLoop(llm, view, **generation(seed=seed), **settings)  # --seed: every answer starts from it
         if prompt is not None:
             if chat.ask(prompt) is None:
                 raise typer.Exit(130)
@@ -285,12 +297,12 @@ def bench(
         result = estimate(path, roofline, **generation(n_ctx=ctx_size, threads=threads))
         print(json.dumps(result, indent=2)) if as_json else render.show_roofline(result)
         return
-    from dglocal.tools.bench import bench as measure
-
+    measure = _plugin("bench", "dglocal.tools.bench").bench
     where = load_options(rpc=rpc, override_tensor=override_tensor, n_cpu_moe=n_cpu_moe, tensor_split=tensor_split,
                          precision=precision)
-    placement = {k: v for k, v in vars(where).items() if k in ("rpc", "tensor_overrides", "n_cpu_moe",
-                                                               "tensor_split", "precision") and v}
+    placement = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(where).items()
+                 if k in ("rpc", "tensor_overrides", "n_cpu_moe", "tensor_split") and v}
+    placement |= generation(precision=precision)
     result = measure(path, **generation(
         steps=tuple(steps) if steps else None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
@@ -452,8 +464,7 @@ def sudoku(
         "--batch", help="With --eval: puzzles denoised per forward. Default: 16.", show_default=False)] = None,
 ):
     """Solve a Sudoku with the diffusion model, the board filling in live (or evaluate a puzzle file)."""
-    from dglocal.cli.sudoku import main
-
+    main = _plugin("sudoku", "dglocal.cli.sudoku").main
     main(model=_resolve(model), **generation(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
                                              threads=threads, seed=seed, batch=batch), guide=not no_guide)
 
