@@ -26,7 +26,7 @@ from dglocal import sudoku  # noqa: E402
 from dglocal.sudoku import core as sc  # noqa: E402
 from dglocal.generation.events import Completion, Step  # noqa: E402
 
-GGUF = Path(sudoku.__file__).parent / "data" / "sudoku.gguf"
+GGUF = Path(sudoku.__file__).parent.parent / "data" / "sudoku.gguf"
 
 
 def reference(model, gc, puzzles) -> tuple[float, float]:

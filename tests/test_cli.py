@@ -147,6 +147,38 @@ def test_chat_two_turns_reuse_the_cache(term, tiny_f32_gguf):
     assert term.dead() == (True, 0)
 
 
+def test_stats_of_a_model_without_a_chat_template(term, tiny_f32_gguf, tmp_path):
+    """Each message a raw prompt; /stats after the answer shows the context it holds and the answer's seed."""
+    from test_robustness import _rewrite
+
+    raw = _rewrite(tiny_f32_gguf, tmp_path / "raw.gguf", drop_keys=("tokenizer.chat_template",))
+    term.start(*DGLOCAL, "run", raw, "-c", "1024", "-t", "1", "--steps", "2", "-n", "16")
+    term.wait_prompt("the chat prompt")
+    term.type("hello")
+    term.wait(lambda s: len(STAT.findall(s)) == 1 and _last_line(s) == ">", "the answer")
+    term.type("/stats")
+    screen = term.wait(lambda s: "last answer" in s and _last_line(s) == ">", "/stats")
+    table = screen[screen.rindex("last answer"):]
+    stats = _stats(screen)
+    held = int(re.search(r"^context\s+(\d+) / 1024 tokens", table, re.M).group(1))
+    assert held == stats["prompt tokens"] > 0  # one canvas: nothing committed after the prompt
+    assert re.search(r"^seed\s+\d+\s*$", table, re.M), table
+    assert "Error" not in screen and "Traceback" not in screen
+    term.type("/exit")
+    term.wait(lambda s: term.dead()[0], "the program to exit", timeout=30)
+    assert term.dead() == (True, 0)
+
+
+def test_two_launches_without_a_seed_answer_differently(tiny_f32_gguf):
+    """No --seed: each launch draws its own (llama.cpp's, ollama's rule); --seed repeats an answer exactly."""
+    args = ["run", tiny_f32_gguf, "-c", "1024", "-t", "1", "--steps", "4", "-n", "32", "-p", "hello"]
+    first, second = piped(*args), piped(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.strip() and first.stdout != second.stdout
+    again = [piped(*args, "--seed", "7").stdout for _ in range(2)]
+    assert again[0] == again[1] and again[0].strip()
+
+
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(term, tiny_f32_gguf):
     # a long answer (many steps, early stop off); entropy bound ~0: one position accepted per step, the rest noisy
     term.start(*DGLOCAL, "run", tiny_f32_gguf, *SMALL, "--steps", "2000", "--confidence", "1e-9",

@@ -182,8 +182,8 @@ try:
     m.sequence(1)
 except dglocal.ConfigError as e:
     print(e)
-s = Sequence(m, 1)  # past the Python check, to reach llama.cpp's
-m._sequences[1] = s
+s = Sequence(m.model, 1)  # past the Python check, to reach llama.cpp's
+m.model._sequences[1] = s
 for call in [lambda: s.prefill([3, 4]), lambda: s.denoise(np.zeros(16, np.int32), temperature=1.0)]:
     try:
         call()

@@ -14,7 +14,7 @@ import tiny
 from reference_harness import ReferenceModel
 
 import dglocal
-from dglocal import swa
+from dglocal.runtime import swa
 from dglocal.generation.driver import generate
 
 pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]

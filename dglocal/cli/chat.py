@@ -173,7 +173,7 @@ class ChatLoop:
             ("time to first token", f"{s.time_to_first_token:.2f} s"),
             ("prefill", f"{s.prefill_seconds:.2f} s"),
             ("total", f"{s.total_seconds:.2f} s"),
-            ("seed", f"{s.seed} (--seed {s.seed} with the same settings repeats it)"),
+            ("seed", str(s.seed)),  # --seed N with the same settings repeats the answer
         ]
 
 

@@ -21,9 +21,8 @@ from dglocal.convert.hub import DEFAULT_MODEL, pick_gguf, resolve_model  # noqa:
 from dglocal.errors import ConfigError, DglocalError
 
 from .options import (
-    CacheTypeOption, CpuMoeOption, CtxOption, EntropyOption, FitOption, NglOption, OverrideOption, PrecisionOption,
-    QuantOption, RpcOption, SeedOption, SplitOption, StepsOption, SwaOption, ThreadsOption, TMaxOption, TMinOption,
-    fit, generation, load_options,
+    CacheTypeOption, CpuMoeOption, NglOption, OverrideOption, PrecisionOption, QuantOption, RpcOption, SplitOption,
+    SwaOption, ThreadsOption, ModelArgs, fit, generation, load_options, model_options,
 )
 
 app = typer.Typer(
@@ -109,24 +108,16 @@ def _resolve(model, quant: str = "Q4_K_M") -> Path:
 
 @app.command()
 @handle_errors
+@model_options
 def run(
     model: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", help="GGUF file, HF repo id with GGUF files, or HF safetensors repo (converted once). "
              "Default: the built-in Sudoku model.", show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "-p", "--prompt", help="Answer this one prompt and exit (no chat).")] = None,
-    quant: QuantOption = "Q4_K_M",
-    ctx_size: CtxOption = None,
-    n_gpu_layers: NglOption = -1,
-    threads: ThreadsOption = None,
-    seed: SeedOption = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         "-n", "--max-new-tokens", help="Most tokens per answer. Default: from the model (256).",
         show_default=False)] = None,
-    steps: StepsOption = None,
-    entropy_bound: EntropyOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
     stability: Annotated[Optional[int], typer.Option(
         "--stability", help="Early stop: steps the draft must stay unchanged (stability_threshold). "
                             "Default: from the model.", show_default=False)] = None,
@@ -137,14 +128,7 @@ def run(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
-    cache_type: CacheTypeOption = None,
-    swa_full: SwaOption = None,
-    precision: PrecisionOption = None,
-    fit_: FitOption = False,
-    rpc: RpcOption = None,
-    override_tensor: OverrideOption = None,
-    n_cpu_moe: CpuMoeOption = 0,
-    tensor_split: SplitOption = None,
+    *, args: ModelArgs,
 ):
     """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
     import dglocal
@@ -154,31 +138,26 @@ def run(
     from dglocal.generation.config import GenerationConfig
     from dglocal.runtime.gguf import read_header
 
-    settings = generation(max_new_tokens=max_new_tokens, max_denoising_steps=steps, entropy_bound=entropy_bound,
-                          t_min=t_min, t_max=t_max, stability_threshold="off" if no_early_stop else stability,
-                          confidence_threshold=confidence)
-    path = _resolve(model, quant)
+    settings = {**args.generation(), **generation(
+        max_new_tokens=max_new_tokens, stability_threshold="off" if no_early_stop else stability,
+        confidence_threshold=confidence)}
+    path = _resolve(model, args.quant)
     GenerationConfig.from_metadata(read_header(path).kv, **settings)  # bad options fail before the slow load
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         if max_new_tokens is not None:
             raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
         sudoku_main = _plugin("sudoku", "dglocal.cli.sudoku").main
-
         rest = {k: v for k, v in settings.items() if k != "max_denoising_steps"}
-        sudoku_main(model=path, **generation(puzzle=prompt, steps=steps, threads=threads, seed=seed, n_ctx=ctx_size),
-                    generation=rest, guide=not no_guide)
+        sudoku_main(model=path, **generation(puzzle=prompt, steps=args.steps, threads=args.threads, seed=args.seed,
+                                             n_ctx=args.ctx_size), generation=rest, guide=not no_guide)
         return
-    opts = load_options(ctx_size=ctx_size, n_gpu_layers=n_gpu_layers, threads=threads, cache_type=cache_type,
-                        swa_full=swa_full, precision=precision, rpc=rpc, override_tensor=override_tensor,
-                        n_cpu_moe=n_cpu_moe, tensor_split=tensor_split)
-    if fit_:
-        opts = fit(path, opts)
+    opts = fit(path, args.load()) if args.fit else args.load()
     with ui.status(f"loading {path.name}"):
-        llm = dglocal.load(path, seed=seed, **vars(opts))
+        llm = dglocal.load(path, seed=args.seed, **vars(opts))
     with llm:
         interactive = is_terminal()
         view = make_view(llm, interactive=interactive)
-        chat = ChatLoop(llm, view, **generation(seed=seed), **settings)  # --seed: every answer starts from it
+        chat = ChatLoop(llm, view, **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
         if prompt is not None:
             if chat.ask(prompt) is None:
                 raise typer.Exit(130)
@@ -312,6 +291,7 @@ def bench(
 
 @app.command()
 @handle_errors
+@model_options
 def serve(
     model: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", help="GGUF file or HF repo id (see run). Default: the built-in Sudoku model (id 'sudoku').",
@@ -327,23 +307,7 @@ def serve(
         show_default=False)] = None,
     alias: Annotated[Optional[str], typer.Option(
         "--alias", help="Model id in the API. Default: the file name.", show_default=False)] = None,
-    quant: QuantOption = "Q4_K_M",
-    ctx_size: CtxOption = None,
-    n_gpu_layers: NglOption = -1,
-    threads: ThreadsOption = None,
-    seed: SeedOption = None,
-    steps: StepsOption = None,
-    entropy_bound: EntropyOption = None,
-    t_min: TMinOption = None,
-    t_max: TMaxOption = None,
-    cache_type: CacheTypeOption = None,
-    swa_full: SwaOption = None,
-    precision: PrecisionOption = None,
-    fit_: FitOption = False,
-    rpc: RpcOption = None,
-    override_tensor: OverrideOption = None,
-    n_cpu_moe: CpuMoeOption = 0,
-    tensor_split: SplitOption = None,
+    *, args: ModelArgs,
 ):
     """Serve the OpenAI API (chat and text completions, streaming, the live canvas) on HTTP."""
     import dglocal
@@ -357,17 +321,15 @@ def serve(
 
     integer("--parallel", parallel, 1, 256)
     integer("--port", port, 1, 65535)
-    path = _resolve(model, quant)
-    defaults = generation(max_denoising_steps=steps, entropy_bound=entropy_bound, t_min=t_min, t_max=t_max)
+    path = _resolve(model, args.quant)
+    defaults = args.generation()  # the requests' defaults
     GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
-    opts = load_options(ctx_size=ctx_size, parallel=parallel, n_gpu_layers=n_gpu_layers, threads=threads,
-                        cache_type=cache_type, swa_full=swa_full, precision=precision, rpc=rpc,
-                        override_tensor=override_tensor, n_cpu_moe=n_cpu_moe, tensor_split=tensor_split)
-    if fit_ and model is not None:
+    opts = args.load(parallel=parallel)
+    if args.fit and model is not None:
         opts = fit(path, opts)
     with ui.status(f"loading {path.name}"):
-        llm = load_sudoku(path, threads=threads, batch=parallel) if model is None else \
-            dglocal.load(path, seed=seed, **vars(opts))
+        llm = load_sudoku(path, threads=args.threads, batch=parallel) if model is None else \
+            dglocal.load(path, seed=args.seed, **vars(opts))
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s) · weights on "

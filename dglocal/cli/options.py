@@ -3,6 +3,8 @@ LoadOptions (`load_options`) or generation settings (`generation`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Annotated, Optional
 
 import typer
@@ -68,6 +70,54 @@ FitOption = Annotated[bool, typer.Option(
     "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
 
 
+# the options `run` and `serve` both take, in the order --help lists them: (name, type, default)
+MODEL_OPTIONS = [
+    ("quant", QuantOption, "Q4_K_M"), ("ctx_size", CtxOption, None), ("n_gpu_layers", NglOption, -1),
+    ("threads", ThreadsOption, None), ("seed", SeedOption, None), ("steps", StepsOption, None),
+    ("entropy_bound", EntropyOption, None), ("t_min", TMinOption, None), ("t_max", TMaxOption, None),
+    ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
+    ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
+    ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None),
+]
+LOAD_NAMES = ("ctx_size", "n_gpu_layers", "threads", "cache_type", "swa_full", "precision", "rpc", "override_tensor",
+              "n_cpu_moe", "tensor_split")
+
+
+class ModelArgs:
+    """What the shared options of `run` and `serve` say, read once: load options, generation settings, the rest."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def load(self, **extra) -> LoadOptions:
+        return load_options(**{k: self.values[k] for k in LOAD_NAMES}, **extra)
+
+    def generation(self) -> dict:
+        v = self.values
+        return generation(max_denoising_steps=v["steps"], entropy_bound=v["entropy_bound"], t_min=v["t_min"],
+                          t_max=v["t_max"])
+
+
+def model_options(command):
+    """`command` takes MODEL_OPTIONS after its own parameters, declared here once, and receives them as one
+    ModelArgs `args` (typer reads the signature this sets)."""
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "args"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+              for name, kind, default in MODEL_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        args = ModelArgs({name: kwargs.pop(name) for name, _, _ in MODEL_OPTIONS})
+        return command(**kwargs, args=args)
+
+    wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared)
+    return wrapper
 
 
 def load_options(*, ctx_size=None, parallel: int = 1, n_gpu_layers: int = -1, threads=None, cache_type=None,

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 
-from dglocal.errors import ConvertError
 
 from dglocal.runtime import checks, swa
+from dglocal.runtime.checks import parse_size
 from dglocal.runtime.gguf import read_header
 from . import schema
 from .source import read_generation, read_params, resolve_source
@@ -50,16 +50,6 @@ class DryRun:
         if self.placement is not None:
             return self.placement["fits"]
         return None if self.vram_bytes is None else self.total_bytes <= self.vram_bytes
-
-
-def parse_size(text) -> int:
-    """'18G', '18GB', '16GiB', '512M', or a byte count -> bytes (G = 2**30, as GPU memory is quoted)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
-    if not m:
-        raise ConvertError(f"cannot read size {text!r}; use e.g. 18G or 16GiB")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def _estimate_type(t: schema.PlannedTensor, type_name: str) -> Q:

@@ -51,8 +51,8 @@ class RequestPlan:
 
     def check_fits(self, n_ctx: int) -> None:
         if self.n_ctx_needed > n_ctx:
-            raise ContextError(f"prompt ({len(self.tokens)} tokens) + {self.n_blocks} canvases of "
-                               f"{self.canvas_length} = {self.n_ctx_needed} tokens > n_ctx {n_ctx}")
+            raise ContextError(f"the prompt ({len(self.tokens)} tokens) and {self.n_blocks} canvases of "
+                               f"{self.canvas_length} need {self.n_ctx_needed} tokens, over n_ctx {n_ctx}")
 
 
 def plan(model, prompt: str | Sequence[int], *, seeds: SeedSource | None = None, cache_prompt: bool = True,

@@ -4,6 +4,7 @@ anything reaches llama.cpp (which aborts, wraps or truncates instead of reportin
 from __future__ import annotations
 
 import math
+import re
 import numbers
 
 import numpy as np
@@ -82,3 +83,13 @@ def model_file(path, header) -> int:
             raise ModelError(f"{path}: tensor {t.name} is {getattr(t.type, 'name', t.type)}; 1-D tensors (norms, "
                              f"scales) must be F32 (reconvert with dglocal convert)")
     return canvas
+
+
+def parse_size(text) -> int:
+    """'18G', '18GB', '16GiB', '512M', or a byte count -> bytes (G = 2**30, as GPU memory is quoted)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise ConfigError(f"cannot read size {text!r}; use e.g. 18G or 16GiB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))

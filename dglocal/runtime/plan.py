@@ -171,7 +171,7 @@ def stand_in_device():
 
 def parse_vram(vram):
     """--vram: "12G" (each device), "24G,12G" (one per device), bytes, or a list of those."""
-    from dglocal.convert.report import parse_size
+    from .checks import parse_size
 
     items = vram.split(",") if isinstance(vram, str) else vram if isinstance(vram, (list, tuple)) else [vram]
     sizes = [parse_size(v) if isinstance(v, str) else int(v) for v in items]
@@ -183,7 +183,7 @@ def parse_vram(vram):
 def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
          margin=None, swa_full: bool | None = None) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
-    from dglocal.convert.report import parse_size
+    from .checks import parse_size
     from .placement import _local_devices
 
     vram = parse_vram(vram)

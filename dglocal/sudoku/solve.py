@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from dglocal.errors import ConfigError, ModelError, os_error_text, remove_quietly
-from dglocal.generation.events import Completion, Step
+from dglocal.generation.events import Completion, Event, Step
 
 from . import core as sc
 
@@ -28,9 +29,10 @@ EVAL_BATCH = 16  # puzzles per forward in --eval: the model is small, a forward 
 
 
 @dataclass
-class Solved:
-    """The outcome of one puzzle."""
+class Solved(Event):
+    """The outcome of one puzzle: the last event of solve_stream."""
 
+    kind: ClassVar[str] = "solved"
     puzzle: list[int]
     grid: list[int]  # 81 cells, 0 where the model returned a non-digit (EOS, pad, ...)
     solved: bool  # check_grid: complete, every rule kept, every given kept
