@@ -228,6 +228,7 @@ def test_piped_chat_is_plain_text(tiny_f32_gguf):
     assert "error: steps needs a number, got 'x'" in out.stderr
 
 
+@pytest.mark.slow
 def test_model_from_an_offline_hf_cache(tiny_f32_gguf, tmp_path):
     """An HF repo id holding GGUFs, picked with --quant, found in the hub cache with HF_HUB_OFFLINE=1."""
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -372,6 +373,7 @@ def _words(text: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
+@pytest.mark.slow
 def test_every_option_is_documented():
     group = typer.main.get_command(cli.app)
     assert set(group.commands) == {"run", "convert", "info", "bench", "synth", "sudoku", "rpc-server", "serve",

@@ -254,6 +254,7 @@ def test_dry_run_matches_the_written_file(converted, tiny_checkpoint, type_name)
 
 
 @pytest.mark.backend
+@pytest.mark.slow
 def test_dry_run_with_vram_is_dglocal_plan_on_the_converted_file(converted, tiny_checkpoint):
     """--vram: llama.cpp's own sizes for the file's shapes, the same computation as `dglocal plan`."""
     from dglocal.runtime.plan import plan as plan_file

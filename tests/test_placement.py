@@ -18,7 +18,7 @@ import pytest
 import placement_probe as probe
 import tiny
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.slow]  # child processes, many loads: the full tier
 
 HERE = Path(__file__).parent
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256)  # rows of 256: K-quants apply

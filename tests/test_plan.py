@@ -14,7 +14,7 @@ from dglocal.runtime import plan as planner
 from dglocal.runtime.diagnostics import memory_breakdown
 from dglocal.convert.synth import synth
 
-pytestmark = pytest.mark.backend
+pytestmark = [pytest.mark.backend, pytest.mark.slow]  # child processes, many loads: the full tier
 
 
 

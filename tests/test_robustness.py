@@ -125,19 +125,30 @@ def test_load_options_are_checked_before_loading(tiny_f32_gguf):
     assert seeds[0] != seeds[1]  # each load draws its own
 
 
-def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None):
-    """Copy a GGUF with keys dropped and tensors edited (edit_tensor(name, array) -> array or None)."""
+def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None, set_keys=None):
+    """Copy a GGUF with keys dropped, keys set (set_keys: {name: value}, the value in the key's own GGUF type, or
+    (value, GGUFValueType[, item type]) for a new key or another type) and tensors edited (edit_tensor(name,
+    array) -> array or None)."""
     import gguf
 
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch)
+    set_keys = dict(set_keys or {})
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture" or name in drop_keys:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), vtype, sub)
+        value = field.contents()
+        if name in set_keys:
+            value = set_keys.pop(name)
+            if isinstance(value, tuple):
+                value, vtype, *rest = value
+                sub = rest[0] if rest else None
+        w.add_key_value(name, value, vtype, sub)
+    for name, value in set_keys.items():
+        w.add_key_value(name, value[0], *value[1:])
     for t in reader.tensors:
         data = np.array(t.data)
         new = edit_tensor(t.name, data) if edit_tensor else None
@@ -339,6 +350,7 @@ print('ok', s.n_past, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_denoise_step_midway(tmp_path):
     """SIGINT during a long denoise step (the `small` preset: real vocabulary, about a second a step here) stops
     it at llama.cpp's next graph node through the abort flag, not after the step."""

@@ -98,6 +98,7 @@ def test_shapes_only_file_has_the_real_tensor_table(tiny, tmp_path):
     assert path.stat().st_blocks * 512 < path.stat().st_size / 2
 
 
+@pytest.mark.slow
 def test_bench_roofline_command(tiny, tmp_path):
     """`dglocal bench --roofline` on a shapes-only file: a GPU estimate, and the CPU one from measured peaks."""
     path = synth("tiny", "q8_0", tmp_path / "shapes.gguf", shapes_only=True).path

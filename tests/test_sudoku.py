@@ -252,6 +252,7 @@ def test_run_without_a_model_takes_a_puzzle_per_line():
 
 # -- batching and the guide --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_grids_do_not_depend_on_the_batch(tmp_path):
     """--batch 1 and --batch 32 write byte-identical grids: puzzle i draws its noise from (seed, i)."""
     puzzles = tmp_path / "p.txt"
@@ -266,6 +267,7 @@ def test_eval_grids_do_not_depend_on_the_batch(tmp_path):
     assert one == many and len(one.splitlines()) == 64
 
 
+@pytest.mark.slow
 def test_the_guide_fixes_drafts_the_model_alone_leaves_broken():
     """Rule-guided re-noising, seeded, on held-out puzzles: it solves at least one puzzle the model alone gets
     wrong and never fewer puzzles in all."""

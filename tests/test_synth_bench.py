@@ -18,6 +18,8 @@ from dglocal.errors import ConvertError
 from dglocal.runtime.gguf import read_header
 from dglocal.convert.synth import preset_params, synth, vocab_path
 
+pytestmark = pytest.mark.slow  # full-size shapes and several quant types: the full tier
+
 N_VOCAB = 262144
 
 

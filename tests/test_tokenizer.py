@@ -17,6 +17,8 @@ from dglocal.convert import convert
 from dglocal.runtime.gguf import read_header
 from dglocal.runtime.upstream import sdist_file
 
+pytestmark = pytest.mark.slow  # the real Gemma 4 tokenizer rebuilt: the full tier
+
 N_VOCAB = 262144
 VECTORS = "vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf"
 # Gemma4Model.set_vocab turns these special tokens USER_DEFINED; in the HF files they are special like the rest

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from rich.markup import escape
+
 from .views import RichView, _text
 
 def _console(stderr: bool = False):
@@ -22,15 +24,20 @@ def print_error(message: str, traceback_text: str | None = None) -> None:
     from rich.text import Text
 
     if traceback_text:
-        sys.stderr.write(traceback_text)
-    _console(stderr=True).print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+        sys.stderr.write(printable(traceback_text))
+    _console(stderr=True).print(Text(f"error: {printable(message)}", style="bold red"), soft_wrap=True)
+
+
+def printable(text: str) -> str:
+    """Text a terminal can take: a file name that is not UTF-8 (its bytes kept as surrogates) shows its bytes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def print_status(message: str) -> None:
     """A dim status line on stderr (stdout stays the answer's)."""
     from rich.text import Text
 
-    _console(stderr=True).print(Text(message, style="dim"), soft_wrap=True)
+    _console(stderr=True).print(Text(printable(message), style="dim"), soft_wrap=True)
 
 
 @contextmanager
@@ -38,7 +45,7 @@ def status(message: str):
     """A spinner on a terminal while something slow runs (loading a model); nothing otherwise."""
     console = _console(stderr=True)
     if console.is_terminal:
-        with console.status(message):
+        with console.status(printable(message)):
             yield
     else:
         yield
@@ -70,7 +77,8 @@ def _size(n: int) -> str:
 def show_converted(result) -> None:
     """A ConvertResult (or synth's SynthResult): the file written and its notes."""
     console = _console()
-    console.print(f"wrote [bold]{result.path}[/] ({result.type}, {result.n_tensors} tensors, {_size(result.size)})")
+    console.print(f"wrote [bold]{escape(printable(str(result.path)))}[/] ({result.type}, {result.n_tensors} tensors, "
+                  f"{_size(result.size)})")
     for note in getattr(result, "notes", ()):
         console.print(f"[dim]note: {note}[/]")
 
@@ -110,9 +118,10 @@ def show_dry_run(plan) -> None:
 
 def show_info(info) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console = _console()
-    console.print(f"[bold]{info.path}[/]  {_size(info.file_size)}")
+    console.print(Text(printable(str(info.path)), style="bold") + Text(f"  {_size(info.file_size)}"))
     head = [("architecture", info.architecture), ("name", info.name), ("file type", info.file_type),
             ("tensors", info.n_tensors), ("parameters", f"{info.n_params:,}")]
     for title, rows in (("model", head), ("diffusion", info.diffusion.items()),

@@ -90,9 +90,14 @@ def read_json(path: Path, required: bool = True) -> dict:
             raise ConvertError(f"{path}: missing")
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"{path}: unreadable ({e})") from e
+    except RecursionError:
+        raise ConvertError(f"{path}: nested too deeply to be a checkpoint's JSON") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: must be a JSON object, got a JSON {type(data).__name__}")
+    return data
 
 
 def _checked(path: Path, key: str, value, kind, low, high):
@@ -195,12 +200,16 @@ def read_generation(directory: Path) -> dict:
     if not isinstance(gen, dict):
         raise ConvertError(f"{path}: not a JSON object")
     sampler = gen.get("sampler_config") or {}
+    if not isinstance(sampler, dict):
+        raise ConvertError(f"{path}: sampler_config must be an object, got {type(sampler).__name__}")
     out = {k: gen.get(k) for k in GENERATION_KEYS if k != "entropy_bound"}
-    out["entropy_bound"] = sampler.get("entropy_bound") if isinstance(sampler, dict) else None
+    out["entropy_bound"] = sampler.get("entropy_bound")
     defaults = generation_defaults()
     out = {k: (defaults[k] if v is None else v) for k, v in out.items()}
     eos = gen.get("eos_token_id")
-    out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
+    if eos is not None and not isinstance(eos, (int, list)) or isinstance(eos, bool):
+        raise ConvertError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r:.80}")
+    out["eos_token_id"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in out["eos_token_id"]):
         raise ConvertError(f"{path}: eos_token_id must be token ids, got {eos!r:.80}")
     from dglocal.generation.config import GenerationConfig  # the runtime's own checks: a file it would refuse is not written
@@ -259,6 +268,8 @@ def index_safetensors(directory: Path) -> dict[str, SourceTensor]:
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
         weight_map = read_json(index_path).get("weight_map") or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise ConvertError(f"{index_path}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))

@@ -8,7 +8,6 @@ types (`--tokenizer-from`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +50,33 @@ class WordLevelVocab:
     special: SpecialVocab
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def word_level_vocab(directory: Path, vocab_size: int) -> WordLevelVocab | None:
     """The vocabulary of a WordLevel tokenizer.json, or None if the file holds another model type."""
+    from .source import read_json
+
     path = directory / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: unreadable ({e})") from e
+    data = read_json(path)
     model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConvertError(f"{path}: 'model' must be an object, got {type(model).__name__}")
     if model.get("type") != "WordLevel":
         return None
-    by_id: dict[int, str] = {}
-    for text, i in (model.get("vocab") or {}).items():
-        by_id[int(i)] = text
+    vocab, added_tokens = model.get("vocab") or {}, data.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not all(_is_id(i) and isinstance(t, str) for t, i in vocab.items()):
+        raise ConvertError(f"{path}: model.vocab must map token strings to integer ids")
+    if not isinstance(added_tokens, list) or not all(
+            isinstance(a, dict) and _is_id(a.get("id")) and isinstance(a.get("content"), str) for a in added_tokens):
+        raise ConvertError(f"{path}: added_tokens must be objects with an integer 'id' and a string 'content'")
+    by_id: dict[int, str] = {i: text for text, i in vocab.items()}
     special = set()
-    for added in data.get("added_tokens") or []:
-        by_id[int(added["id"])] = added["content"]
+    for added in added_tokens:
+        by_id[added["id"]] = added["content"]
         if added.get("special"):
-            special.add(int(added["id"]))
+            special.add(added["id"])
     if sorted(by_id) != list(range(vocab_size)):
         raise ConvertError(f"{path}: WordLevel ids are not 0..{vocab_size - 1} (the checkpoint's vocab_size is "
                            f"{vocab_size}); got {len(by_id)} ids, {min(by_id, default=0)}..{max(by_id, default=-1)}")

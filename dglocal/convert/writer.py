@@ -203,7 +203,7 @@ def quantize_gguf(src, dst, ftype_name: str, *, nthread: int = 0, force: bool = 
     partial = dst.with_name(dst.name + ".partial")
     try:
         nat.last_errors()  # drop errors logged by earlier calls
-        rc = nat.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+        rc = nat.llama_model_quantize(os.fsencode(src), os.fsencode(partial), ctypes.byref(params))
         if rc != 0 or not partial.is_file():
             raise ConvertError(f"{src}: llama.cpp could not quantize it to {ftype_name} (code {rc}): "
                                f"{_disk_hint(dst)}{nat.last_errors() or 'no error logged'}")

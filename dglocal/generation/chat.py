@@ -4,6 +4,7 @@ that keeps its sequence across turns, so each turn encodes only what differs fro
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 from ..errors import BackendError, ConfigError, ModelError
 from .driver import stream
@@ -44,11 +45,12 @@ class ChatTemplate:
 class ChatSession:
     """Multi-turn chat over one sequence. `seeds`: where turns without a seed draw theirs."""
 
-    def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, **options):
+    def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, exclusive=None, **options):
         self.template = ChatTemplate.of(model)
         if self.template is None:
             raise ModelError("this model has no tokenizer.chat_template")
         self.model, self.options, self.seeds = model, options, seeds
+        self.exclusive = exclusive  # the LLM's: turns take the model like its other generations
         self.initial = [dict(m) for m in messages or ()]
         self.messages = [dict(m) for m in self.initial]
         self.seq = model.sequence()
@@ -58,17 +60,18 @@ class ChatSession:
 
     def stream(self, content: str, **options) -> Iterator[Event]:
         """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
-        messages = self.messages + [{"role": "user", "content": content}]
-        self._ensure_sequence()
-        events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, seeds=self.seeds,
-                        **{**self.options, **options})
-        try:
-            for event in events:
-                if event.kind == "done":
-                    self.messages = messages + [{"role": "assistant", "content": event.text}]
-                yield event
-        finally:
-            events.close()
+        with self.exclusive.hold("a chat turn") if self.exclusive is not None else nullcontext():
+            messages = self.messages + [{"role": "user", "content": content}]
+            self._ensure_sequence()
+            events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, seeds=self.seeds,
+                            **{**self.options, **options})
+            try:
+                for event in events:
+                    if event.kind == "done":
+                        self.messages = messages + [{"role": "assistant", "content": event.text}]
+                    yield event
+            finally:
+                events.close()
 
     def send(self, content: str, **options):
         for event in self.stream(content, **options):

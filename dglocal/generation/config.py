@@ -17,6 +17,8 @@ import numpy as np
 from ..runtime.checks import MAX_TEMPERATURE, MIN_TEMPERATURE
 from ..errors import ConfigError
 
+MAX_STEPS = 65536  # denoising steps per canvas, and the stability window, at most
+
 # GGUF metadata key -> GenerationConfig field (keys written by the community converters, docs/gguf.md)
 METADATA_KEYS = {
     "diffusion.eb_max_steps": "max_denoising_steps",
@@ -61,6 +63,8 @@ class GenerationConfig:
     def validate(self) -> None:
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_int("max_denoising_steps", self.max_denoising_steps)
+        if self.max_denoising_steps > MAX_STEPS:
+            raise ConfigError(f"max_denoising_steps must be at most {MAX_STEPS}, got {self.max_denoising_steps}")
         _number("entropy_bound", self.entropy_bound, low=0.0, strict=True)
         _number("t_min", self.t_min, low=0.0)
         _number("t_max", self.t_max, low=0.0)
@@ -70,6 +74,8 @@ class GenerationConfig:
             not _is_int(self.stability_threshold) or self.stability_threshold < 0
         ):
             raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        if self.stability_threshold is not None and self.stability_threshold > MAX_STEPS:
+            raise ConfigError(f"stability_threshold must be at most {MAX_STEPS}, got {self.stability_threshold}")
         if self.confidence_threshold is not None:
             _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):

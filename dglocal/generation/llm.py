@@ -9,15 +9,43 @@ The runtime Model's own attributes and methods (tokenize, sequence, n_ctx, ...) 
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
+from ..errors import ConfigError
 from .chat import ChatSession
 from .driver import generate_many, stream
 from .request import SeedSource
+
+
+class Exclusive:
+    """One generation at a time on a model's cache. Another thread waits for its turn (its answer is the one it
+    would get alone: each call has its own noise); the thread that holds it is refused, since waiting would never
+    end (a stream still open when generate is called, two streams advanced in turn)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def hold(self, what: str):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise ConfigError(f"{what}: a generation of this model is still open in this thread (a stream not run "
+                              "to its end): finish or close() it first, or use generate_many for several at once")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
 
 class LLM:
     def __init__(self, model, *, seed: int | None = None):
         self.model = model
         self.seeds = SeedSource(seed)
+        self.exclusive = Exclusive()  # the model has one cache: generations take turns on it
         self._seq = None  # the sequence stream() reuses across calls (its prompt cache)
 
     def __getattr__(self, name):
@@ -37,7 +65,12 @@ class LLM:
 
     def stream(self, prompt, **options):
         """Generate after `prompt` (text or token ids); yields Step drafts, BlockText per block and a final
-        Completion. Consecutive calls reuse the cached common prefix."""
+        Completion. Consecutive calls reuse the cached common prefix. The model is held from the first event to
+        the end (or close())."""
+        with self.exclusive.hold("stream"):
+            yield from self._stream(prompt, options)
+
+    def _stream(self, prompt, options):
         self.model.check_open()
         if self._seq is None or not self._seq.live:
             self._seq = self.model.sequence()
@@ -45,20 +78,22 @@ class LLM:
 
     def generate(self, prompt, **options):
         """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats."""
-        for event in self.stream(prompt, **options):
-            pass
+        with self.exclusive.hold("generate"):
+            for event in self._stream(prompt, options):
+                pass
         return event
 
     def generate_many(self, prompts, *, seed: int | None = None, **options):
         """`generate` for every prompt, up to n_seq_max canvases per forward; with a seed, prompt i's noise comes
         from (seed, i): its result does not depend on the batch. A list of Completions."""
         self.model.check_open()
-        return generate_many(self.model, prompts, seed=seed, seeds=self.seeds, **options)
+        with self.exclusive.hold("generate_many"):
+            return generate_many(self.model, prompts, seed=seed, seeds=self.seeds, **options)
 
     def chat(self, messages=None, **options) -> ChatSession:
         """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
         self.model.check_open()
-        return ChatSession(self.model, messages, seeds=self.seeds, **options)
+        return ChatSession(self.model, messages, seeds=self.seeds, exclusive=self.exclusive, **options)
 
     @property
     def session_sequence(self):

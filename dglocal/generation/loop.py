@@ -12,6 +12,7 @@ generation dropped half-way leaves its sequence holding the prompt and the commi
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ class Generation:
     def _begin_canvas(self) -> None:
         """A canvas from fresh noise (the block's first attempt, or a restart the guide asked for)."""
         cfg = self.config
-        self.history = StabilityHistory(cfg.stability_threshold, self.C) if cfg.early_stop else None
+        # a window past the step cap never fills: the same as one of N steps, without its memory
+        window = min(cfg.stability_threshold, cfg.max_denoising_steps) if cfg.early_stop else 0
+        self.history = StabilityHistory(window, self.C) if cfg.early_stop else None
         self.canvas = self.noise.tokens(self.C)
         self.i = 0
         self._next_denoise()
@@ -208,26 +211,42 @@ def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, C: int) -> np.nda
         return None
     positions = guide(draft.copy(), accepted.copy())
     mask = np.zeros(C, dtype=bool)
-    idx = np.fromiter((int(p) for p in positions), dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= C):
-        raise ConfigError(f"the guide returned position {int(idx.min() if idx.min() < 0 else idx.max())} outside "
-                          f"the canvas of {C}")
-    mask[idx] = True
+    for p in _positions(positions):
+        if not 0 <= p < C:
+            raise ConfigError(f"the guide returned position {p} outside the canvas of {C}")
+        mask[p] = True
     return mask
 
 
+def _positions(positions) -> list[int]:
+    """A guide's answer: an iterable of integer positions (a list, a set, a numpy array, ...)."""
+    if isinstance(positions, (str, bytes, Mapping)) or not isinstance(positions, Iterable):
+        raise ConfigError(f"a guide returns the positions it finds wrong (a list of ints), got "
+                          f"{type(positions).__name__}: {positions!r:.60}")
+    out = []
+    for p in positions:
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (numbers.Integral, np.integer)):
+            raise ConfigError(f"a guide's positions must be integers, got {type(p).__name__}: {p!r:.40}")
+        out.append(int(p))
+    return out
+
+
 def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray | None:
-    """{output position: token} or an int array (-1 = free) -> int64[n_positions], -1 where free."""
+    """{output position: token} or a 1-D int array (-1 = free) -> int64[n_positions], -1 where free."""
     if constraints is None:
         return None
     table = np.full(n_positions, -1, dtype=np.int64)
     if isinstance(constraints, Mapping):
-        items = [(int(p), int(t)) for p, t in constraints.items()]
+        items = [(_whole(p, "constraint position"), _whole(t, "constraint token")) for p, t in constraints.items()]
     else:
-        arr = np.asarray(constraints, dtype=np.int64).ravel()
-        items = [(int(p), int(arr[p])) for p in np.flatnonzero(arr >= 0)]
-        if len(arr) > n_positions:
-            raise ConfigError(f"constraints cover {len(arr)} positions, the generation only {n_positions}")
+        arr = np.asarray(constraints, dtype=object)
+        if arr.ndim != 1:
+            raise ConfigError(f"constraints are {{position: token}} or a 1-D list of tokens (-1 free), got "
+                              f"{arr.ndim}-D {type(constraints).__name__}")
+        values = [_whole(t, "constraint token") for t in arr.tolist()]
+        if len(values) > n_positions:
+            raise ConfigError(f"constraints cover {len(values)} positions, the generation only {n_positions}")
+        items = [(p, t) for p, t in enumerate(values) if t >= 0]
     for p, t in items:
         if not 0 <= p < n_positions:
             raise ConfigError(f"constraint position {p} is outside the generation (0..{n_positions - 1})")
@@ -235,6 +254,12 @@ def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray 
             raise ConfigError(f"constraint token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
         table[p] = t
     return table
+
+
+def _whole(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise ConfigError(f"{what} must be an integer, got {type(value).__name__}: {value!r:.40}")
+    return int(value)
 
 
 def _tokens_for_text(model, tokens: list[int], n_chars: int) -> list[int]:

@@ -15,8 +15,13 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_CTX = 2**31 - 1
 MAX_SEQ = 256  # LLAMA_MAX_SEQ  # llama.cpp's n_ctx is a uint32, positions int32
 MAX_CANVAS = 65536
+CTX_PAD = 256  # llama.cpp pads each sequence's cells to a multiple of this
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below, logits / T overflows f32 into NaN probabilities
 INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses
+
+
+def round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def integer(name: str, value, low: int, high: int) -> int:

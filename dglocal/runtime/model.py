@@ -83,7 +83,7 @@ class Model:
         progress = nat.llama_progress_callback(lambda _p, _d: not self._abort.value)  # False: stop loading
         mparams.progress_callback = progress
         where.apply(mparams)  # `where` keeps the arrays mparams points to alive
-        self._model = self.native(nat.llama_model_load_from_file, str(self.path).encode(), mparams)
+        self._model = self.native(nat.llama_model_load_from_file, os.fsencode(self.path), mparams)  # any bytes
         if not self._model:
             raise ModelError(f"{self.path}: llama.cpp could not load it: {nat.last_errors() or 'unknown error'}")
         self._stack.callback(nat.llama_model_free, self._model)

@@ -9,16 +9,12 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, ContextError
 from . import checks, swa
+from .checks import CTX_PAD, round_up
 
 DEFAULT_CTX = 4096  # tokens per sequence when n_ctx is not given
 MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of at least this
-CTX_PAD = 256  # llama.cpp pads each sequence's cells to a multiple of this
 KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}  # ggml_type ids of the cache types
 QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
-
-
-def round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def ubatch_for(canvas_length: int, n_seq_max: int) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from .checks import CTX_PAD, round_up
+
 # the full cache costs little up to twice the windowed one's size; past that the window is the default
 FULL_UP_TO = 2
 
@@ -32,7 +34,7 @@ def sliding_window(metadata: dict) -> int:
 def windowed_cells(window: int, n_ubatch: int) -> int:
     """Cells per sequence of a windowed sliding cache (llama_kv_cache_iswa, one stream per sequence: the window
     and a micro-batch, padded to 256)."""
-    return -(-(window + n_ubatch) // 256) * 256
+    return round_up(window + n_ubatch, CTX_PAD)
 
 
 def full_by_default(n_ctx_seq: int, window: int, n_ubatch: int) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 from fastapi import FastAPI
@@ -26,14 +25,11 @@ from dglocal.generation.chat import ChatTemplate
 from dglocal.generation.events import Completion, Step
 from dglocal.generation.loop import split_options
 from dglocal.generation.request import plan
-from dglocal.serving.engine import END, Engine, Request
+from dglocal.serving import schema
+from dglocal.serving.engine import END, Engine, Request, ShuttingDown
 
-log = logging.getLogger("dglocal.serving.app")
-DIFFUSION_FIELDS = {"max_denoising_steps": int, "entropy_bound": float, "t_min": float, "t_max": float,
-                    "stability_threshold": int, "confidence_threshold": float}
-ACCEPTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
-            "stream_options", "n", "temperature", "top_p", "user", "frequency_penalty", "presence_penalty",
-            "ignore_eos", "cache_prompt", *DIFFUSION_FIELDS}
+log = logging.getLogger("dglocal.server")
+GRACE_SECONDS = 3  # what uvicorn still waits for connections once the open streams were ended
 
 
 class ApiError(Exception):
@@ -88,79 +84,45 @@ class SudokuFrontend(Frontend):
         return "\n".join("".join(str(c) for c in cells[r * 9:r * 9 + 9]) for r in range(9))
 
 
-# -- request parsing ---------------------------------------------------------------------------------------------
-
-def _typed(body: dict, name: str, kind, *, low=None, high=None):
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, bool) if kind is bool else (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        and (kind is float or float(value).is_integer()))
-    if not ok or (low is not None and value < low) or (high is not None and value > high):
-        span = "" if low is None else f" in [{low}, {high}]" if high is not None else f" >= {low}"
-        what = "an integer" if kind is int else "a boolean" if kind is bool else "a number"
-        raise ApiError(400, f"'{name}' must be {what}{span}, got {value!r}", param=name)
-    return kind(value)
-
+# -- request parsing (the fields: dglocal.serving.schema) ---------------------------------------------------------
 
 def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
     """(generation options, stream?, stream_options) from an OpenAI request body; ApiError names the field."""
-    unknown = sorted(set(body) - ACCEPTED)
-    if unknown:
-        raise ApiError(400, f"unknown field(s) {unknown}", param=unknown[0])
-    if body.get("model") not in (None, frontend.id):
-        raise ApiError(404, f"the model '{body['model']}' does not exist; this server has '{frontend.id}'",
-                       param="model", code="model_not_found")
-    if _typed(body, "n", int, low=1) not in (None, 1):
-        raise ApiError(400, "only n = 1 is supported", param="n")
-    for name in ("temperature", "top_p"):  # this sampler's temperatures are t_min/t_max; nucleus does not apply
-        if _typed(body, name, float, low=0) not in (None, 1.0):
-            raise ApiError(400, f"'{name}' does not apply to the diffusion sampler (only 1 is accepted); set "
-                                f"t_min / t_max / entropy_bound instead", param=name)
-    options = dict(frontend.defaults)
-    for name, kind in DIFFUSION_FIELDS.items():
-        value = _typed(body, name, kind)
-        if value is not None:
-            options[name] = value
-    max_tokens = _typed(body, "max_completion_tokens", int, low=1) or _typed(body, "max_tokens", int, low=1)
-    if max_tokens is not None:
-        options["max_new_tokens"] = max_tokens
-    seed = _typed(body, "seed", int, low=-1, high=2**64 - 1)
-    if seed is not None:
-        options["seed"] = seed
-    if _typed(body, "ignore_eos", bool):  # llama-server's field: generate to max_tokens
-        options["eos_token_id"] = ()
-    if _typed(body, "cache_prompt", bool) is False:  # llama-server's field: no reuse of the slot's cached prefix
-        options["cache_prompt"] = False
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-            raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-        options["stop"] = tuple(stops)
-    stream = _typed(body, "stream", bool) or False
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    return options, stream, stream_options
+    try:
+        schema.check_fields(body)
+        if body.get("model") not in (None, frontend.id):
+            raise ApiError(404, f"the model {schema._short(body['model'])} does not exist; this server has "
+                                f"'{frontend.id}'", param="model", code="model_not_found")
+        options = dict(frontend.defaults)
+        for name in schema.DIFFUSION:
+            value = schema.number(body, name)
+            if value is not None:
+                options[name] = value
+        max_tokens = schema.number(body, "max_completion_tokens") or schema.number(body, "max_tokens")
+        seed = schema.number(body, "seed")
+        options.update({k: v for k, v in (("max_new_tokens", max_tokens), ("seed", seed), ("stop", schema.stops(body)))
+                        if v is not None})
+        if schema.flag(body, "ignore_eos"):  # llama-server's field: generate to max_tokens
+            options["eos_token_id"] = ()
+        if schema.flag(body, "cache_prompt") is False:  # llama-server's field: no reuse of the slot's cached prefix
+            options["cache_prompt"] = False
+        return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
+    except schema.FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
 
 
 def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{i}] needs a role (system, user or assistant)", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
+    try:
+        return schema.messages(body)
+    except schema.FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+def parse_prompt(body: dict) -> str:
+    try:
+        return schema.text(body.get("prompt"), "prompt")
+    except schema.FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
 
 
 # -- the app -----------------------------------------------------------------------------------------------------
@@ -195,12 +157,9 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
 
     async def body_of(request: HttpRequest) -> dict:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+            return schema.parse_body(await request.body())
+        except schema.FieldError as e:
+            raise ApiError(400, str(e), param=e.param) from None
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -213,9 +172,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def completions(request: HttpRequest):
         body = await body_of(request)
         options, stream, stream_options = parse_options(body, frontend)
-        if not isinstance(body.get("prompt"), str):
-            raise ApiError(400, "'prompt' must be a string", param="prompt")
-        prompt, extra = frontend.text_prompt(body["prompt"])
+        prompt, extra = frontend.text_prompt(parse_prompt(body))
         return await run(request, prompt, _merged(options, extra), stream, stream_options, chat=False)
 
     async def run(request, prompt, options, stream, stream_options, *, chat):
@@ -257,6 +214,10 @@ def _merged(options: dict, extra: dict) -> dict:
 
 
 def _as_api_error(e: BaseException) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e), type="server_error", code="shutting_down")
     if isinstance(e, ContextError):
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, DglocalError):
@@ -363,7 +324,18 @@ def serve(model, *, model_id: str, host: str, port: int, parallel: int, api_key:
     engine.start()
     app = create_app(engine, frontend, api_key=api_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # uvicorn waits for open connections before it shuts down: end the open streams first (each with an error
+    # event, within one denoising step), so Ctrl-C or SIGTERM exits in seconds, as llama-server does
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=GRACE_SECONDS))
+    exit_on_signal = server.handle_exit
+
+    def handle_exit(sig, frame):
+        engine.shutdown()
+        exit_on_signal(sig, frame)
+
+    server.handle_exit = handle_exit
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        server.run()
     finally:
         engine.stop()

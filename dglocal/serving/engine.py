@@ -15,11 +15,16 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from dglocal.errors import DglocalError
 from dglocal.generation.driver import Driver, Job
 from dglocal.generation.loop import Generation
 from dglocal.generation.request import RequestPlan, pick_slot
 
 END = object()  # the last item of a request's queue after its Completion (or its error)
+
+
+class ShuttingDown(DglocalError):
+    """The error a request still open when the server stops ends with."""
 
 
 @dataclass(eq=False)
@@ -50,15 +55,23 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.reason: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="dglocal-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: BaseException | None = None) -> None:
+        """Stop within one denoising step: every request still open, running or waiting, ends with `reason` (a
+        shutdown error) as its last event. Safe from a signal handler with wait=False."""
+        self.shutdown(reason)
+        self.thread.join(timeout=30)
+
+    def shutdown(self, reason: BaseException | None = None) -> None:
+        """Ask the engine thread to stop after the current step, without waiting for it."""
+        self.reason = reason if reason is not None else ShuttingDown("the server is shutting down")
         self.stopping = True
         self.wake.set()
-        self.thread.join(timeout=30)
 
     # -- called from request handlers ------------------------------------------------------------------------
 
@@ -83,6 +96,20 @@ class Engine:
     # -- the engine thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # the requests still open end with the shutdown's reason, within the step that was running
+            for job in list(self.driver.jobs):
+                self.driver.cancel(job)
+                job.error = self.reason
+                self._finish(job)
+            with self.lock:
+                waiting, self.waiting = list(self.waiting), deque()
+            for req in waiting:
+                req.put(self.reason)
+                req.put(END)
+
+    def _loop(self) -> None:
         while not self.stopping:
             self._drop_cancelled()
             self._admit()

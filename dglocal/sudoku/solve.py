@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
-from dglocal.errors import ConfigError, ModelError, os_error_text, remove_quietly
+from dglocal.errors import ConfigError, DglocalError, ModelError, os_error_text, remove_quietly
 from dglocal.generation.events import Completion, Event, Step
 
 from . import core as sc
@@ -178,6 +178,6 @@ def write_grids(path, results: Sequence[Solved]) -> None:
         partial.write_text("".join("".join(map(str, r.grid)) + "\n" for r in results), encoding="utf-8")
         partial.replace(path)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot write the grids: {os_error_text(e)}") from None
+        raise DglocalError(f"{path}: cannot write the grids: {os_error_text(e)}") from None
     finally:
         remove_quietly(partial)

@@ -151,7 +151,7 @@ def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: in
     from dglocal import load
     from dglocal.convert import info
     from dglocal.runtime import native
-    from dglocal.runtime.options import CTX_PAD, round_up
+    from dglocal.runtime.checks import CTX_PAD, round_up
 
     canvases = run_options.get("canvases", 1)
     prompt = run_options.get("prompt_tokens", 64)

@@ -1,0 +1,265 @@
+"""Never crash, round two: one test per class of misuse. Signals and hangs are looked for in child processes;
+every refusal must be a DglocalError (or an HTTP 4xx in OpenAI's error shape) that names the value."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cli import DGLOCAL, program_env
+from test_robustness import _rewrite, child
+from test_server import Server
+
+import dglocal
+from dglocal.errors import ConfigError, ConvertError, DglocalError, ModelError
+
+pytestmark = pytest.mark.backend
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "max_denoising_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_f32_gguf):
+    s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "2048", "--seed", "1")
+    yield s
+    s.stop()
+
+
+def _post(server, body) -> tuple[int, dict]:
+    code, reply, _ = server.post("/v1/chat/completions", body if isinstance(body, (bytes, str)) else json.dumps(body))
+    return code, reply
+
+
+def _openai_error(reply: dict) -> bool:
+    return set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
+
+
+# -- the server: a 400 naming the field, never a 500 -----------------------------------------------------------
+
+BAD = [  # (body, param the 400 names)
+    (dict(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": ["a"]}]}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": None}]}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": ["bare string"]}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), "messages"),
+    (dict(CHAT, messages=[{"role": "tool", "content": "42", "tool_call_id": "a"}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages"),
+    (dict(CHAT, max_tokens=10**300), "max_tokens"),
+    (dict(CHAT, seed=-(10**200)), "seed"),
+    (dict(CHAT, max_denoising_steps=10**400), "max_denoising_steps"),
+    (dict(CHAT, stability_threshold=10**9), "stability_threshold"),
+    (dict(CHAT, entropy_bound=10**500), "entropy_bound"),
+    (dict(CHAT, t_min=1e301), "t_min"),
+    (dict(CHAT, t_max=float("inf")), "t_max"),  # Python's JSON reads Infinity
+    (dict(CHAT, frequency_penalty=0.5), "frequency_penalty"),
+    (dict(CHAT, presence_penalty=1), "presence_penalty"),
+    (dict(CHAT, logprobs=True), "logprobs"),
+    (dict(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(CHAT, response_format={"type": "json_object"}), "response_format"),
+    (dict(CHAT, stream_options={"include_usage": "yes"}), "stream_options"),
+    (dict(CHAT, stop=["ok", 3]), "stop"),
+]
+
+
+def test_bad_fields_are_400s_that_name_them(server):
+    for body, param in BAD:
+        raw = json.dumps(body, allow_nan=True)
+        code, reply = _post(server, raw)
+        assert code == 400 and _openai_error(reply), (body, code, reply)
+        assert reply["error"]["param"] == param, (body, reply)
+    for raw in ['{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 16}',
+                '{"messages": [{"role": "user", "content": "ok"}], "stop": "\\udfff", "max_tokens": 16}',
+                "[" * 100_000 + "]" * 100_000,
+                '{"a":' * 100_000 + "1" + "}" * 100_000]:
+        code, reply = _post(server, raw)
+        assert code == 400 and _openai_error(reply), (raw[:40], code, reply)
+    code, reply = _post(server, dict(CHAT, frequency_penalty=0, presence_penalty=0.0, temperature=1, top_p=1))
+    assert code == 200 and reply["choices"][0]["message"]["content"] is not None  # the neutral values are fine
+
+
+def test_the_sudoku_server_keeps_the_requests_seed_and_steps():
+    from test_sudoku import easy_puzzle
+
+    puzzle, _ = easy_puzzle()
+    s = Server()
+    try:
+        answers = {}
+        for seed, steps in [(0, 2), (0, 2), (5, 2), (0, 48)]:
+            code, reply, _ = s.post("/v1/chat/completions", json.dumps(
+                {"messages": [{"role": "user", "content": puzzle}], "seed": seed, "max_denoising_steps": steps,
+                 "cache_prompt": False}))
+            assert code == 200, reply
+            answers.setdefault((seed, steps), []).append(reply)
+        assert {r["dglocal"]["seed"] for r in answers[0, 2]} == {0}
+        assert answers[0, 2][0]["choices"] == answers[0, 2][1]["choices"]  # the seed repeats the answer
+        assert all(r["dglocal"]["steps"] <= 2 * 32 for r in answers[0, 2] + answers[5, 2])  # 2 steps an attempt
+        assert answers[5, 2][0]["dglocal"]["seed"] == 5
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_exits_within_seconds_with_streams_open(tiny_f32_gguf, sig):
+    """Two long streams open: the signal ends each with an error event and the process exits in seconds."""
+    s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "8192")
+    events: list[list[str]] = [[], []]
+
+    def listen(k):
+        body = json.dumps({"messages": [{"role": "user", "content": f"story {k}"}], "max_tokens": 4000,
+                           "max_denoising_steps": 48, "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(s.url + "/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                for line in r:
+                    if line.startswith(b"data: "):
+                        events[k].append(line[6:].decode().strip())
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=listen, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not all(events) and time.monotonic() < deadline:  # both streams running
+        time.sleep(0.05)
+    assert all(events), events
+    t0 = time.monotonic()
+    s.proc.send_signal(sig)
+    s.proc.wait(timeout=30)
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(timeout=30)
+    assert took < 5, f"{took:.1f} s to exit"
+    for stream in events:
+        last = json.loads(stream[-1])
+        assert "error" in last and last["error"]["code"] == "shutting_down", stream[-3:]
+
+
+def test_fuzzed_request_bodies_get_200_or_an_openai_4xx(server):
+    """Bodies drawn from the request schema's fields with values of every JSON shape: each answer is a 200 or a
+    4xx in OpenAI's error shape, and a normal request answers the same before and after."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dglocal.serving import schema
+
+    normal = dict(CHAT, seed=3, cache_prompt=False)  # its answer does not depend on what a slot held before
+    before = _post(server, normal)
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(0, 8),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=6), inner, max_size=3), max_leaves=6)
+    names = st.sampled_from(sorted(schema.ACCEPTED | set(schema.REFUSED) | {"bogus"}))
+    bodies = st.dictionaries(names, values, max_size=6)
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def check(body):
+        body = {"messages": [{"role": "user", "content": "hi"}], **body}
+        body["max_denoising_steps"] = 1  # a body that passes costs one step a canvas
+        body["max_tokens"] = body.get("max_tokens") if body.get("max_tokens") in (None, 1, 2) else 16
+        code, reply = _post(server, body)
+        assert code == 200 or (400 <= code < 500 and _openai_error(reply)), (body, code, reply)
+
+    check()
+    after = _post(server, normal)
+    assert after[0] == before[0] == 200 and after[1]["choices"] == before[1]["choices"]
+
+
+# -- the Python API ------------------------------------------------------------------------------------------
+
+def test_constraints_and_guides_of_any_shape_are_config_errors(llama_model):
+    opts = dict(max_new_tokens=16, max_denoising_steps=2)
+    for constraints in [{0: "a"}, {0: None}, {0: 1.5}, {"x": 3}, [[1, 2], [3, 4]], {0: [1]}, [0.5]]:
+        with pytest.raises(ConfigError, match="constraint"):
+            llama_model.generate([2, 10, 11], constraints=constraints, **opts)
+    for answer in [None, 3, "ab", {1: 2}, [1e30], [True], ["1"], [10**30]]:
+        with pytest.raises(ConfigError, match="guide"):
+            llama_model.generate([2, 10, 11], guide=lambda d, a, r=answer: r, **opts)
+    assert llama_model.generate([2, 10, 11], guide=lambda d, a: np.array([0, 1]), **opts).tokens  # arrays are fine
+
+
+def test_api_state_never_mixes(tiny_f32_gguf):
+    """Threads take turns (each gets its own answer); an open stream refuses a second generation in its thread;
+    one model's sequence is refused by another."""
+    opts = dict(max_new_tokens=32, max_denoising_steps=3, eos_token_id=(), cache_prompt=False)
+    with dglocal.load(tiny_f32_gguf, n_ctx=512, n_threads=1) as m, \
+            dglocal.load(tiny_f32_gguf, n_ctx=512, n_threads=1) as other:
+        alone = {s: m.generate([2, 10 + s, 11], seed=s, **opts).tokens for s in range(4)}
+        got = {}
+        threads = [threading.Thread(target=lambda s=s: got.__setitem__(s, m.generate([2, 10 + s, 11], seed=s,
+                                                                                     **opts).tokens))
+                   for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == alone
+        a = m.stream([2, 10, 11], seed=0, **opts)
+        next(a)
+        with pytest.raises(ConfigError, match="still open"):
+            m.generate([2, 12, 11], seed=1, **opts)
+        with pytest.raises(ConfigError, match="still open"):
+            next(m.stream([2, 12, 11], seed=1, **opts))
+        assert [e for e in a][-1].tokens == alone[0]  # the open stream is not disturbed
+        a.close()
+        assert m.generate([2, 10, 11], seed=0, **opts).tokens == alone[0]
+        seq = m.sequence()
+        for call in (lambda: other.encode_batch([(seq, [3])]),
+                     lambda: other.denoise_batch([(seq, np.zeros(other.canvas_length, np.int32), 1.0, None, False)])):
+            with pytest.raises(ConfigError, match="another model"):
+                call()
+
+
+def test_an_output_file_survives_a_failed_write(tmp_path, monkeypatch):
+    from dglocal.sudoku.solve import Solved, write_grids
+
+    out = tmp_path / "grids.txt"
+    out.write_text("the grids of yesterday\n")
+    real = Path.write_text
+
+    def full_disk(self, data, *a, **kw):
+        real(self, data[: len(data) // 2], *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DglocalError, match="disk full"):
+        write_grids(out, [Solved([0] * 81, [1] * 81, False, 1, 0.0)])
+    monkeypatch.undo()
+    assert out.read_text() == "the grids of yesterday\n" and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_file_name_that_is_not_utf8_loads(tiny_f32_gguf, tmp_path):
+    """A GGUF under a name that is not UTF-8 (bytes kept as surrogates, as Python passes them): it loads, its
+    info shows, and a missing one is a clear error."""
+    import os
+
+    name = os.fsencode(tmp_path) + b"/bad-\xff.gguf"
+    with open(name, "wb") as f:
+        f.write(Path(tiny_f32_gguf).read_bytes())
+    r = subprocess.run([*DGLOCAL, "info", name], capture_output=True, env=program_env(), timeout=120)
+    assert r.returncode == 0 and b"bad-" in r.stdout, r.stderr
+    with dglocal.load(os.fsdecode(name), n_ctx=256, n_threads=1) as m:
+        assert m.generate([2, 10, 11], max_new_tokens=16, max_denoising_steps=2).stats.canvases == 1
+    r = subprocess.run([*DGLOCAL, "info", name + b".missing"], capture_output=True, env=program_env(), timeout=120)
+    assert r.returncode == 1 and r.stderr.decode().startswith("error: ") and b"Traceback" not in r.stderr, r.stderr
+
+
+def test_a_chat_template_that_does_not_compile_is_a_model_error(tiny_f32_gguf, tmp_path):
+    broken = _rewrite(tiny_f32_gguf, tmp_path / "t.gguf", set_keys={"tokenizer.chat_template": "{% for %}"})
+    with dglocal.load(broken, n_ctx=256, n_threads=1) as m:
+        with pytest.raises(ModelError, match="chat template does not compile"):
+            m.chat()
