@@ -263,3 +263,93 @@ def test_a_chat_template_that_does_not_compile_is_a_model_error(tiny_f32_gguf, t
     with dglocal.load(broken, n_ctx=256, n_threads=1) as m:
         with pytest.raises(ModelError, match="chat template does not compile"):
             m.chat()
+
+
+def test_docs_list_every_request_field_as_supported_or_refused():
+    import re
+
+    from dglocal.serving import schema
+
+    table = (Path(__file__).parent.parent / "docs" / "serving.md").read_text().split("## Request fields")[1]
+    table = table.split("\n## ")[0]
+    listed = {name for row in table.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    fields = schema.ACCEPTED | set(schema.REFUSED)
+    assert fields <= listed, sorted(fields - listed)
+    assert listed - fields <= {"image_url", "input_audio", "tool", "name", "tool_calls", "include_usage",
+                               "include_drafts", "system", "user", "assistant", "developer", "type", "text"}, \
+        sorted(listed - fields)
+
+
+# -- the converter: inputs of the wrong shape are ConvertErrors, values it used to drop are refused -------------
+
+def _variant(tiny_checkpoint, tmp_path, edit) -> Path:
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, d)
+    edit(d)
+    return d
+
+
+def _json_edit(name, change):
+    def edit(d):
+        path = d / name
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(change(data) if callable(change) else change)
+    return edit
+
+
+def _config(**text):
+    return _json_edit("config.json", lambda c: json.dumps({**c, "text_config": {**c["text_config"], **text}}))
+
+
+CONVERTER_CASES = [
+    ("index a list", lambda d: (d / "model.safetensors.index.json").write_text("[]"), "must be a JSON object"),
+    ("weight_map a list", lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+     "weight_map"),
+    ("config nested 100000 deep", _json_edit("config.json", '{"a":' * 100_000 + "1" + "}" * 100_000),
+     "nested too deeply"),
+    ("config a list", _json_edit("config.json", "[1, 2]"), "must be a JSON object"),
+    ("eos_token_id an object", _json_edit("generation_config.json", lambda g: json.dumps({**g, "eos_token_id": {"a": 1}})),
+     "eos_token_id"),
+    ("eos_token_id a string", _json_edit("generation_config.json", lambda g: json.dumps({**g, "eos_token_id": "1"})),
+     "eos_token_id"),
+    ("sampler_config a list", _json_edit("generation_config.json",
+                                         lambda g: json.dumps({**g, "sampler_config": [0.1]})), "sampler_config"),
+    ("top-k above the experts", _config(top_k_experts=99), "top_k_experts"),
+    ("a rotary factor that rotates nothing", _config(rope_parameters={
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "partial_rotary_factor": 1e-6, "rope_theta": 1e4}}),
+     "RoPE needs"),
+    ("tokenizer.json a list", lambda d: (d / "tokenizer.json").write_text("[]"), "must be a JSON object"),
+    ("added tokens without ids", lambda d: (d / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "WordLevel", "vocab": {"a": 0}}, "added_tokens": [{"content": "<x>"}]})), "added_tokens"),
+]
+
+
+@pytest.mark.parametrize("case", CONVERTER_CASES, ids=[c[0] for c in CONVERTER_CASES])
+def test_converter_inputs_of_the_wrong_shape_are_convert_errors(case, tiny_checkpoint, tiny_vocab, tmp_path):
+    from dglocal.convert import convert
+
+    _, edit, message = case
+    source = _variant(tiny_checkpoint, tmp_path, edit)
+    tokenizer = None if "tokenizer" in case[0] or "added tokens" in case[0] else tiny_vocab
+    with pytest.raises(ConvertError, match=message):
+        convert(source, tmp_path / "out.gguf", "f32", tokenizer_from=tokenizer)
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_info_refuses_a_tensor_whose_element_count_overflows(tmp_path):
+    import struct
+
+    def s(text):
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+    header += s("general.architecture") + struct.pack("<I", 8) + s("diffusion-gemma")
+    header += s("t.weight") + struct.pack("<I", 3) + struct.pack("<3Q", 2**39, 2**39, 2**39) + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(header + b"\0" * (-len(header) % 32) + b"\0" * 64)
+    r = subprocess.run([*DGLOCAL, "info", str(path)], capture_output=True, text=True, env=program_env(), timeout=120)
+    assert r.returncode == 1 and "shape" in r.stderr and "Traceback" not in r.stderr, r.stderr

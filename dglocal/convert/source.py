@@ -168,7 +168,7 @@ def read_params(directory: Path) -> TextParams:
     def rope_value(part, name, key, default, low, high):
         return _checked(path, f"text_config.rope_parameters.{name}.{key}", part.get(key, default), float, low, high)
 
-    return TextParams(
+    params = TextParams(
         vocab_size=get("vocab_size", 262_144, high=1 << 24),
         hidden_size=get("hidden_size"),
         intermediate_size=get("intermediate_size"),
@@ -191,6 +191,25 @@ def read_params(directory: Path) -> TextParams:
         max_position_embeddings=get("max_position_embeddings", 131_072, high=1 << 31),
         canvas_length=_checked(path, "canvas_length", config.get("canvas_length", 256), int, 1, 65536),
     )
+    _check_consistent(path, params)
+    return params
+
+
+def _check_consistent(path: Path, p: TextParams) -> None:
+    """What llama.cpp asserts on (or loops on) between values that are each in range."""
+    if p.top_k_experts > p.num_experts:
+        raise ConvertError(f"{path}: text_config.top_k_experts ({p.top_k_experts}) exceeds num_experts "
+                           f"({p.num_experts})")
+    swa_rot = int(p.head_dim * p.partial_rotary_factor_swa)
+    if swa_rot < 2 or swa_rot % 2:
+        raise ConvertError(f"{path}: the sliding layers rotate {swa_rot} of their {p.head_dim} head dimensions "
+                           f"(partial_rotary_factor {p.partial_rotary_factor_swa}): RoPE needs an even count >= 2")
+    if int(p.global_head_dim * p.partial_rotary_factor / 2) < 1:
+        raise ConvertError(f"{path}: the full layers rotate no dimension of their {p.global_head_dim} "
+                           f"(partial_rotary_factor {p.partial_rotary_factor})")
+    if any(p.num_attention_heads % k for k in p.head_count_kv):
+        raise ConvertError(f"{path}: num_attention_heads ({p.num_attention_heads}) is not a multiple of every "
+                           f"layer's num_key_value_heads {sorted(set(p.head_count_kv))}")
 
 
 def read_generation(directory: Path) -> dict:

@@ -6,6 +6,8 @@ gguf-py's GGUFReader builds one numpy view per array element, which takes a minu
 
 from __future__ import annotations
 
+import math
+
 import os
 import struct
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)  # exact: numpy's int64 product would wrap
 
     @property
     def nbytes(self) -> int | None:
@@ -201,8 +203,8 @@ def check_tensors(header: GGUFHeader) -> None:
         if t.name in seen:
             raise ValueError(f"duplicate tensor {t.name}")
         seen.add(t.name)
-        if any(d <= 0 or d >= 1 << 40 for d in t.shape):
-            raise ValueError(f"tensor {t.name} has shape {list(t.shape)}")
+        if any(d <= 0 or d >= 1 << 40 for d in t.shape) or t.n_elements >= 1 << 62:
+            raise ValueError(f"tensor {t.name} has shape {list(t.shape)}")  # ggml counts elements in int64
         if t.type not in GGML_QUANT_SIZES:
             raise ValueError(f"tensor {t.name} has type id {int(t.type)}, which this version does not know")
         block = GGML_QUANT_SIZES[t.type][0]
