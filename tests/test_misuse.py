@@ -353,3 +353,80 @@ def test_info_refuses_a_tensor_whose_element_count_overflows(tmp_path):
     path.write_bytes(header + b"\0" * (-len(header) % 32) + b"\0" * 64)
     r = subprocess.run([*DGLOCAL, "info", str(path)], capture_output=True, text=True, env=program_env(), timeout=120)
     assert r.returncode == 1 and "shape" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- metadata llama.cpp asserts on: refused before the native load ----------------------------------------------
+
+def _u32(v):
+    import gguf
+
+    return (v, gguf.GGUFValueType.UINT32)
+
+
+def _u32s(v):
+    import gguf
+
+    return (v, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+
+
+A = "diffusion-gemma."
+METADATA_CASES = {  # each reached a GGML_ASSERT, a fault or a hang in llama.cpp before it was checked here
+    "no layers": dict(set_keys={A + "block_count": 0}),
+    "past LLAMA_MAX_LAYERS": dict(set_keys={A + "block_count": 513}),
+    "nextn layers": dict(set_keys={A + "nextn_predict_layers": _u32(7)}),
+    "no experts": dict(set_keys={A + "expert_count": 0}),
+    "past LLAMA_MAX_EXPERTS": dict(set_keys={A + "expert_count": 2000}),
+    "more used experts than experts": dict(set_keys={A + "expert_used_count": 9}),
+    "no used experts": dict(set_keys={A + "expert_used_count": 0}),
+    "expert groups": dict(set_keys={A + "expert_group_count": _u32(3)}),
+    "used experts differ by layer": dict(set_keys={A + "expert_used_count": _u32s([2, 3, 2, 2, 2, 2])}),
+    "unknown rope scaling": dict(set_keys={A + "rope.scaling.type": ("bogus", __import__("gguf").GGUFValueType.STRING)}),
+    "rope rotating nothing": dict(set_keys={A + "rope.dimension_count": 0}),
+    "sliding rope rotating nothing": dict(set_keys={A + "rope.dimension_count_swa": 0}),
+    "odd rope dimensions": dict(set_keys={A + "rope.dimension_count": 30 + 1}),
+    "rope past rope_freqs": dict(set_keys={A + "rope.dimension_count": 34}),
+    "sliding rope past the head": dict(set_keys={A + "rope.dimension_count_swa": 32}),
+    "sliding rope missing": dict(drop_keys=(A + "rope.dimension_count_swa",)),
+    "negative norm epsilon": dict(set_keys={A + "attention.layer_norm_rms_epsilon": -1.0}),
+    "NaN norm epsilon": dict(set_keys={A + "attention.layer_norm_rms_epsilon": float("nan")}),
+    "heads not a multiple of KV heads": dict(set_keys={A + "attention.head_count": 3}),
+    "value length unlike key length": dict(set_keys={A + "attention.value_length": 16}),
+    "shared KV layers": dict(set_keys={A + "attention.shared_kv_layers": 2}),
+    "a one-entry sliding pattern": dict(set_keys={A + "attention.sliding_window_pattern": (
+        [True], __import__("gguf").GGUFValueType.ARRAY, __import__("gguf").GGUFValueType.BOOL)}),
+    "no sliding window": dict(set_keys={A + "attention.sliding_window": 0}),
+    "NaN softcap": dict(set_keys={A + "final_logit_softcapping": float("nan")}),
+    "embeddings out": dict(set_keys={A + "embedding_length_out": _u32(7)}),
+    "pooling": dict(set_keys={A + "pooling_type": _u32(3)}),
+    "per-layer input embeddings": dict(set_keys={A + "embedding_length_per_layer_input": 4}),
+    "a layer without its router": dict(drop_tensors=("blk.2.ffn_gate_inp.weight",)),
+    "a layer without its queries": dict(drop_tensors=("blk.1.attn_q.weight",)),
+    "a bert vocabulary": dict(set_keys={"tokenizer.ggml.model": "bert"}),
+    "no BOS": dict(drop_keys=("tokenizer.ggml.bos_token_id",)),
+    "BOS past the vocabulary": dict(set_keys={"tokenizer.ggml.bos_token_id": 99999}),
+}
+
+
+def test_metadata_llama_cpp_asserts_on_is_refused_before_loading(tiny_f32_gguf, tmp_path):
+    import gguf
+
+    tokens = gguf.GGUFReader(tiny_f32_gguf).fields["tokenizer.ggml.tokens"].contents()
+    cases = dict(METADATA_CASES, **{"duplicate tokens": dict(set_keys={
+        "tokenizer.ggml.tokens": tokens[:5] + [tokens[6]] + tokens[6:]})})
+    files = {name: _rewrite(tiny_f32_gguf, tmp_path / f"{i}.gguf", **change) for i, (name, change) in
+             enumerate(cases.items())}
+    r = child(f"""
+import json, dglocal
+for name, path in json.loads({json.dumps({k: str(v) for k, v in files.items()})!r}).items():
+    try:
+        with dglocal.load(path, n_ctx=256, n_threads=1) as m:
+            m.generate([2, 10, 11], max_new_tokens=16, max_denoising_steps=1)
+        print(name, "| loaded")
+    except dglocal.ModelError as e:
+        print(name, "|", str(e).split(": ", 1)[1][:100])
+""", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    outcome = dict(line.split(" | ", 1) for line in r.stdout.splitlines())
+    assert set(outcome) == set(cases), r.stdout
+    loaded = sorted(name for name, what in outcome.items() if what == "loaded")
+    assert not loaded, f"loaded although llama.cpp asserts on them: {loaded}\n{r.stdout}"

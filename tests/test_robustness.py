@@ -125,7 +125,7 @@ def test_load_options_are_checked_before_loading(tiny_f32_gguf):
     assert seeds[0] != seeds[1]  # each load draws its own
 
 
-def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None, set_keys=None):
+def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None, set_keys=None, drop_tensors=()):
     """Copy a GGUF with keys dropped, keys set (set_keys: {name: value}, the value in the key's own GGUF type, or
     (value, GGUFValueType[, item type]) for a new key or another type) and tensors edited (edit_tensor(name,
     array) -> array or None)."""
@@ -150,6 +150,8 @@ def _rewrite(src: Path, dst: Path, *, drop_keys=(), edit_tensor=None, set_keys=N
     for name, value in set_keys.items():
         w.add_key_value(name, value[0], *value[1:])
     for t in reader.tensors:
+        if t.name in drop_tensors:
+            continue
         data = np.array(t.data)
         new = edit_tensor(t.name, data) if edit_tensor else None
         if new is not None:

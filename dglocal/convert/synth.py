@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType as Q
 from . import schema
 from .source import TextParams, generation_defaults
 from .tokenizer import write_tokenizer
-from .writer import DIRECT_TYPES, Progress, encode_rows, file_type, quantize_gguf
+from .writer import DIRECT_TYPES, Progress, check_loadable, encode_rows, file_type, quantize_gguf
 from dglocal.errors import ConvertError, os_error_text, remove_quietly
 from dglocal.runtime.gguf import read_header
 
@@ -161,6 +161,7 @@ def write_synthetic(params: TextParams, type: str, output, *, name: str, header=
             types = pools.types
         _write(partial, plan, types, pools, params, gen, tok, gguf_name, int(ftype), name, seed, progress,
                shapes_only)
+        check_loadable(partial, output)
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e

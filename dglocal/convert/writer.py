@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, quants
 
-from dglocal.errors import BUILD_HINT, BackendError, ConvertError, os_error_text, remove_quietly
+from dglocal.errors import BUILD_HINT, BackendError, ConvertError, ModelError, os_error_text, remove_quietly
 
 from . import schema
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
@@ -109,12 +109,25 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             base_ftype = LlamaFileType.MOSTLY_BF16 if base == Q.BF16 else LlamaFileType.ALL_F32
             _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
             quantize_gguf(staging, partial, type, force=True)
+        check_loadable(partial, output)
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
     finally:
         remove_quietly(partial, staging)
     return ConvertResult(output, type.lower(), len(plan), output.stat().st_size, skipped, notes)
+
+
+def check_loadable(partial: Path, output: Path) -> None:
+    """The runtime's own checks on the file written: one llama.cpp would refuse or crash on is not renamed into
+    place."""
+    from dglocal.runtime import checks
+    from dglocal.runtime.gguf import read_header
+
+    try:
+        checks.model_file(output, read_header(partial))
+    except ModelError as e:
+        raise ConvertError(f"the converted file would not load: {e}") from None
 
 
 def _write(path: Path, plan, bound, params, gen, tok, base: Q, ftype: LlamaFileType, name: str,

@@ -64,8 +64,9 @@ def temperature(value) -> float:
     return float(value)
 
 
-def model_file(path, header) -> int:
-    """The diffusion keys and tensor types llama.cpp relies on without checking; returns the canvas length."""
+def model_file(path, header, *, loadable: bool = True) -> int:
+    """The diffusion keys and tensor types llama.cpp relies on without checking, and with `loadable` every
+    hyperparameter it asserts on (dglocal.runtime.hparams); returns the canvas length."""
     kv = header.kv
     if kv.get("general.architecture") != "diffusion-gemma":
         raise ModelError(f"{path}: architecture is {kv.get('general.architecture')!r}, dglocal runs "
@@ -80,6 +81,10 @@ def model_file(path, header) -> int:
     if eos is not None:
         if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < n_vocab for t in eos):
             raise ModelError(f"{path}: diffusion.eos_token_ids must be token ids below {n_vocab}, got {eos!r:.80}")
+    if loadable:
+        from . import hparams
+
+        hparams.check(path, header)  # what llama.cpp would assert on, loop on or fault on
     for t in header.tensors:
         if getattr(t.type, "name", "") in INTEGER_TYPES:
             raise ModelError(f"{path}: tensor {t.name} has type {t.type.name}; weights are float or quantized")
