@@ -87,42 +87,26 @@ class SudokuFrontend(Frontend):
 # -- request parsing (the fields: dglocal.serving.schema) ---------------------------------------------------------
 
 def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
-    """(generation options, stream?, stream_options) from an OpenAI request body; ApiError names the field."""
-    try:
-        schema.check_fields(body)
-        if body.get("model") not in (None, frontend.id):
-            raise ApiError(404, f"the model {schema._short(body['model'])} does not exist; this server has "
-                                f"'{frontend.id}'", param="model", code="model_not_found")
-        options = dict(frontend.defaults)
-        for name in schema.DIFFUSION:
-            value = schema.number(body, name)
-            if value is not None:
-                options[name] = value
-        max_tokens = schema.number(body, "max_completion_tokens") or schema.number(body, "max_tokens")
-        seed = schema.number(body, "seed")
-        options.update({k: v for k, v in (("max_new_tokens", max_tokens), ("seed", seed), ("stop", schema.stops(body)))
-                        if v is not None})
-        if schema.flag(body, "ignore_eos"):  # llama-server's field: generate to max_tokens
-            options["eos_token_id"] = ()
-        if schema.flag(body, "cache_prompt") is False:  # llama-server's field: no reuse of the slot's cached prefix
-            options["cache_prompt"] = False
-        return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
-    except schema.FieldError as e:
-        raise ApiError(400, str(e), param=e.param) from None
-
-
-def parse_messages(body: dict) -> list[dict]:
-    try:
-        return schema.messages(body)
-    except schema.FieldError as e:
-        raise ApiError(400, str(e), param=e.param) from None
-
-
-def parse_prompt(body: dict) -> str:
-    try:
-        return schema.text(body.get("prompt"), "prompt")
-    except schema.FieldError as e:
-        raise ApiError(400, str(e), param=e.param) from None
+    """(generation options, stream?, stream_options) from an OpenAI request body; schema.FieldError (a 400) names
+    the field."""
+    schema.check_fields(body)
+    if body.get("model") not in (None, frontend.id):
+        raise ApiError(404, f"the model {schema.short(body['model'])} does not exist; this server has "
+                            f"'{frontend.id}'", param="model", code="model_not_found")
+    options = dict(frontend.defaults)
+    for name in schema.DIFFUSION:
+        value = schema.number(body, name)
+        if value is not None:
+            options[name] = value
+    max_tokens = schema.number(body, "max_completion_tokens") or schema.number(body, "max_tokens")
+    seed = schema.number(body, "seed")
+    options.update({k: v for k, v in (("max_new_tokens", max_tokens), ("seed", seed), ("stop", schema.stops(body)))
+                    if v is not None})
+    if schema.flag(body, "ignore_eos"):  # llama-server's field: generate to max_tokens
+        options["eos_token_id"] = ()
+    if schema.flag(body, "cache_prompt") is False:  # llama-server's field: no reuse of the slot's cached prefix
+        options["cache_prompt"] = False
+    return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
 
 
 # -- the app -----------------------------------------------------------------------------------------------------
@@ -133,6 +117,10 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(schema.FieldError)
+    async def field_error(_, e: schema.FieldError):
+        return JSONResponse(ApiError(400, str(e), param=e.param).body(), status_code=400)
 
     @app.middleware("http")
     async def auth(request: HttpRequest, call_next):
@@ -155,25 +143,20 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def slots():
         return engine.slot_info()
 
-    async def body_of(request: HttpRequest) -> dict:
-        try:
-            return schema.parse_body(await request.body())
-        except schema.FieldError as e:
-            raise ApiError(400, str(e), param=e.param) from None
+    async def answer(request: HttpRequest, *, chat: bool):
+        body = schema.parse_body(await request.body())
+        options, stream, stream_options = parse_options(body, frontend)
+        prompt, extra = (frontend.chat_prompt(schema.messages(body)) if chat else
+                         frontend.text_prompt(schema.text(body.get("prompt"), "prompt")))
+        return await run(request, prompt, _merged(options, extra), stream, stream_options, chat=chat)
 
     @app.post("/v1/chat/completions")
-    async def chat(request: HttpRequest):
-        body = await body_of(request)
-        options, stream, stream_options = parse_options(body, frontend)
-        prompt, extra = frontend.chat_prompt(parse_messages(body))
-        return await run(request, prompt, _merged(options, extra), stream, stream_options, chat=True)
+    async def chat_completions(request: HttpRequest):
+        return await answer(request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        body = await body_of(request)
-        options, stream, stream_options = parse_options(body, frontend)
-        prompt, extra = frontend.text_prompt(parse_prompt(body))
-        return await run(request, prompt, _merged(options, extra), stream, stream_options, chat=False)
+        return await answer(request, chat=False)
 
     async def run(request, prompt, options, stream, stream_options, *, chat):
         import asyncio

@@ -82,7 +82,7 @@ def checked_number(value, name: str, kind, low, high):
     if value is None:
         return None
     what = "an integer" if kind is int else "a number"
-    bad = FieldError(f"'{name}' must be {what} in [{low}, {high}], got {_short(value)}", name)
+    bad = FieldError(f"'{name}' must be {what} in [{low}, {high}], got {short(value)}", name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
     if isinstance(value, float) and not math.isfinite(value):
@@ -101,7 +101,7 @@ def checked_number(value, name: str, kind, low, high):
 def flag(body: dict, name: str) -> bool | None:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise FieldError(f"'{name}' must be a boolean, got {_short(value)}", name)
+        raise FieldError(f"'{name}' must be a boolean, got {short(value)}", name)
     return value
 
 
@@ -132,7 +132,7 @@ def check_fields(body: dict) -> None:
         ok = value is neutral if isinstance(neutral, bool) else (
             not isinstance(value, bool) and isinstance(value, (int, float)) and value == neutral)
         if not ok:
-            raise FieldError(f"'{name}' must be {neutral!r} (or absent), got {_short(value)}: {reason}", name)
+            raise FieldError(f"'{name}' must be {neutral!r} (or absent), got {short(value)}: {reason}", name)
     number(body, "n")
 
 
@@ -195,13 +195,13 @@ def content(value, where: str) -> str:
             raise FieldError(f"{at} must be an object like {{\"type\": \"text\", \"text\": \"...\"}}", "messages")
         kind = part.get("type")
         if kind != "text":
-            raise FieldError(f"{at}: content parts of type {_short(kind)} are not supported (text only)", "messages")
+            raise FieldError(f"{at}: content parts of type {short(kind)} are not supported (text only)", "messages")
         if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
             raise FieldError(f"{at} must be {{\"type\": \"text\", \"text\": a string}}", "messages")
         parts.append(text(part["text"], "messages"))
     return "".join(parts)
 
 
-def _short(value) -> str:
+def short(value) -> str:
     r = repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
