@@ -166,7 +166,7 @@ def gpu_tier(python: str, rest: list[str]) -> int:
                                                "vulkan", "--target", str(target)])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])),
                DGLOCAL_TEST_DEVICE="Vulkan0", GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
-    probe = ("from dglocal import _native as n; n.init(); "
+    probe = ("from dglocal.runtime import native as n; n.init(); "
              "print(*[n.ggml_backend_dev_name(n.ggml_backend_dev_get(i)).decode() for i in range(n.ggml_backend_dev_count())])")
     devices = subprocess.run([python, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
     if "Vulkan0" not in devices:
