@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dglocal.convert.hub import DEFAULT_MODEL, pick_gguf, resolve_model  # noqa: F401 (DEFAULT_MODEL: the default)
+from dglocal.convert.hub import resolve_model
 from dglocal.errors import ConfigError, DglocalError
 
 from .options import (

@@ -143,9 +143,8 @@ def fit(path, opts: LoadOptions) -> LoadOptions:
 
     if opts.tensor_overrides:
         raise ConfigError("--fit chooses the placement itself: drop -ot, or drop --fit")
-    n_ctx = opts.n_ctx or DEFAULT_CTX * opts.n_seq_max
     with render.status("sizing placements for the device (--fit)"):
-        chosen = plan.fit(path, n_ctx=n_ctx, parallel=opts.n_seq_max, rpc=list(opts.rpc) if opts.rpc else None,
+        chosen = plan.fit(path, n_ctx=opts.context, parallel=opts.n_seq_max, rpc=list(opts.rpc) if opts.rpc else None,
                           kv_type=opts.kv_type, swa_full=opts.swa_full)
     if chosen is None:
         render.print_status("--fit: no GPU or RPC device: everything runs on the host")

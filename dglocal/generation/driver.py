@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DglocalError
 from .events import Completion, Event
-from .loop import DenoiseCall, EncodeCall, Generation
+from .loop import DenoiseCall, EncodeCall, Generation, split_options
 from .request import SeedSource, derive_seed, plan
 
 
@@ -85,13 +85,11 @@ class Driver:
         job.done = job.gen.pending is None
 
 
-def start(model, prompt, seq, *, seeds: SeedSource | None = None, cache_prompt: bool = True, noise=None,
-          constraints=None, guide=None, guide_restarts: int = 0, **options) -> Generation:
-    """A Generation of `prompt` on `seq`: options are GenerationConfig fields (a None seed is drawn from `seeds`)
-    and Generation's own (noise, constraints, guide, guide_restarts)."""
-    request = plan(model, prompt, seeds=seeds, cache_prompt=cache_prompt, **options)
-    return Generation(model, request, seq, noise=noise, constraints=constraints, guide=guide,
-                      guide_restarts=guide_restarts)
+def start(model, prompt, seq, **options) -> Generation:
+    """A Generation of `prompt` on `seq`: options are the plan's (GenerationConfig fields, `seeds` for a None
+    seed, cache_prompt) and Generation's own (noise, constraints, guide, guide_restarts)."""
+    settings, own = split_options(options)
+    return Generation(model, plan(model, prompt, **settings), seq, **own)
 
 
 def stream(model, prompt, *, seq=None, **options) -> Iterator[Event]:

@@ -66,13 +66,13 @@ class Generation:
     `guide_restarts` times."""
 
     def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
-                 guide: Guide | None = None, guide_restarts: int = 0, t_start: float | None = None):
+                 guide: Guide | None = None, guide_restarts: int = 0):
         self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
         self.C = C = model.canvas_length
         self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
         self.fixed = constraint_table(constraints, plan.n_blocks * C, model.n_vocab)
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
-        self.t_start = t_start if t_start is not None else time.perf_counter()
+        self.t_start = time.perf_counter()
         self.cached = reuse(seq, plan)  # prompt tokens the sequence already holds
         self.out: list[int] = []
         self.text, self.finish = "", "length"

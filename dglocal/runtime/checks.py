@@ -4,8 +4,8 @@ anything reaches llama.cpp (which aborts, wraps or truncates instead of reportin
 from __future__ import annotations
 
 import math
-import re
 import numbers
+import re
 
 import numpy as np
 

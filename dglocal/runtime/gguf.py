@@ -7,7 +7,6 @@ gguf-py's GGUFReader builds one numpy view per array element, which takes a minu
 from __future__ import annotations
 
 import math
-
 import os
 import struct
 from dataclasses import dataclass, field

@@ -43,7 +43,9 @@ class Model:
         """Load `path` with `options` (a LoadOptions), or with LoadOptions fields given by name."""
         self._ctx = self._model = None
         self._stack = ExitStack()
-        opts = (options or LoadOptions()).replace(**changes) if changes else options or LoadOptions()
+        opts = options or LoadOptions()
+        if changes:
+            opts = opts.replace(**changes)
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")

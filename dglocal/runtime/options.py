@@ -72,9 +72,14 @@ class LoadOptions:
             raise ConfigError(f"unknown load option(s) {unknown}; known: {sorted(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
+    @property
+    def context(self) -> int:
+        """The whole context: n_ctx, or DEFAULT_CTX for each sequence."""
+        return self.n_ctx if self.n_ctx is not None else DEFAULT_CTX * self.n_seq_max
+
     def resolve(self, canvas_length: int, sliding_window: int) -> LoadOptions:
         """Every rule that depends on the file filled in: the context, the micro-batch, the sliding cache."""
-        n_ctx = self.n_ctx if self.n_ctx is not None else DEFAULT_CTX * self.n_seq_max
+        n_ctx = self.context
         if n_ctx < canvas_length + 1:
             raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {canvas_length + 1}")
         n_ubatch = max(self.n_ubatch or ubatch_for(canvas_length, self.n_seq_max), canvas_length)

@@ -161,7 +161,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def run(request, prompt, options, stream, stream_options, *, chat):
         import asyncio
 
-        settings, extras = split_options({k: v for k, v in options.items() if v is not None})
+        settings, extras = split_options(options)
         try:  # the one fit rule: the prompt and every canvas max_tokens may take
             planned = plan(engine.model, prompt, seeds=engine.model.seeds, **settings)
         except ContextError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ class Request:
     slot: int | None = None
     cached: int = 0  # prompt tokens found in the slot's cache
     cancelled: bool = False
-    t_submit: float = field(default_factory=time.perf_counter)
     job: Job | None = None
 
     def put(self, item) -> None:
@@ -55,21 +53,20 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
-        self.reason: BaseException | None = None
+        self.reason = ShuttingDown("the server is shutting down")  # what the requests still open end with
         self.thread = threading.Thread(target=self._run, name="dglocal-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, reason: BaseException | None = None) -> None:
-        """Stop within one denoising step: every request still open, running or waiting, ends with `reason` (a
-        shutdown error) as its last event. Safe from a signal handler with wait=False."""
-        self.shutdown(reason)
+    def stop(self) -> None:
+        """shutdown(), then wait for the engine thread to end."""
+        self.shutdown()
         self.thread.join(timeout=30)
 
-    def shutdown(self, reason: BaseException | None = None) -> None:
-        """Ask the engine thread to stop after the current step, without waiting for it."""
-        self.reason = reason if reason is not None else ShuttingDown("the server is shutting down")
+    def shutdown(self) -> None:
+        """Stop after the current denoising step, without waiting for it (safe from a signal handler): every
+        request still open, running or waiting, ends with a ShuttingDown error as its last event."""
         self.stopping = True
         self.wake.set()
 

@@ -14,7 +14,6 @@ autoregressive tok/s is taken in the same run. `run()` works on a loaded Model a
 
 from __future__ import annotations
 
-import json as _json
 import os
 import resource
 import shutil
