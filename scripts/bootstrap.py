@@ -45,7 +45,8 @@ def interpreter() -> str:
 
 def installed(python: str, extra: str) -> bool:
     """dglocal (with `extra`'s packages) importable from this checkout already."""
-    modules = ["fastapi", "uvicorn"] + (["torch", "transformers", "pytest", "openai", "hypothesis"] if extra else [])
+    modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client"] + (
+        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema"] if extra else [])
     probe = ("import importlib.util as u, dglocal, sys; "
              f"sys.exit(0 if dglocal.__file__.startswith({str(ROOT)!r}) and "
              f"all(u.find_spec(m) for m in {modules!r}) else 1)")

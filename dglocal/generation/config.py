@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..runtime.checks import MAX_TEMPERATURE, MIN_TEMPERATURE
+from ..runtime.filters import sampling
 from ..errors import ConfigError
 
 MAX_STEPS = 65536  # denoising steps per canvas, and the stability window, at most
@@ -42,6 +43,12 @@ class GenerationConfig:
     eos_token_id: tuple[int, ...] | None = None  # None: the model's EOS ids
     seed: int | None = None  # None: a fresh random seed
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # sampling (docs/sampling.md): a factor on the t_min..t_max schedule (0: the draw is the argmax), and the
+    # truncation of every position's distribution on the device (0 / 1 / 0: off)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -54,7 +61,7 @@ class GenerationConfig:
             set_("eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is not None:
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
-        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p", "min_p"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 set_(name, float(value))
@@ -83,6 +90,12 @@ class GenerationConfig:
         if self.t_min < MIN_TEMPERATURE or self.t_max > MAX_TEMPERATURE:
             raise ConfigError(f"temperatures must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the logits are "
                               f"divided by them), got t_min={self.t_min} and t_max={self.t_max}")
+        _number("temperature", self.temperature, low=0.0)
+        if self.temperature > 0 and (self.temperature * self.t_min < MIN_TEMPERATURE
+                                     or self.temperature * self.t_max > MAX_TEMPERATURE):
+            raise ConfigError(f"temperature {self.temperature} puts the schedule {self.t_min}..{self.t_max} outside "
+                              f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+        sampling(self.top_k, self.top_p, self.min_p)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if self.eos_token_id is not None and any(t < 0 for t in self.eos_token_id):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DglocalError
 from .events import Completion, Event
+from .grammar import grammar_options
 from .loop import DenoiseCall, EncodeCall, Generation, split_options
 from .request import SeedSource, derive_seed, plan
 
@@ -87,8 +88,9 @@ class Driver:
 
 def start(model, prompt, seq, **options) -> Generation:
     """A Generation of `prompt` on `seq`: options are the plan's (GenerationConfig fields, `seeds` for a None
-    seed, cache_prompt) and Generation's own (noise, constraints, guide, guide_restarts)."""
-    settings, own = split_options(options)
+    seed, cache_prompt) and Generation's own (noise, constraints, guide, guide_restarts, grammar, with the
+    shorthands json_schema= and regex=)."""
+    settings, own = split_options(grammar_options(options))
     return Generation(model, plan(model, prompt, **settings), seq, **own)
 
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.filters import Filters, sampling
 from .events import BlockText, Completion, Event, Stats, Step
+from .grammar import CanvasGrammar, GrammarSpec
 from .request import RequestPlan, reuse
 from .sampler import (
     Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
@@ -43,14 +45,15 @@ class DenoiseCall:
     seq: object
     canvas: np.ndarray
     temperature: float
-    uniforms: np.ndarray
+    uniforms: np.ndarray | None  # None: greedy (temperature 0), the draw is the argmax
     self_condition: bool
+    filters: Filters | None = None
 
     def request(self) -> tuple:
-        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition
+        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters
 
 
-OWN_OPTIONS = ("noise", "constraints", "guide", "guide_restarts")  # Generation's; the rest are the plan's
+OWN_OPTIONS = ("noise", "constraints", "guide", "guide_restarts", "grammar")  # Generation's; the rest: the plan's
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -63,15 +66,21 @@ class Generation:
     """`noise`: all the randomness (default: seeded by the plan's seed). `constraints`: {output position: token}
     pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
     docs/guides.md); a canvas it still objects to at the step cap starts again from fresh noise, up to
-    `guide_restarts` times."""
+    `guide_restarts` times. `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar)."""
 
     def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
-                 guide: Guide | None = None, guide_restarts: int = 0):
+                 guide: Guide | None = None, guide_restarts: int = 0, grammar: GrammarSpec | None = None):
         self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
         self.C = C = model.canvas_length
         self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
         self.fixed = constraint_table(constraints, plan.n_blocks * C, model.n_vocab)
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
+        cfg = plan.config
+        self.sampling = sampling(cfg.top_k, cfg.top_p, cfg.min_p)
+        self.sampling = self.sampling if self.sampling.active else None
+        if grammar is not None and not isinstance(grammar, GrammarSpec):
+            raise ConfigError(f"grammar must be a GrammarSpec, got {type(grammar).__name__}")
+        self.grammar = CanvasGrammar(model, grammar, plan.eos_ids) if grammar is not None else None
         self.t_start = time.perf_counter()
         self.cached = reuse(seq, plan)  # prompt tokens the sequence already holds
         self.out: list[int] = []
@@ -105,6 +114,7 @@ class Generation:
         b, C = self.block, self.C
         self.pinned = None if self.fixed is None else self.fixed[b * C:(b + 1) * C]
         self.held = None if self.pinned is None else self.pinned >= 0
+        self.repairs = 0
         self._begin_canvas()
 
     def _begin_canvas(self) -> None:
@@ -114,6 +124,7 @@ class Generation:
         window = min(cfg.stability_threshold, cfg.max_denoising_steps) if cfg.early_stop else 0
         self.history = StabilityHistory(window, self.C) if cfg.early_stop else None
         self.canvas = self.noise.tokens(self.C)
+        self.draft = None
         self.i = 0
         self._next_denoise()
 
@@ -121,20 +132,34 @@ class Generation:
         self._t0 = time.perf_counter()
         if self.held is not None:
             self.canvas = np.where(self.held, self.pinned, self.canvas)
-        N = self.config.max_denoising_steps
-        T = temperature(N - self.i, N, self.config.t_min, self.config.t_max)
-        self.pending = DenoiseCall(self.seq, self.canvas, T, self.noise.uniforms(self.C), self.i > 0)
+        cfg = self.config
+        N = cfg.max_denoising_steps
+        T = temperature(max(N - self.i, 1), N, cfg.t_min, cfg.t_max)  # repair passes past the cap: the last T
+        if cfg.temperature not in (0.0, 1.0):
+            T = float(np.float32(T) * np.float32(cfg.temperature))
+        uniforms = self.noise.uniforms(self.C)
+        filters = self.sampling
+        if self.grammar is not None:
+            filters = self.grammar.filters(self.draft if self.draft is not None else self.canvas, self.sampling)
+        self.pending = DenoiseCall(self.seq, self.canvas, T, uniforms if cfg.temperature > 0 else None, self.i > 0,
+                                   filters)
 
     def _stepped(self, call: DenoiseCall, out) -> list[Event]:
         cfg, C = self.config, self.C
         argmax = np.asarray(out.argmax, dtype=np.int64)
-        sampled = np.asarray(out.sampled, dtype=np.int64)
+        sampled = argmax if out.sampled is None else np.asarray(out.sampled, dtype=np.int64)
         entropy = np.asarray(out.entropy, dtype=np.float32)
         if self.held is not None:  # pinned tokens count as accepted, with zero entropy
             argmax, sampled = np.where(self.held, self.pinned, argmax), np.where(self.held, self.pinned, sampled)
             entropy = np.where(self.held, np.float32(0), entropy)
         accepted = accept_mask(entropy, cfg.entropy_bound)
         flagged = guide_mask(self.guide, argmax, accepted, C)
+        valid = C
+        if self.grammar is not None:  # from the first position that breaks the grammar on, re-noised
+            self.draft = argmax
+            valid = self.grammar.valid_prefix(argmax)
+            broken = np.arange(C) >= valid
+            flagged = broken if flagged is None else flagged | broken
         objects = flagged is not None and bool(flagged.any())
         if flagged is not None:
             accepted = accepted & ~flagged  # re-noised instead of kept
@@ -151,6 +176,9 @@ class Generation:
         if not stop and self.i < cfg.max_denoising_steps:
             self._next_denoise()
             return events
+        if valid < C and self.repairs < C:  # breaks the grammar at the cap: its valid prefix pinned, once more
+            self._repair(argmax, valid)
+            return events
         self.block_steps += self.i
         if objects and self.attempt < self.restarts:  # still broken at the step cap: again from fresh noise
             self.attempt += 1
@@ -158,12 +186,24 @@ class Generation:
             return events
         return events + self._end_block(argmax)
 
+    def _repair(self, draft: np.ndarray, valid: int) -> None:
+        """Another pass with the grammar-valid prefix of `draft` pinned: the next position's mask then follows
+        from tokens that cannot change, so each pass makes at least one more position valid."""
+        self.repairs += 1
+        prefix = np.arange(self.C) < valid
+        pinned = self.pinned if self.pinned is not None else np.full(self.C, -1, dtype=np.int64)
+        self.pinned = np.where(prefix, draft, pinned)
+        self.held = self.pinned >= 0
+        self._next_denoise()
+
     def _end_block(self, canvas: np.ndarray) -> list[Event]:
         """The block's text (EOS, max_new_tokens and stop strings applied), then a commit or the Completion."""
         cfg, model = self.config, self.model
         self.steps.append(self.block_steps)
         new, eos = trim_eos(canvas[: cfg.max_new_tokens - len(self.out)], self.plan.eos_ids)
         self.out += [int(t) for t in new]
+        if self.grammar is not None:
+            self.grammar.commit(new)
         full = model.detokenize(self.out)
         stop_at = find_stop(full, cfg.stop, len(self.text)) if cfg.stop else -1
         if stop_at >= 0:

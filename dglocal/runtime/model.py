@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError, ContextError, ModelError
 from . import checks, swa
+from .filters import checked
 from .gguf import read_header
 from .options import KV_TYPES, LoadOptions
 from .placement import device_precision, placement
@@ -187,6 +188,11 @@ class Model:
             n = self._nat.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
+    def is_control(self, token: int) -> bool:
+        """A control token (<eos>, <|turn>, ...): never part of plain text."""
+        attr = self._nat.llama_vocab_get_attr(self._vocab, checks.integer("token", token, 0, self.n_vocab - 1))
+        return bool(attr & self._nat.LLAMA_TOKEN_ATTR_CONTROL)
+
     def detokenize(self, tokens, *, special: bool = False) -> str:
         ids = checks.token_ids(tokens, self.n_vocab)
         return b"".join(self.token_piece(int(t), special=special) for t in ids).decode("utf-8", "replace")
@@ -265,7 +271,8 @@ class Model:
 
     def denoise_batch(self, requests, *, return_logits: bool = False) -> list["Denoised"]:
         """One decoder pass per group of canvases that fits a micro-batch: `requests` are (sequence, canvas,
-        temperature, uniforms or None, self_condition) of distinct sequences; results in the same order."""
+        temperature, uniforms or None, self_condition[, filters]) of distinct sequences (filters: a
+        dglocal.runtime.filters.Filters or None); results in the same order."""
         items = [self._request(*r) for r in requests]
         if len({id(r[0]) for r in items}) != len(items):
             raise ConfigError("denoise_batch: each sequence may appear once per call")
@@ -275,8 +282,9 @@ class Model:
             out += self._denoise_group(items[k:k + per], return_logits)
         return out
 
-    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True):
-        """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool)."""
+    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None):
+        """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool,
+        Filters or None)."""
         self._own(seq)
         toks = checks.token_ids(canvas, self.n_vocab, "canvas ids")
         n = self.canvas_length
@@ -287,21 +295,28 @@ class Model:
             u = np.ascontiguousarray(uniforms, dtype=np.float32).reshape(-1)
             if u.size != n or not ((u >= 0) & (u <= 1)).all():
                 raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
-        return seq, toks, checks.temperature(temperature), u, bool(self_condition)
+        if filters is not None:
+            filters = checked(filters, self.n_vocab, n)
+        return seq, toks, checks.temperature(temperature), u, bool(self_condition), filters
 
     def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
         nat, n = self._nat, self.canvas_length
         results, arrays = [], []
         canvases = (nat.llama_dg_canvas * len(items))()
-        for c, (seq, toks, temperature, u, sc) in zip(canvases, items):
+        ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
+        for c, (seq, toks, temperature, u, sc, filters) in zip(canvases, items):
             res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
                            np.empty(n, np.float32))
-            arrays.append((toks, u))  # kept alive through the call
-            ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
+            arrays.append((toks, u, filters))  # kept alive through the call
             c.seq_id, c.tokens, c.n_tokens, c.temperature = seq.seq_id, ptr(toks, nat.c_int32_p), n, temperature
             c.uniforms, c.self_condition = ptr(u, nat.c_float_p), sc
             c.argmax, c.sampled = ptr(res.argmax, nat.c_int32_p), ptr(res.sampled, nat.c_int32_p)
             c.entropy = ptr(res.entropy, nat.c_float_p)
+            if filters is not None:
+                c.top_k, c.top_p, c.min_p = filters.top_k, filters.top_p, filters.min_p
+                if filters.bias is not None:
+                    c.bias, c.n_bias = ptr(filters.bias, nat.c_float_p), len(filters.bias)
+                    c.bias_row = ptr(filters.bias_row, nat.c_int32_p)
             results.append(res)
         status = self.native(nat.llama_dg_denoise_batch, self._ctx, canvases, len(items), bool(return_logits))
         if status != 0:
@@ -373,11 +388,11 @@ class Sequence:
             self._window.after_encode(len(self.tokens))
 
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
-                return_logits: bool = False) -> Denoised:
+                return_logits: bool = False, filters=None) -> Denoised:
         """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
         self_condition=True feeds the soft embedding left by this sequence's previous denoise (its logits / its
         temperature); False feeds zeros, as at the first step of a canvas."""
-        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition)],
+        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition, filters)],
                                         return_logits=return_logits)[0]
 
     def truncate(self, n: int) -> int:

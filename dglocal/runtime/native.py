@@ -48,6 +48,8 @@ llama_n_ctx_seq, llama_n_batch, llama_n_ubatch = _ll.llama_n_ctx_seq, _ll.llama_
 llama_model_get_vocab = _ll.llama_model_get_vocab
 llama_vocab_n_tokens = _ll.llama_vocab_n_tokens
 llama_vocab_is_eog = _ll.llama_vocab_is_eog
+llama_vocab_get_attr = _ll.llama_vocab_get_attr
+LLAMA_TOKEN_ATTR_CONTROL, LLAMA_TOKEN_ATTR_USER_DEFINED = _ll.LLAMA_TOKEN_ATTR_CONTROL, _ll.LLAMA_TOKEN_ATTR_USER_DEFINED
 llama_tokenize = _ll.llama_tokenize
 llama_token_to_piece = _ll.llama_token_to_piece
 # the causal encoder pass and its outputs
@@ -87,7 +89,9 @@ class llama_dg_canvas(ctypes.Structure):
 
     _fields_ = [("seq_id", ctypes.c_int32), ("tokens", c_int32_p), ("n_tokens", ctypes.c_int32),
                 ("temperature", ctypes.c_float), ("uniforms", c_float_p), ("self_condition", ctypes.c_bool),
-                ("argmax", c_int32_p), ("sampled", c_int32_p), ("entropy", c_float_p)]
+                ("argmax", c_int32_p), ("sampled", c_int32_p), ("entropy", c_float_p),
+                ("bias", c_float_p), ("n_bias", ctypes.c_int32), ("bias_row", c_int32_p),
+                ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float)]
 
 
 # int32_t llama_dg_denoise_batch(struct llama_context * ctx, struct llama_dg_canvas * canvases, int32_t n_canvases,

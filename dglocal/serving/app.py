@@ -18,15 +18,18 @@ import time
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation.chat import ChatTemplate
+from dglocal.generation import channels
 from dglocal.generation.events import Completion, Step
+from dglocal.generation.grammar import CanvasGrammar, GrammarSpec
 from dglocal.generation.loop import split_options
 from dglocal.generation.request import plan
 from dglocal.serving import schema
 from dglocal.serving.engine import END, Engine, Request, ShuttingDown
+from dglocal.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger("dglocal.server")
 GRACE_SECONDS = 3  # what uvicorn still waits for connections once the open streams were ended
@@ -49,10 +52,11 @@ class Frontend:
         self.model, self.id, self.defaults = model, model_id, defaults
         self.template = ChatTemplate.of(model)
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], dict]:
+    def chat_prompt(self, messages: list[dict], tools=None, **kwargs) -> tuple[list[int], dict]:
         if self.template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
-        return self.template.tokens(self.model, messages), {}
+        extra = {"tools": tools} if tools else {}
+        return self.template.tokens(self.model, channels.template_messages(messages), **extra, **kwargs), {}
 
     def text_prompt(self, prompt: str) -> tuple[list[int], dict]:
         return self.model.tokenize(prompt, add_special=True, parse_special=True), {}
@@ -64,7 +68,7 @@ class Frontend:
 class SudokuFrontend(Frontend):
     """The built-in Sudoku model: a message holding a puzzle (81 cells, '.' or '0' blank) gets the solved grid."""
 
-    def chat_prompt(self, messages):
+    def chat_prompt(self, messages, tools=None, **kwargs):
         return self.text_prompt(messages[-1]["content"])
 
     def text_prompt(self, prompt):
@@ -106,13 +110,37 @@ def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
         options["eos_token_id"] = ()
     if schema.flag(body, "cache_prompt") is False:  # llama-server's field: no reuse of the slot's cached prefix
         options["cache_prompt"] = False
+    top_k = schema.number(body, "top_k")
+    if top_k is not None:
+        options["top_k"] = max(top_k, 0)  # -1: off, as vLLM
+    grammar = schema.output_grammar(body)
+    if grammar is not None:
+        options["grammar"] = GrammarSpec(*grammar)
     return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
+
+
+def tool_options(body: dict, options: dict) -> tuple[list[dict] | None, bool]:
+    """(the tools the template declares, whether replies are parsed for calls); tool_choice required or a named
+    function constrains the reply to calls (a grammar, which a structured-output field would contradict)."""
+    tools = schema.tools(body)
+    choice = schema.tool_choice(body, tools)
+    if not tools or choice == "none":
+        return None, False
+    if choice not in (None, "auto"):
+        if "grammar" in options:
+            raise ApiError(400, "tool_choice forces a tool call: it cannot be combined with a structured-output "
+                                "field", param="tool_choice")
+        names = [t["function"]["name"] for t in tools] if choice == "required" else [choice]
+        parallel = schema.flag(body, "parallel_tool_calls") is not False
+        options["grammar"] = GrammarSpec("lark", channels.call_grammar(names, parallel=parallel))
+    return tools, True
 
 
 # -- the app -----------------------------------------------------------------------------------------------------
 
 def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None):
     app = FastAPI(title="dglocal", docs_url=None, redoc_url=None)
+    metrics = Metrics(engine)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -127,8 +155,12 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         if api_key and request.url.path.startswith("/v1/") and \
                 request.headers.get("authorization") != f"Bearer {api_key}":
             e = ApiError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key")
+            metrics.requests.labels("401").inc()
             return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path in ("/v1/chat/completions", "/v1/completions"):
+            metrics.requests.labels(str(response.status_code)).inc()
+        return response
 
     @app.get("/health")
     async def health():
@@ -143,12 +175,26 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def slots():
         return engine.slot_info()
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     async def answer(request: HttpRequest, *, chat: bool):
         body = schema.parse_body(await request.body())
         options, stream, stream_options = parse_options(body, frontend)
-        prompt, extra = (frontend.chat_prompt(schema.messages(body)) if chat else
-                         frontend.text_prompt(schema.text(body.get("prompt"), "prompt")))
-        return await run(request, prompt, _merged(options, extra), stream, stream_options, chat=chat)
+        calls = False
+        if chat:
+            tools, calls = tool_options(body, options)
+            prompt, extra = frontend.chat_prompt(schema.messages(body), tools, **schema.template_kwargs(body))
+        else:
+            for name in ("messages", "tools", "tool_choice", "chat_template_kwargs"):
+                if body.get(name) is not None:
+                    raise schema.FieldError(f"'{name}' is a chat field: use /v1/chat/completions", name)
+            prompt, extra = frontend.text_prompt(schema.text(body.get("prompt"), "prompt"))
+        options = _merged(options, extra)
+        if options.get("grammar") is not None:
+            check_grammar(engine.model, options["grammar"])
+        return await run(request, prompt, options, stream, stream_options, chat=chat, calls=calls)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
@@ -158,7 +204,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def completions(request: HttpRequest):
         return await answer(request, chat=False)
 
-    async def run(request, prompt, options, stream, stream_options, *, chat):
+    async def run(request, prompt, options, stream, stream_options, *, chat, calls=False):
         import asyncio
 
         settings, extras = split_options(options)
@@ -172,7 +218,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         if not engine.submit(req):
             raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
                            headers={"Retry-After": "1"})
-        shape = Shape(req, frontend, chat)
+        shape = Shape(req, frontend, chat, calls, metrics)
         if stream:
             return StreamingResponse(shape.sse(request, engine, stream_options), media_type="text/event-stream")
         completion = None
@@ -180,6 +226,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
             while (item := await req.events.get()) is not END:
                 if isinstance(item, BaseException):
                     raise _as_api_error(item)
+                shape.observe(item)
                 if item.kind == "done":
                     completion = item
         except asyncio.CancelledError:
@@ -188,6 +235,15 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         return shape.whole(completion)
 
     return app
+
+
+def check_grammar(model, spec: GrammarSpec) -> None:
+    """A grammar the engine cannot compile (an unsupported schema feature, say) is a 400 now, not a failed
+    stream later."""
+    try:
+        CanvasGrammar(model, spec, model.eos_ids)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param="response_format") from None
 
 
 def _merged(options: dict, extra: dict) -> dict:
@@ -211,20 +267,29 @@ def _as_api_error(e: BaseException) -> ApiError:
 class Shape:
     """OpenAI response objects for one request."""
 
-    def __init__(self, req: Request, frontend: Frontend, chat: bool):
-        self.req, self.frontend, self.chat = req, frontend, chat
+    def __init__(self, req: Request, frontend: Frontend, chat: bool, calls: bool, metrics: Metrics):
+        self.req, self.frontend, self.chat, self.calls, self.metrics = req, frontend, chat, calls, metrics
         self.id = ("chatcmpl-" if chat else "cmpl-") + req.id
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+
+    def observe(self, event) -> None:
+        self.metrics.event(event)
+        if event.kind == "done":
+            self.metrics.finished(event, self.req.cached)
 
     def _base(self, chunk: bool) -> dict:
         return {"id": self.id, "object": self.object + (".chunk" if chunk and self.chat else ""),
                 "created": self.created, "model": self.frontend.id}
 
-    def _choice(self, text: str | None, finish: str | None, *, first: bool = False) -> dict:
+    def _choice(self, text: str | None, finish: str | None, *, first: bool = False, reasoning: str = "",
+                calls: list | None = None) -> dict:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+        delta = ({"role": "assistant"} if first else {}) | ({"reasoning_content": reasoning} if reasoning else {}) \
+            | ({"content": text} if text else {})
+        if calls:
+            delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in enumerate(calls)]
         return {"index": 0, "delta": delta, "finish_reason": finish}
 
     def usage(self, c: Completion) -> dict:
@@ -239,14 +304,23 @@ class Shape:
                 "seed": s.seed}
 
     @staticmethod
-    def finish(c: Completion) -> str:
-        return "length" if c.finish_reason == "length" else "stop"
+    def finish(c: Completion, calls=None) -> str:
+        return "tool_calls" if calls else "length" if c.finish_reason == "length" else "stop"
 
     def whole(self, c: Completion) -> dict:
         self.log(c)
         text = self.frontend.answer(c)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": self.finish(c)}
-                  if self.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish(c)})
+        if not self.chat:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish(c)}
+        else:
+            out = channels.split(text, tools=self.calls) if self.frontend.template is not None else \
+                channels.Output(text)
+            message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
+            if out.reasoning is not None:
+                message["reasoning_content"] = out.reasoning
+            if out.tool_calls:
+                message["tool_calls"] = [_call(t) for t in out.tool_calls]
+            choice = {"index": 0, "message": message, "finish_reason": self.finish(c, out.tool_calls)}
         return {**self._base(False), "choices": [choice], "usage": self.usage(c), "dglocal": self.stats(c)}
 
     async def sse(self, request, engine: Engine, stream_options: dict):
@@ -254,6 +328,7 @@ class Shape:
 
         drafts, usage = bool(stream_options.get("include_drafts")), bool(stream_options.get("include_usage"))
         first, sudoku = True, isinstance(self.frontend, SudokuFrontend)
+        splitter = channels.StreamSplitter(tools=self.calls) if self.chat and not sudoku else None
         try:
             while (item := await self.req.events.get()) is not END:
                 if await request.is_disconnected():
@@ -262,16 +337,24 @@ class Shape:
                 if isinstance(item, BaseException):
                     yield _sse({"error": _as_api_error(item).body()["error"]})
                     return
+                self.observe(item)
                 if item.kind == "step" and drafts:
                     yield _sse({**self._base(True), "choices": [], "dglocal_draft": self._draft(item)})
                 elif item.kind == "block" and item.text and not sudoku:
-                    yield _sse({**self._base(True), "choices": [self._choice(item.text, None, first=first)]})
-                    first = False
+                    reasoning, text = splitter.feed(item.text) if splitter else ("", item.text)
+                    if reasoning or text:
+                        yield _sse({**self._base(True), "choices": [self._choice(text, None, first=first,
+                                                                                 reasoning=reasoning)]})
+                        first = False
                 elif item.kind == "done":
                     self.log(item)
-                    text = self.frontend.answer(item) if sudoku else None
-                    yield _sse({**self._base(True), "choices": [self._choice(text, self.finish(item), first=first)],
-                                "dglocal": self.stats(item)})
+                    text, reasoning, calls = self.frontend.answer(item) if sudoku else None, "", []
+                    if splitter:
+                        reasoning, text, out = splitter.finish()
+                        calls = out.tool_calls
+                    yield _sse({**self._base(True), "choices": [self._choice(
+                        text, self.finish(item, calls), first=first, reasoning=reasoning, calls=calls)],
+                        "dglocal": self.stats(item)})
                     if usage:
                         yield _sse({**self._base(True), "choices": [], "usage": self.usage(item)})
             yield "data: [DONE]\n\n"
@@ -291,6 +374,10 @@ class Shape:
         log.info("%s slot %s: prompt %d (cached %d) + %d tokens, %d steps, %.1f ms/step, %.1f canvas tok/s",
                  self.id, self.req.slot, len(self.req.plan.tokens), self.req.cached, len(c.tokens),
                  sum(s.steps_per_canvas), s.ms_per_step, s.tokens_per_second)
+
+
+def _call(call: channels.ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _sse(obj: dict) -> str:

@@ -25,31 +25,37 @@ NUMBERS = {
     "max_denoising_steps": (int, 1, MAX_STEPS), "stability_threshold": (int, 0, MAX_STEPS),
     "entropy_bound": (float, 0, 1e9), "confidence_threshold": (float, 0, 1e9),
     "t_min": (float, 0, MAX_TEMPERATURE), "t_max": (float, 0, MAX_TEMPERATURE),
+    # sampling (docs/sampling.md): temperature scales the t_min..t_max schedule (0: the argmax); top_k -1 is off
+    "temperature": (float, 0, 2), "top_p": (float, 1e-9, 1), "top_k": (int, -1, 2**31 - 1), "min_p": (float, 0, 1),
 }
-DIFFUSION = ("max_denoising_steps", "stability_threshold", "entropy_bound", "confidence_threshold", "t_min", "t_max")
-FLAGS = ("stream", "ignore_eos", "cache_prompt")
-OTHER = ("model", "messages", "prompt", "stop", "stream_options", "user")
+DIFFUSION = ("max_denoising_steps", "stability_threshold", "entropy_bound", "confidence_threshold", "t_min", "t_max",
+             "temperature", "top_p", "min_p")
+FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls")
+# structured output: OpenAI's response_format, llama-server's json_schema / grammar (GBNF), vLLM's
+# structured_outputs and its older guided_* fields
+GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "guided_json", "guided_regex",
+            "guided_grammar", "guided_choice")
+OTHER = ("model", "messages", "prompt", "stop", "stream_options", "user", "tools", "tool_choice",
+         "chat_template_kwargs", *GRAMMARS)
 STREAM_OPTIONS = ("include_usage", "include_drafts")
 # fields with one accepted value, the value OpenAI means by default; any other is refused with the reason
 NEUTRAL = {
-    "temperature": (1, "this sampler's temperatures are t_min / t_max (and entropy_bound sets how much is kept)"),
-    "top_p": (1, "the diffusion sampler draws from the whole distribution"),
     "frequency_penalty": (0, "penalties over earlier tokens do not apply to a canvas denoised in parallel"),
     "presence_penalty": (0, "penalties over earlier tokens do not apply to a canvas denoised in parallel"),
-    "logprobs": (False, "log-probabilities are not returned"),
+    "logprobs": (False, "log-probabilities are not returned: the device reduces each position's distribution to "
+                        "its argmax, draw and entropy, and the vocabulary-wide values never reach the host"),
 }
 REFUSED = {
-    "tools": "tool calls are not supported yet", "tool_choice": "tool calls are not supported yet",
-    "functions": "function calls are not supported", "function_call": "function calls are not supported",
-    "response_format": "structured output is not supported yet", "logit_bias": "logit_bias is not supported",
-    "top_logprobs": "log-probabilities are not returned", "top_k": "top_k is not supported yet",
-    "min_p": "min_p is not supported yet", "suffix": "suffix (infilling) is not supported yet",
+    "functions": "use 'tools' (the legacy function fields are not supported)",
+    "function_call": "use 'tool_choice' (the legacy function fields are not supported)",
+    "logit_bias": "logit_bias is not supported",
+    "top_logprobs": "log-probabilities are not returned", "suffix": "suffix (infilling) is not supported yet",
     "echo": "echo is not supported", "best_of": "best_of is not supported", "audio": "audio is not supported",
-    "modalities": "only text is supported", "parallel_tool_calls": "tool calls are not supported yet",
-    "reasoning_effort": "reasoning is not supported yet",
+    "modalities": "only text is supported",
+    "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true}",
 }
 ACCEPTED = {*NUMBERS, *FLAGS, *OTHER, *NEUTRAL}
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class FieldError(ValueError):
@@ -161,9 +167,12 @@ def stream_options(body: dict) -> dict:
     return opts
 
 
+MESSAGE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}
+
+
 def messages(body: dict) -> list[dict]:
-    """The chat messages as {role, content} with text content; other message shapes and content types are
-    refused (naming the message)."""
+    """The chat messages as {role, content} with text content, assistant tool calls and tool results; other
+    message shapes and content types are refused (naming the message)."""
     items = body.get("messages")
     if not isinstance(items, list) or not items:
         raise FieldError("'messages' must be a non-empty list", "messages")
@@ -171,15 +180,146 @@ def messages(body: dict) -> list[dict]:
     for i, m in enumerate(items):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else None
-            hint = ": tool messages are not supported yet" if role == "tool" else ""
-            raise FieldError(f"{where} needs a role (system, user, assistant or developer){hint}", "messages")
-        extra = sorted(set(m) - {"role", "content"})
+            raise FieldError(f"{where} needs a role ({', '.join(ROLES)})", "messages")
+        allowed = {"role", "content"} | MESSAGE_FIELDS.get(m["role"], set())
+        extra = sorted(set(m) - allowed)
         if extra:
-            raise FieldError(f"{where} has field(s) {extra} this server does not support", "messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content(m.get("content"),
-                                                                                                    where)})
+            raise FieldError(f"{where} has field(s) {extra} this server does not support for role "
+                             f"{m['role']!r}", "messages")
+        msg = {"role": "system" if m["role"] == "developer" else m["role"]}
+        calls = m.get("tool_calls")
+        msg["content"] = "" if m.get("content") is None and calls else content(m.get("content"), where)
+        if calls is not None:
+            msg["tool_calls"] = [tool_call(c, f"{where}.tool_calls[{k}]") for k, c in enumerate(_list(calls, where))]
+        for name in ("tool_call_id", "name"):
+            if m.get(name) is not None:
+                msg[name] = text(m[name], "messages")
+        out.append(msg)
     return out
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise FieldError(f"{where}.tool_calls must be a list", "messages")
+    return value
+
+
+def tool_call(call, where: str) -> dict:
+    """An assistant message's call: {id, type: function, function: {name, arguments: JSON text of an object}}."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+        raise FieldError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                         f"\"arguments\": a JSON string}}}}", "messages")
+    try:
+        args = json.loads(fn["arguments"] or "{}")
+    except (ValueError, RecursionError):
+        args = None
+    if not isinstance(args, dict):
+        raise FieldError(f"{where}.function.arguments must be the JSON text of an object", "messages")
+    return {"id": str(call.get("id") or ""), "type": "function",
+            "function": {"name": text(fn["name"], "messages"), "arguments": fn["arguments"]}}
+
+
+def tools(body: dict) -> list[dict] | None:
+    """The `tools` list: functions with a name, an optional description and JSON-schema parameters."""
+    items = body.get("tools")
+    if items is None:
+        return None
+    if not isinstance(items, list):
+        raise FieldError("'tools' must be a list", "tools")
+    out = []
+    for k, t in enumerate(items):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
+            raise FieldError(f"tools[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\": letters, "
+                             f"digits, _ . or -, ...}}}}", "tools")
+        if not isinstance(fn.get("parameters", {}), dict) or not isinstance(fn.get("description", ""), str):
+            raise FieldError(f"tools[{k}].function: parameters must be an object, description a string", "tools")
+        out.append({"type": "function", "function": {"description": "", **fn}})
+    return out
+
+
+def tool_choice(body: dict, listed: list[dict] | None) -> str | None:
+    """'auto', 'none', 'required' or the name of the function that must be called (None: auto)."""
+    choice = body.get("tool_choice")
+    names = [t["function"]["name"] for t in listed or ()]
+    if choice is None or choice in ("auto", "none", "required"):
+        if choice == "required" and not names:
+            raise FieldError("'tool_choice' 'required' needs 'tools'", "tool_choice")
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if name not in names:
+        raise FieldError(f"'tool_choice' must be auto, none, required or {{\"type\": \"function\", \"function\": "
+                         f"{{\"name\": one of {names}}}}}, got {short(choice)}", "tool_choice")
+    return name
+
+
+def template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs`: values the chat template reads (enable_thinking, say)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise FieldError("'chat_template_kwargs' must be an object of named values", "chat_template_kwargs")
+    reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "bos_token"})
+    if reserved:
+        raise FieldError(f"'chat_template_kwargs' may not set {reserved}", "chat_template_kwargs")
+    return kwargs
+
+
+def output_grammar(body: dict):
+    """The one structured-output constraint of the request as (kind, source), or None."""
+    found = [(name, body[name]) for name in GRAMMARS if body.get(name) is not None]
+    specs = [spec for name, value in found if (spec := _grammar(name, value)) is not None]
+    if len(specs) > 1:
+        raise FieldError(f"one structured-output field at a time, got {[n for n, _ in found]}", found[1][0])
+    return specs[0] if specs else None
+
+
+def _grammar(name: str, value):
+    if name == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return ("json_object", None)
+        schema = value.get("json_schema", {}).get("schema") if kind == "json_schema" and \
+            isinstance(value.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise FieldError("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                             "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                             name)
+        return ("json_schema", schema)
+    if name == "structured_outputs":
+        keys = sorted(set(value) & {"json", "regex", "grammar", "choice"}) if isinstance(value, dict) else []
+        if len(keys) != 1 or set(value) - set(keys):
+            raise FieldError("'structured_outputs' takes one of json, regex, grammar or choice", name)
+        return _grammar("guided_" + keys[0], value[keys[0]])
+    if name in ("json_schema", "guided_json"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise FieldError(f"'{name}' must be a JSON schema", name) from None
+        if not isinstance(value, dict):
+            raise FieldError(f"'{name}' must be a JSON schema object", name)
+        return ("json_schema", value)
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise FieldError(f"'{name}' must be a non-empty list of strings", name)
+        return ("regex", "|".join(_regex_literal(text(c, name)) for c in value))
+    if not isinstance(value, str) or not value:
+        raise FieldError(f"'{name}' must be a non-empty string", name)
+    if name == "guided_regex":
+        return ("regex", text(value, name))
+    return ("gbnf" if "::=" in value else "lark", text(value, name))
+
+
+def _regex_literal(choice: str) -> str:
+    """`choice` matched literally by a regex (the grammar engine's syntax: Rust's, which refuses escaped spaces)."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in choice)
 
 
 def content(value, where: str) -> str:

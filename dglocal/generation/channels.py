@@ -1,0 +1,240 @@
+"""Gemma 4's output channels: the thinking block, tool calls and the answer, split out of the generated text; and
+OpenAI-style messages (tool calls with JSON arguments, `tool` results) put into the shape its chat template reads.
+
+The syntax, as the GGUF's template writes it:
+
+    <|channel>thought\n ... <channel|>                        the thinking block (reasoning)
+    <|tool_call>call:NAME{key:value,...}<tool_call|>          a call; values: <|"|>text<|"|>, numbers,
+                                                             true/false/null, {key:value}, [value,...]
+    <|tool_response>response:NAME{key:value}<tool_response|>  a result, inside the model's turn
+
+A call whose arguments do not parse stays in the text: the caller sees what the model wrote, never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
+CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+QUOTE = '<|"|>'
+_CALL = re.compile(re.escape(CALL_OPEN) + r"call:([A-Za-z_][\w.\-]*)\{(.*?)\}" + re.escape(CALL_CLOSE), re.S)
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI's function.arguments
+    id: str = ""
+
+
+@dataclass
+class Output:
+    content: str
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def split(text: str, *, tools: bool = True) -> Output:
+    """The reasoning, the tool calls (when `tools`) and the remaining text of a whole reply."""
+    reasoning, text = _reasoning(text)
+    calls: list[ToolCall] = []
+    if tools:
+        kept, last = [], 0
+        for m in _CALL.finditer(text):
+            args = parse_arguments(m.group(2))
+            if args is None:
+                continue  # left in the text
+            kept.append(text[last:m.start()])
+            calls.append(ToolCall(m.group(1), json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
+            last = m.end()
+        text = "".join(kept) + text[last:]
+    return Output(text.strip() if calls else text, reasoning, calls)
+
+
+def _reasoning(text: str) -> tuple[str | None, str]:
+    start = text.find(THINK_OPEN)
+    if start < 0:
+        return None, text
+    end = text.find(THINK_CLOSE, start)
+    inner = text[start + len(THINK_OPEN): end if end >= 0 else len(text)]
+    inner = inner[len("thought"):] if inner.startswith("thought") else inner
+    rest = text[:start] + (text[end + len(THINK_CLOSE):] if end >= 0 else "")
+    return inner.strip("\n"), rest.lstrip("\n")
+
+
+class StreamSplitter:
+    """`split` over text that arrives in pieces: feed() returns (reasoning, content) deltas that are final; a
+    tool call or an open thinking block is held back until it closes. finish() returns the last deltas and the
+    whole Output."""
+
+    def __init__(self, *, tools: bool = True):
+        self.tools, self.text = tools, ""
+        self.sent_reasoning, self.sent_content = "", ""
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        self.text += delta
+        reasoning, content = self._visible()
+        return self._deltas(reasoning, content)
+
+    def finish(self) -> tuple[str, str, Output]:
+        out = split(self.text, tools=self.tools)
+        r, c = self._deltas(out.reasoning or "", out.content)
+        return r, c, out
+
+    def _visible(self) -> tuple[str, str]:
+        text = self.text
+        if self.tools and CALL_OPEN in text:  # nothing after a call's start until the reply ends
+            text = text[: text.find(CALL_OPEN)]
+        cut = _partial_tail(text, (THINK_OPEN, THINK_CLOSE, CALL_OPEN))
+        text = text[: len(text) - cut]
+        reasoning, content = _reasoning(text)
+        if THINK_OPEN in text and THINK_CLOSE not in text:
+            content = ""
+        return reasoning or "", content.rstrip() if self.tools else content
+
+    def _deltas(self, reasoning: str, content: str) -> tuple[str, str]:
+        r = reasoning[len(self.sent_reasoning):] if reasoning.startswith(self.sent_reasoning) else ""
+        c = content[len(self.sent_content):] if content.startswith(self.sent_content) else ""
+        self.sent_reasoning += r
+        self.sent_content += c
+        return r, c
+
+
+def _partial_tail(text: str, markers) -> int:
+    """Length of the longest tail of `text` that begins one of `markers` (it may complete in the next piece)."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+# -- the argument syntax ------------------------------------------------------------------------------------------
+
+def parse_arguments(body: str):
+    """`key:value,...` (the inside of a call's braces) as a dict, or None when it does not parse."""
+    try:
+        value, i = _object(body, 0, close=None)
+    except (ValueError, IndexError):
+        return None
+    return value if i == len(body) else None
+
+
+def _object(s: str, i: int, close: str | None):
+    out = {}
+    while i < len(s) and s[i] != close:
+        if s.startswith(QUOTE, i):
+            key, i = _string(s, i)
+        else:
+            m = re.compile(r"[^:{}\[\],]+").match(s, i)
+            if not m:
+                raise ValueError(f"a key at {i}")
+            key, i = m.group(0), m.end()
+        if s[i] != ":":
+            raise ValueError(f"':' at {i}")
+        out[key], i = _value(s, i + 1)
+        if i < len(s) and s[i] == ",":
+            i += 1
+    return out, i
+
+
+def _value(s: str, i: int):
+    if s.startswith(QUOTE, i):
+        return _string(s, i)
+    if s[i] == "{":
+        value, i = _object(s, i + 1, "}")
+        return value, i + 1
+    if s[i] == "[":
+        items, i = [], i + 1
+        while s[i] != "]":
+            item, i = _value(s, i)
+            items.append(item)
+            if s[i] == ",":
+                i += 1
+        return items, i + 1
+    m = re.compile(r"[^,}\]]+").match(s, i)
+    if not m:
+        raise ValueError(f"a value at {i}")
+    word = m.group(0).strip()
+    words = {"true": True, "false": False, "null": None, "None": None, "True": True, "False": False}
+    if word in words:
+        return words[word], m.end()
+    return json.loads(word), m.end()  # a number; anything else does not parse
+
+
+def _string(s: str, i: int):
+    end = s.find(QUOTE, i + len(QUOTE))
+    if end < 0:
+        raise ValueError("an unclosed string")
+    return s[i + len(QUOTE): end], end + len(QUOTE)
+
+
+# -- OpenAI messages into the template's shape -----------------------------------------------------------------
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Assistant tool calls with their arguments as objects, and each run of `tool` messages folded into the
+    assistant message before it as `tool_responses` (the template writes them inside the model's turn)."""
+    out: list[dict] = []
+    names: dict[str, str] = {}
+    for msg in messages:
+        msg = dict(msg)
+        if msg.get("role") == "assistant" and msg.get("tool_calls"):
+            calls = []
+            for call in msg["tool_calls"]:
+                fn = dict(call.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = json.loads(fn["arguments"] or "{}")
+                names[call.get("id") or ""] = fn.get("name", "")
+                calls.append({**call, "function": fn})
+            msg["tool_calls"] = calls
+        if msg.get("role") == "tool":
+            host = out[-1] if out and out[-1].get("role") == "assistant" else None
+            if host is None:
+                host = {"role": "assistant", "content": ""}
+                out.append(host)
+            host.setdefault("tool_responses", []).append(
+                {"name": names.get(msg.get("tool_call_id") or "", msg.get("name") or "unknown"),
+                 "response": _result(msg.get("content"))})
+            continue
+        out.append(msg)
+    return out
+
+
+def _result(content):
+    """A tool's result: a JSON object as itself, anything else as its text."""
+    if isinstance(content, list):  # text parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, str):
+        try:
+            value = json.loads(content)
+        except ValueError:
+            return content
+        return value if isinstance(value, dict) else content
+    return content
+
+
+# -- forcing a call: tool_choice "required" or a named function -------------------------------------------------
+
+def call_grammar(names: list[str], *, parallel: bool = True) -> str:
+    """A Lark grammar of replies that are tool calls (one, or one or more) to the functions `names`, in the
+    syntax `split` reads; the arguments are any value of that syntax."""
+    alternatives = " | ".join(json.dumps(n) for n in names)
+    return "\n".join([
+        f"start: call{'+' if parallel else ''}",
+        'call: "<|tool_call>call:" NAME "{" [pair ("," pair)*] "}<tool_call|>"',
+        f"NAME: {alternatives}",
+        'pair: KEY ":" value',
+        "KEY: /[A-Za-z_][A-Za-z0-9_]*/",
+        'value: STRING | NUMBER | "true" | "false" | "null" | obj | arr',
+        'obj: "{" [pair ("," pair)*] "}"',
+        'arr: "[" [value ("," value)*] "]"',
+        # <|"|> text <|"|>, the text without <|"|> in it
+        r'STRING: /<\|"\|>([^<]|<[^|]|<\|[^"]|<\|"[^|]|<\|"\|[^>])*<\|"\|>/',
+        r"NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/",
+    ])
