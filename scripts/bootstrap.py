@@ -46,7 +46,7 @@ def interpreter() -> str:
 def installed(python: str, extra: str) -> bool:
     """dglocal (with `extra`'s packages) importable from this checkout already."""
     modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client"] + (
-        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema"] if extra else [])
+        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright"] if extra else [])
     probe = ("import importlib.util as u, dglocal, sys; "
              f"sys.exit(0 if dglocal.__file__.startswith({str(ROOT)!r}) and "
              f"all(u.find_spec(m) for m in {modules!r}) else 1)")
@@ -62,15 +62,16 @@ def install(python: str, extra: str) -> None:
                                        os.environ.get("DGLOCAL_BACKEND", "cpu")])
 
 
-def ensure_tmux() -> None:
-    """The chat tests drive the program in a real terminal."""
-    if shutil.which("tmux"):
+def ensure_system_tools() -> None:
+    """The chat tests drive the program in a real terminal (tmux), the web page's in a real browser (Chromium)."""
+    missing = [pkg for pkg, exe in (("tmux", "tmux"), ("chromium", "chromium")) if not shutil.which(exe)]
+    if not missing:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        step("install tmux", ["apt-get", "update", "-qq"])
-        step("install tmux", ["apt-get", "install", "-y", "-qq", "tmux"])
+        step(f"install {' '.join(missing)}", ["apt-get", "update", "-qq"])
+        step(f"install {' '.join(missing)}", ["apt-get", "install", "-y", "-qq", *missing])
     else:
-        sys.exit("bootstrap: the tests need tmux (e.g. sudo apt-get install tmux, brew install tmux)")
+        sys.exit(f"bootstrap: the tests need {' and '.join(missing)} (e.g. sudo apt-get install {' '.join(missing)})")
 
 
 def main(argv: list[str]) -> int:
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
         print(f"== {' '.join(dglocal[2:])}", flush=True)
         return subprocess.run(dglocal).returncode
     install(python, "[test]")
-    ensure_tmux()
+    ensure_system_tools()
     print(f"== pytest {' '.join(rest)}", flush=True)
     cpu = subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
     gpu = gpu_tier(python, rest)

@@ -58,9 +58,14 @@ class ReferenceModel:
             seq.prefill(tokens)
 
     def denoise_batch(self, requests, *, return_logits: bool = False) -> list:
-        """Model.denoise_batch: (sequence, canvas, temperature, uniforms, self_condition), each on its own."""
-        return [seq.denoise(canvas, temperature=t, uniforms=u, self_condition=sc, return_logits=return_logits)
-                for seq, canvas, t, u, sc in requests]
+        """Model.denoise_batch: (sequence, canvas, temperature, uniforms, self_condition, filters), each on its own;
+        the reference's generate has no filters (top-k and the like), so none may be asked for."""
+        out = []
+        for seq, canvas, t, u, sc, *filters in requests:
+            if filters and filters[0] is not None:
+                raise NotImplementedError("the reference generate has no denoise filters")
+            out.append(seq.denoise(canvas, temperature=t, uniforms=u, self_condition=sc, return_logits=return_logits))
+        return out
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
         bos = self.torch_model.config.text_config.bos_token_id

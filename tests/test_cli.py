@@ -6,6 +6,7 @@ Generation options stay tiny (-c 1024, a few steps, -n 16..32) so every program 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -226,6 +227,32 @@ def test_piped_chat_is_plain_text(tiny_f32_gguf):
     assert ESC not in out.stdout + out.stderr
     assert re.search(r"^prompt tokens\s+\d+$", out.stdout, re.M), out.stdout
     assert "error: steps needs a number, got 'x'" in out.stderr
+
+
+def test_one_shot_with_a_schema_or_a_grammar_prints_what_it_allows(tiny_f32_gguf, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"enum": ["yes", "no"]}},
+              "required": ["n", "s"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.gbnf").write_text('root ::= "Answer: " [a-z]{3,12} "."\n')
+    common = (*SMALL, "--steps", "6", "-n", "64", "--seed", "3", "-p", "hello")
+    out = piped("run", tiny_f32_gguf, *common, "--json-schema", tmp_path / "s.json")
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), schema)
+    out = piped("run", tiny_f32_gguf, *common, "--grammar", tmp_path / "g.gbnf")
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"Answer: [a-z]{3,12}\.\n", out.stdout), out.stdout
+    out = piped("run", tiny_f32_gguf, *common, "--think", "--hide-thinking")
+    assert out.returncode == 0, out.stderr
+
+    (tmp_path / "bad.json").write_text("{nope")
+    for args, message in [(("--json-schema", tmp_path / "bad.json"), "bad.json"),
+                          (("--json-schema", tmp_path / "absent.json"), "absent.json"),
+                          (("--grammar", tmp_path / "s.json"), "grammar"),
+                          (("--json-schema", tmp_path / "s.json", "--grammar", tmp_path / "g.gbnf"), "one")]:
+        out = piped("run", tiny_f32_gguf, *common, *args)
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
 
 
 @pytest.mark.slow

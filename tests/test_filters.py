@@ -122,7 +122,7 @@ def test_filtered_and_plain_passes_interleave(llama_model, ref):
     np.testing.assert_array_equal(greedy.entropy, np.zeros(C, np.float32))
 
 
-@pytest.mark.skipif(os.environ.get("DGLOCAL_TEST_DEVICE"), reason="the chain runs on the device in the GPU tier")
+@pytest.mark.skipif(bool(os.environ.get("DGLOCAL_TEST_DEVICE")), reason="the chain runs on the device in the GPU tier")
 def test_op_chain_matches_numpy(tiny_f32_gguf):
     """LLAMA_DG_REDUCE=chain: the ggml op chain (argsort, cumsum, set_rows) the GPU backends run, on the CPU."""
     code = ("import sys; sys.path.insert(0, 'tests'); import dglocal, test_filters as t, tiny; "

@@ -54,7 +54,11 @@ BAD = [  # (body, param the 400 names)
     (dict(CHAT, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages"),
     (dict(CHAT, messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), "messages"),
-    (dict(CHAT, messages=[{"role": "tool", "content": "42", "tool_call_id": "a"}]), "messages"),
+    (dict(CHAT, messages=[{"role": "tool", "content": "42", "tool_call_id": "a", "extra": 1}]), "messages"),
+    (dict(CHAT, messages=[{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}]),
+     "messages"),
+    (dict(CHAT, messages=[{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]), "messages"),
     (dict(CHAT, messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages"),
     (dict(CHAT, max_tokens=10**300), "max_tokens"),
     (dict(CHAT, seed=-(10**200)), "seed"),
@@ -66,8 +70,21 @@ BAD = [  # (body, param the 400 names)
     (dict(CHAT, frequency_penalty=0.5), "frequency_penalty"),
     (dict(CHAT, presence_penalty=1), "presence_penalty"),
     (dict(CHAT, logprobs=True), "logprobs"),
-    (dict(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (dict(CHAT, response_format={"type": "json_object"}), "response_format"),
+    (dict(CHAT, tools=[{"type": "function", "function": {"name": "f g"}}]), "tools"),
+    (dict(CHAT, tools={"f": {}}), "tools"),
+    (dict(CHAT, tool_choice="required"), "tool_choice"),
+    (dict(CHAT, tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"function": {"name": "g"}}),
+     "tool_choice"),
+    (dict(CHAT, response_format={"type": "json_schema"}), "response_format"),
+    (dict(CHAT, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
+     "response_format"),
+    (dict(CHAT, guided_regex="("), "guided_regex"),
+    (dict(CHAT, json_schema={"type": "object"}, guided_regex="a"), "guided_regex"),
+    (dict(CHAT, chat_template_kwargs={"messages": []}), "chat_template_kwargs"),
+    (dict(CHAT, top_p=0), "top_p"),
+    (dict(CHAT, top_k=-2), "top_k"),
+    (dict(CHAT, min_p=1.5), "min_p"),
+    (dict(CHAT, temperature=2.5), "temperature"),
     (dict(CHAT, stream_options={"include_usage": "yes"}), "stream_options"),
     (dict(CHAT, stop=["ok", 3]), "stop"),
 ]
@@ -85,7 +102,8 @@ def test_bad_fields_are_400s_that_name_them(server):
                 '{"a":' * 100_000 + "1" + "}" * 100_000]:
         code, reply = _post(server, raw)
         assert code == 400 and _openai_error(reply), (raw[:40], code, reply)
-    code, reply = _post(server, dict(CHAT, frequency_penalty=0, presence_penalty=0.0, temperature=1, top_p=1))
+    code, reply = _post(server, dict(CHAT, frequency_penalty=0, presence_penalty=0.0, temperature=1, top_p=1,
+                                     top_k=-1, min_p=0))
     assert code == 200 and reply["choices"][0]["message"]["content"] is not None  # the neutral values are fine
 
 

@@ -9,7 +9,8 @@ from contextlib import closing
 
 from dglocal.errors import ConfigError, DglocalError
 from dglocal.generation.config import GenerationConfig
-from dglocal.generation.events import Completion
+from dglocal.generation.channels import StreamSplitter
+from dglocal.generation.events import BlockText, Completion
 
 # CLI spellings accepted by /set, besides the GenerationConfig field names themselves
 SET_ALIASES = {
@@ -67,11 +68,11 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
 class ChatLoop:
     """Turns and slash commands over a model's chat session; renders only through `view`."""
 
-    def __init__(self, model, view, **options):
-        self.model, self.view = model, view
+    def __init__(self, model, view, *, grammar=None, template_kwargs=None, show_thinking: bool = True, **options):
+        self.model, self.view, self.grammar, self.show_thinking = model, view, grammar, show_thinking
         self.options = {k: v for k, v in options.items() if v is not None}
         self.config = GenerationConfig.from_metadata(model.metadata, **self.options)  # validates the options
-        self.session = model.chat() if model.chat_template else RawSession(model)
+        self.session = model.chat(template_kwargs=template_kwargs) if model.chat_template else RawSession(model)
         self.last: Completion | None = None
 
     def run(self) -> None:
@@ -105,18 +106,33 @@ class ChatLoop:
         """One turn, drawn by the view; None when Ctrl-C stopped it (the session stays usable)."""
         self.view.begin_answer()
         done, stopped = None, False
+        channels = StreamSplitter(tools=False)  # the thinking block apart from the answer
+        extra = {"grammar": self.grammar} if self.grammar is not None else {}
         try:
-            with closing(self.session.stream(content, **self.options)) as events:
+            with closing(self.session.stream(content, **self.options, **extra)) as events:
                 for event in events:
                     if event.kind == "done":
+                        thought, text, _ = channels.finish()
+                        self._show(event, thought, text)
                         done = self.last = event
+                    elif event.kind == "block":
+                        self._show(event, *channels.feed(event.text))
                     else:
-                        getattr(self.view, event.kind)(event)  # view.step, view.block
+                        self.view.step(event)
         except KeyboardInterrupt:
             stopped = True
         finally:
             self.view.end_answer(done, stopped=stopped)
         return done
+
+    def _show(self, event, thought: str, text: str) -> None:
+        """A block (or the end of the reply) as the view draws it: its thinking apart, then its answer text."""
+        if thought and self.show_thinking:
+            self.view.thinking(thought)
+        if event.kind == "block":
+            self.view.block(dataclasses.replace(event, text=text))
+        elif text:  # held back until the reply ended
+            self.view.block(BlockText(-1, [], text, 0))
 
     def command(self, text: str) -> bool:
         name, _, arg = text.partition(" ")

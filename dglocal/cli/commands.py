@@ -128,6 +128,16 @@ def run(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        "--json-schema", help="Answers are JSON matching this JSON-schema file (enforced while they denoise).",
+        show_default=False)] = None,
+    grammar: Annotated[Optional[Path], typer.Option(
+        "--grammar", help="Answers match this grammar file: Lark, or GBNF (llama.cpp's) when it has '::='.",
+        show_default=False)] = None,
+    think: Annotated[bool, typer.Option(
+        "--think", help="Let the model think first (the chat template's enable_thinking).")] = False,
+    hide_thinking: Annotated[bool, typer.Option(
+        "--hide-thinking", help="Do not show the model's thinking (shown dimmed by default).")] = False,
     *, args: ModelArgs,
 ):
     """Chat with a model in the terminal, the canvas drawn live as it denoises (or answer one -p prompt)."""
@@ -143,6 +153,9 @@ def run(
         confidence_threshold=confidence)}
     path = _resolve(model, args.quant)
     GenerationConfig.from_metadata(read_header(path).kv, **settings)  # bad options fail before the slow load
+    spec = output_grammar(json_schema, grammar)
+    if model is None and spec is not None:
+        raise ConfigError("--json-schema and --grammar do not apply to the Sudoku model: it answers the 81 cells")
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         if max_new_tokens is not None:
             raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
@@ -157,7 +170,9 @@ def run(
     with llm:
         interactive = is_terminal()
         view = make_view(llm, interactive=interactive)
-        chat = ChatLoop(llm, view, **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
+        chat = ChatLoop(llm, view, grammar=spec, show_thinking=not hide_thinking,
+                        template_kwargs={"enable_thinking": True} if think else None,
+                        **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
         if prompt is not None:
             if chat.ask(prompt) is None:
                 raise typer.Exit(130)
@@ -166,6 +181,28 @@ def run(
             name = llm.metadata.get("general.name") or path.name
             view.banner(f"dglocal · {name}", f"ctx {llm.n_ctx} · canvas {llm.canvas_length}")
         chat.run()
+
+
+def output_grammar(json_schema: Path | None, grammar: Path | None):
+    """--json-schema / --grammar as the GrammarSpec answers must match (None without either)."""
+    from dglocal.generation.grammar import GrammarSpec
+
+    if json_schema is not None and grammar is not None:
+        raise ConfigError("--json-schema and --grammar: one at a time")
+    path = json_schema or grammar
+    if path is None:
+        return None
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    kind = "json_schema" if json_schema is not None else "gbnf" if "::=" in source else "lark"
+    spec = GrammarSpec(kind, source)
+    try:
+        spec.check()  # a schema that is not JSON, a grammar that does not parse: here, before the model loads
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return spec
 
 
 @app.command("convert")

@@ -52,6 +52,11 @@ class PlainView:
         self.stdout.flush()
         self._wrote = True
 
+    def thinking(self, text: str) -> None:
+        """The model's thinking: on stderr, so that stdout holds the answer alone."""
+        self.stderr.write(text)
+        self.stderr.flush()
+
     def end_answer(self, completion: Completion | None, *, stopped: bool = False) -> None:
         if completion is not None or stopped or self._wrote:
             self.stdout.write("\n")
@@ -129,6 +134,12 @@ class RichView:
             self.live.console.print(Text(line), soft_wrap=True)
         self.pending = lines[-1]
         self._redraw(time.perf_counter())
+
+    def thinking(self, text: str) -> None:
+        """The model's thinking, dimmed, above the live area."""
+        from rich.text import Text
+
+        self.live.console.print(Text(clean(text), style="dim italic"), soft_wrap=True, end="")
 
     def end_answer(self, completion: Completion | None, *, stopped: bool = False) -> None:
         from rich.text import Text

@@ -221,18 +221,26 @@ def _result(content):
 
 # -- forcing a call: tool_choice "required" or a named function -------------------------------------------------
 
-def call_grammar(names: list[str], *, parallel: bool = True) -> str:
-    """A Lark grammar of replies that are tool calls (one, or one or more) to the functions `names`, in the
-    syntax `split` reads; the arguments are any value of that syntax."""
-    alternatives = " | ".join(json.dumps(n) for n in names)
-    return "\n".join([
-        f"start: call{'+' if parallel else ''}",
-        'call: "<|tool_call>call:" NAME "{" [pair ("," pair)*] "}<tool_call|>"',
-        f"NAME: {alternatives}",
-        'pair: KEY ":" value',
-        "KEY: /[A-Za-z_][A-Za-z0-9_]*/",
+def call_grammar(tools: list[dict], *, parallel: bool = True) -> str:
+    """A Lark grammar of replies that are tool calls (one, or one or more) to `tools` (OpenAI function tools),
+    in the syntax `split` reads: each call's keys are its declared parameters, values any value of the syntax; a
+    function without parameters is called with {}."""
+    lines = [f"start: {'(' if parallel else ''}{' | '.join(f'call{k}' for k in range(len(tools)))}"
+             f"{')+' if parallel else ''}"]
+    for k, tool in enumerate(tools):
+        fn = tool["function"]
+        keys = sorted((fn.get("parameters") or {}).get("properties") or {})
+        head = json.dumps(f"{CALL_OPEN}call:{fn['name']}{{")
+        if keys:
+            lines += [f'call{k}: {head} [pair{k} ("," pair{k})*] "}}{CALL_CLOSE}"',
+                      f'pair{k}: ({" | ".join(json.dumps(key) for key in keys)}) ":" value']
+        else:
+            lines.append(f'call{k}: {head} "}}{CALL_CLOSE}"')
+    return "\n".join(lines + [
         'value: STRING | NUMBER | "true" | "false" | "null" | obj | arr',
         'obj: "{" [pair ("," pair)*] "}"',
+        'pair: KEY ":" value',
+        "KEY: /[A-Za-z_][A-Za-z0-9_]*/",
         'arr: "[" [value ("," value)*] "]"',
         # <|"|> text <|"|>, the text without <|"|> in it
         r'STRING: /<\|"\|>([^<]|<[^|]|<\|[^"]|<\|"[^|]|<\|"\|[^>])*<\|"\|>/',

@@ -45,18 +45,20 @@ class ChatTemplate:
 class ChatSession:
     """Multi-turn chat over one sequence. `seeds`: where turns without a seed draw theirs."""
 
-    def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, exclusive=None, **options):
+    def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, exclusive=None,
+                 template_kwargs: dict | None = None, **options):
         self.template = ChatTemplate.of(model)
         if self.template is None:
             raise ModelError("this model has no tokenizer.chat_template")
         self.model, self.options, self.seeds = model, options, seeds
+        self.template_kwargs = dict(template_kwargs or {})  # enable_thinking=True, say
         self.exclusive = exclusive  # the LLM's: turns take the model like its other generations
         self.initial = [dict(m) for m in messages or ()]
         self.messages = [dict(m) for m in self.initial]
         self.seq = model.sequence()
 
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return self.template.tokens(self.model, messages)
+        return self.template.tokens(self.model, messages, **self.template_kwargs)
 
     def stream(self, content: str, **options) -> Iterator[Event]:
         """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""

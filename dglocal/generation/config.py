@@ -43,7 +43,7 @@ class GenerationConfig:
     eos_token_id: tuple[int, ...] | None = None  # None: the model's EOS ids
     seed: int | None = None  # None: a fresh random seed
     stop: tuple[str, ...] = field(default_factory=tuple)
-    # sampling (docs/sampling.md): a factor on the t_min..t_max schedule (0: the draw is the argmax), and the
+    # sampling (docs/sampler.md): a factor on the t_min..t_max schedule (0: the draw is the argmax), and the
     # truncation of every position's distribution on the device (0 / 1 / 0: off)
     temperature: float = 1.0
     top_k: int = 0

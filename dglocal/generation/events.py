@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .channels import split
+
 
 class Event:
     kind: ClassVar[str]
@@ -65,3 +67,17 @@ class Completion(Event):
     tokens: list[int]
     finish_reason: str  # "eos", "length" or "stop"
     stats: Stats = field(repr=False)
+
+    # a chat reply's channels (Gemma 4's syntax, dglocal.generation.channels): its thinking, the answer without
+    # it, and the tool calls the answer holds
+    @property
+    def reasoning(self) -> str | None:
+        return split(self.text, tools=False).reasoning
+
+    @property
+    def content(self) -> str:
+        return split(self.text, tools=True).content
+
+    @property
+    def tool_calls(self) -> list:
+        return split(self.text, tools=True).tool_calls

@@ -67,6 +67,17 @@ class GrammarSpec:
                 raise ConfigError(f"the GBNF grammar does not parse: {e}") from None
         raise ConfigError(f"grammar kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
+    def check(self) -> str:
+        """The compiled grammar, once the engine has parsed it (no model needed): a schema, regex or grammar it
+        cannot use is a ConfigError that quotes the engine's message."""
+        import llguidance
+
+        grammar = self.compile()
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if failed:
+            raise ConfigError(f"unsupported {self.kind}: {' '.join(m.strip() for m in messages)}")
+        return grammar
+
 
 def grammar_options(options: dict) -> dict:
     """`options` with the API's shorthands as one `grammar` GrammarSpec: json_schema= (a dict or JSON text),

@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   messages through the GGUF chat template; SSE streaming, a chunk per committed block
     POST /v1/completions        a raw prompt
-    GET  /v1/models, /health, /slots
+    GET  /v1/models, /health, /slots, /metrics
+    GET  /                      the web page: a chat beside the live canvas
 
 Extensions, ignored by plain OpenAI clients: the diffusion settings as extra body fields (max_denoising_steps,
 entropy_bound, t_min, t_max, stability_threshold, confidence_threshold), llama-server's ignore_eos and cache_prompt;
@@ -18,7 +19,7 @@ import time
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation.chat import ChatTemplate
@@ -64,6 +65,10 @@ class Frontend:
     def answer(self, completion: Completion) -> str:
         return completion.text
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each canvas position's text, for the live canvas."""
+        return [self.model.detokenize([t]) for t in ids]
+
 
 class SudokuFrontend(Frontend):
     """The built-in Sudoku model: a message holding a puzzle (81 cells, '.' or '0' blank) gets the solved grid."""
@@ -86,6 +91,22 @@ class SudokuFrontend(Frontend):
 
         cells = sc.decode_canvas(completion.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(completion.tokens)))
         return "\n".join("".join(str(c) for c in cells[r * 9:r * 9 + 9]) for r in range(9))
+
+    def pieces(self, ids):
+        from dglocal.sudoku import core as sc
+
+        return [str(c) if c else "" for c in sc.decode_canvas(ids)]
+
+
+def chat_page(frontend: Frontend) -> str:
+    """The web page at /: a chat (or, for the Sudoku model, a board) beside the live canvas; its requests are the
+    API's own, streamed with include_drafts."""
+    from importlib.resources import files
+
+    settings = {"model": frontend.id, "sudoku": isinstance(frontend, SudokuFrontend),
+                "canvas": frontend.model.canvas_length}
+    html = files("dglocal.serving").joinpath("page.html").read_text(encoding="utf-8")
+    return html.replace("/*DGLOCAL*/{}", json.dumps(settings).replace("<", "\\u003c"))
 
 
 # -- request parsing (the fields: dglocal.serving.schema) ---------------------------------------------------------
@@ -130,9 +151,9 @@ def tool_options(body: dict, options: dict) -> tuple[list[dict] | None, bool]:
         if "grammar" in options:
             raise ApiError(400, "tool_choice forces a tool call: it cannot be combined with a structured-output "
                                 "field", param="tool_choice")
-        names = [t["function"]["name"] for t in tools] if choice == "required" else [choice]
+        forced = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
         parallel = schema.flag(body, "parallel_tool_calls") is not False
-        options["grammar"] = GrammarSpec("lark", channels.call_grammar(names, parallel=parallel))
+        options["grammar"] = GrammarSpec("lark", channels.call_grammar(forced, parallel=parallel))
     return tools, True
 
 
@@ -179,6 +200,12 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def prometheus():
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    page = chat_page(frontend)
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page)
+
     async def answer(request: HttpRequest, *, chat: bool):
         body = schema.parse_body(await request.body())
         options, stream, stream_options = parse_options(body, frontend)
@@ -192,8 +219,9 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
                     raise schema.FieldError(f"'{name}' is a chat field: use /v1/chat/completions", name)
             prompt, extra = frontend.text_prompt(schema.text(body.get("prompt"), "prompt"))
         options = _merged(options, extra)
-        if options.get("grammar") is not None:
-            check_grammar(engine.model, options["grammar"])
+        if options.get("grammar") is not None:  # from a structured-output field, or a forced tool call
+            field = next((name for name in schema.GRAMMARS if body.get(name) is not None), "tool_choice")
+            check_grammar(engine.model, options["grammar"], field)
         return await run(request, prompt, options, stream, stream_options, chat=chat, calls=calls)
 
     @app.post("/v1/chat/completions")
@@ -237,13 +265,13 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     return app
 
 
-def check_grammar(model, spec: GrammarSpec) -> None:
-    """A grammar the engine cannot compile (an unsupported schema feature, say) is a 400 now, not a failed
-    stream later."""
+def check_grammar(model, spec: GrammarSpec, field: str) -> None:
+    """A grammar the engine cannot compile (an unsupported schema feature, say) is a 400 naming `field` now, not
+    a failed stream later."""
     try:
         CanvasGrammar(model, spec, model.eos_ids)
     except ConfigError as e:
-        raise ApiError(400, str(e), param="response_format") from None
+        raise ApiError(400, str(e), param=field) from None
 
 
 def _merged(options: dict, extra: dict) -> dict:
@@ -365,6 +393,7 @@ class Shape:
     def _draft(self, step: Step) -> dict:
         ids = step.argmax.tolist()
         return {"block": step.block, "step": step.step, "text": self.frontend.model.detokenize(ids),
+                "pieces": self.frontend.pieces(ids),
                 "accepted": step.accepted.astype(int).tolist(), "mean_entropy": round(step.mean_entropy, 5),
                 "temperature": round(step.temperature, 4),
                 "guided": None if step.guided is None else step.guided.astype(int).tolist()}

@@ -25,7 +25,7 @@ NUMBERS = {
     "max_denoising_steps": (int, 1, MAX_STEPS), "stability_threshold": (int, 0, MAX_STEPS),
     "entropy_bound": (float, 0, 1e9), "confidence_threshold": (float, 0, 1e9),
     "t_min": (float, 0, MAX_TEMPERATURE), "t_max": (float, 0, MAX_TEMPERATURE),
-    # sampling (docs/sampling.md): temperature scales the t_min..t_max schedule (0: the argmax); top_k -1 is off
+    # sampling (docs/sampler.md): temperature scales the t_min..t_max schedule (0: the argmax); top_k -1 is off
     "temperature": (float, 0, 2), "top_p": (float, 1e-9, 1), "top_k": (int, -1, 2**31 - 1), "min_p": (float, 0, 1),
 }
 DIFFUSION = ("max_denoising_steps", "stability_threshold", "entropy_bound", "confidence_threshold", "t_min", "t_max",
