@@ -89,7 +89,8 @@ class StreamSplitter:
         text = self.text
         if self.tools and CALL_OPEN in text:  # nothing after a call's start until the reply ends
             text = text[: text.find(CALL_OPEN)]
-        cut = _partial_tail(text, (THINK_OPEN, THINK_CLOSE, CALL_OPEN))
+        # a tail that may still become a marker waits for the next piece ("<|channel>thou" is not reasoning yet)
+        cut = _partial_tail(text, (THINK_OPEN + "thought\n", THINK_CLOSE, CALL_OPEN))
         text = text[: len(text) - cut]
         reasoning, content = _reasoning(text)
         if THINK_OPEN in text and THINK_CLOSE not in text:
