@@ -94,6 +94,13 @@ def test_chat_page_streams_the_live_canvas_and_answers_as_the_api(browser, chat_
     assert second == message["content"]
     assert page.locator(".msg.assistant").nth(1).locator("details").inner_text().strip() in (
         "thinking" + (message.get("reasoning_content") or ""), "thinking")
+
+    # a draft with positions re-noised (by a guide or a grammar): those are struck, accepted ones firm
+    page.evaluate("""showDraft({block: 0, step: 3, pieces: ["a", "b", "", "d"], accepted: [1, 0, 0, 1],
+                                guided: [0, 0, 1, 1], mean_entropy: 0.5, temperature: 0.6})""")
+    kinds = page.eval_on_selector_all("#canvas .tok", "spans => spans.map(s => s.className + ':' + s.textContent)")
+    assert kinds == ["tok held:a", "tok noisy:b", "tok renoised:·", "tok renoised:d"]
+    assert "step 4 · 2/4 accepted" in page.inner_text("#status")
     page.close()
 
 
