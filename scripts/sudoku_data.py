@@ -2,6 +2,7 @@
 
     python scripts/sudoku_data.py --n 20000 --seed 1 --out pool.txt          # training pool
     python scripts/sudoku_data.py --n 256 --seed 1000003 --out scripts/sudoku/heldout.txt
+    python scripts/sudoku_data.py --n 100 --seed 2000003 --min-givens 17 --max-givens 25 --out scripts/sudoku/hard.txt
 
 Each output line is `puzzle solution` (81 characters each, '.' for blanks). Every puzzle has exactly
 one solution (checked by the counting solver in `dglocal.sudoku.core`) and `--min-givens`..`--max-givens`
@@ -22,6 +23,7 @@ import numpy as np
 from dglocal.sudoku.core import count_solutions, format_grid, parse_grid, solve
 
 HELDOUT_SEED = 1_000_003
+HARD_SEED = 2_000_003  # scripts/sudoku/hard.txt: 100 puzzles of 17-25 givens
 
 
 def random_solution(rng: random.Random) -> list[int]:
@@ -29,27 +31,29 @@ def random_solution(rng: random.Random) -> list[int]:
     return solve([0] * 81, limit=1, rng=rng)[0]
 
 
-def dig(solution: list[int], givens: int, rng: random.Random) -> list[int] | None:
-    """Blank cells of `solution` in random order while the puzzle stays unique; None if `givens` is not reached."""
+def dig(solution: list[int], givens: int, rng: random.Random) -> list[int]:
+    """Blank cells of `solution` in random order while the puzzle stays unique, down to `givens` givens or as far
+    as uniqueness allows (a minimal puzzle: 22-26 givens for most grids)."""
     puzzle = solution.copy()
     n = 81
     for i in rng.sample(range(81), 81):
         if n == givens:
-            return puzzle
+            break
         puzzle[i] = 0
         if count_solutions(puzzle, limit=2) == 1:
             n -= 1
         else:
             puzzle[i] = solution[i]
-    return puzzle if n == givens else None
+    return puzzle
 
 
 def generate(rng: random.Random, min_givens: int = 30, max_givens: int = 40) -> tuple[list[int], list[int]]:
-    """One (puzzle, solution) pair with a unique solution and min..max givens (uniform)."""
+    """One (puzzle, solution) pair with a unique solution and min..max givens (uniform where digging reaches the
+    target; below ~24, most grids stop at their minimal puzzle first, which is kept when it is in range)."""
     while True:
         solution = random_solution(rng)
         puzzle = dig(solution, rng.randint(min_givens, max_givens), rng)
-        if puzzle is not None:
+        if min_givens <= 81 - puzzle.count(0) <= max_givens:
             return puzzle, solution
 
 
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-givens", type=int, default=40)
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args(argv)
-    if args.seed == HELDOUT_SEED and not args.out.endswith("heldout.txt"):
-        print(f"seed {HELDOUT_SEED} is reserved for the held-out set", file=sys.stderr)
-        return 2
+    for seed, name in ((HELDOUT_SEED, "heldout.txt"), (HARD_SEED, "hard.txt")):
+        if args.seed == seed and not args.out.endswith(name):
+            print(f"seed {seed} is reserved for the held-out set {name}", file=sys.stderr)
+            return 2
     rng = random.Random(args.seed)
     t0 = time.time()
     with open(args.out, "a" if args.append else "w") as f:

@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", default=str(HERE / "run" / "pool.txt"), help="training puzzles (sudoku_data.py output)")
     ap.add_argument("--heldout", default=str(HERE / "heldout.txt"))
+    ap.add_argument("--exclude", nargs="*", default=[str(HERE / "heldout_alt.txt"), str(HERE / "hard.txt")],
+                    help="other held-out sets no training solution may appear in")
     ap.add_argument("--run-dir", default=str(HERE / "run"), help="resumable state lives here")
     ap.add_argument("--checkpoint-dir", default=str(HERE / "checkpoint"))
     ap.add_argument("--save-minutes", type=float, default=10.0)
@@ -302,10 +304,11 @@ def main(argv=None) -> int:
 
     pool = pairs_array(read_pairs(args.pool))
     heldout = read_pairs(args.heldout)
-    held_solutions = {bytes(np.array(s, dtype=np.uint8)) for _, s in heldout}
-    overlap = sum(bytes(row[1]) in held_solutions for row in pool)
-    if overlap:
-        raise SystemExit(f"{overlap} training solutions appear in the held-out set {args.heldout}")
+    for held_path in [args.heldout, *args.exclude]:
+        held_solutions = {bytes(np.array(s, dtype=np.uint8)) for _, s in read_pairs(held_path)}
+        overlap = sum(bytes(row[1]) in held_solutions for row in pool)
+        if overlap:
+            raise SystemExit(f"{overlap} training solutions appear in the held-out set {held_path}")
 
     model = build_model(args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
