@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from ..errors import ConfigError
 from .chat import ChatSession
 from .driver import generate_many, stream
+from .editing import edit_request, infill_request
 from .request import SeedSource
 
 
@@ -77,11 +78,24 @@ class LLM:
         return stream(self.model, prompt, seq=self._seq, seeds=self.seeds, **options)
 
     def generate(self, prompt, **options):
-        """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats."""
+        """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats. `draft=` (text or
+        token ids) starts the canvases from it instead of noise (a warm start)."""
         with self.exclusive.hold("generate"):
             for event in self._stream(prompt, options):
                 pass
         return event
+
+    def edit(self, text: str, spans, *, prompt=None, room: int = 0, **options):
+        """Re-noise the character `spans` [(start, end), ...] of `text` and denoise them, everything else pinned,
+        after `prompt` (default: BOS alone): an Edited with the new text and its changes (generation.editing)."""
+        req = edit_request(self.model, text, spans, prompt=prompt, room=room, **options)
+        return req.result(self.generate(req.prompt, **req.options))
+
+    def infill(self, prefix: str, suffix: str, *, max_middle: int | None = None, **options):
+        """The middle between `prefix` and `suffix` (pinned after it): an Infilled with .middle and .text
+        (middle + suffix)."""
+        req = infill_request(self.model, prefix, suffix, max_middle=max_middle, **options)
+        return req.result(self.generate(req.prompt, **req.options))
 
     def generate_many(self, prompts, *, seed: int | None = None, **options):
         """`generate` for every prompt, up to n_seq_max canvases per forward; with a seed, prompt i's noise comes

@@ -53,7 +53,7 @@ class DenoiseCall:
         return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters
 
 
-OWN_OPTIONS = ("noise", "constraints", "guide", "guide_restarts", "grammar")  # Generation's; the rest: the plan's
+OWN_OPTIONS = ("noise", "constraints", "draft", "fillers", "guide", "guide_restarts", "grammar")  # Generation's; the rest: the plan's
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -66,14 +66,21 @@ class Generation:
     """`noise`: all the randomness (default: seeded by the plan's seed). `constraints`: {output position: token}
     pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
     docs/guides.md); a canvas it still objects to at the step cap starts again from fresh noise, up to
-    `guide_restarts` times. `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar)."""
+    `guide_restarts` times. `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
+    `draft`: tokens (-1 free) each canvas starts from instead of noise, the reference's `decoder_input_ids`
+    (block b from positions b*C..(b+1)*C). `fillers`: token ids (the end and pad tokens) that may fill free
+    positions of a fixed layout (an edit, an infill): the generation then runs every canvas and an EOS does not
+    end it; the Completion's tokens are the whole layout, its text that without the fillers."""
 
     def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
-                 guide: Guide | None = None, guide_restarts: int = 0, grammar: GrammarSpec | None = None):
+                 draft=None, fillers: tuple[int, ...] | None = None, guide: Guide | None = None,
+                 guide_restarts: int = 0, grammar: GrammarSpec | None = None):
         self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
         self.C = C = model.canvas_length
         self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
         self.fixed = constraint_table(constraints, plan.n_blocks * C, model.n_vocab)
+        self.start = draft_table(model, draft, plan.n_blocks * C)
+        self.fillers = None if fillers is None else np.asarray(sorted(set(fillers)), dtype=np.int64)
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
         cfg = plan.config
         self.sampling = sampling(cfg.top_k, cfg.top_p, cfg.min_p)
@@ -123,7 +130,11 @@ class Generation:
         # a window past the step cap never fills: the same as one of N steps, without its memory
         window = min(cfg.stability_threshold, cfg.max_denoising_steps) if cfg.early_stop else 0
         self.history = StabilityHistory(window, self.C) if cfg.early_stop else None
+        # drawn even when a draft replaces it, as the reference draws its canvas before it looks at its argument
         self.canvas = self.noise.tokens(self.C)
+        if self.start is not None and self.attempt == 0:
+            b, C = self.block, self.C
+            self.canvas = np.where(self.start[b * C:(b + 1) * C] >= 0, self.start[b * C:(b + 1) * C], self.canvas)
         self.draft = None
         self.i = 0
         self._next_denoise()
@@ -200,14 +211,17 @@ class Generation:
         """The block's text (EOS, max_new_tokens and stop strings applied), then a commit or the Completion."""
         cfg, model = self.config, self.model
         self.steps.append(self.block_steps)
-        new, eos = trim_eos(canvas[: cfg.max_new_tokens - len(self.out)], self.plan.eos_ids)
+        new = canvas[: cfg.max_new_tokens - len(self.out)]
+        eos = False
+        if self.fillers is None:
+            new, eos = trim_eos(new, self.plan.eos_ids)
         self.out += [int(t) for t in new]
         if self.grammar is not None:
             self.grammar.commit(new)
-        full = model.detokenize(self.out)
+        full = model.detokenize(self._text_tokens())
         stop_at = find_stop(full, cfg.stop, len(self.text)) if cfg.stop else -1
         if stop_at >= 0:
-            full, self.finish, self.out = full[:stop_at], "stop", _tokens_for_text(model, self.out, stop_at)
+            full, self.finish, self.out = full[:stop_at], "stop", _tokens_for_text(model, self._text_tokens(), stop_at)
         elif eos:
             self.finish = "eos"
         last = self.finish != "length" or self.block == self.plan.n_blocks - 1
@@ -223,6 +237,12 @@ class Generation:
         self.block += 1
         self.pending = EncodeCall(self.seq, [int(t) for t in canvas])
         return events
+
+    def _text_tokens(self) -> list[int]:
+        """The output tokens that make its text: all of them, or without the fillers of a fixed layout."""
+        if self.fillers is None:
+            return self.out
+        return [t for t in self.out if t not in self.fillers]
 
     def _completion(self) -> Completion:
         t_end = time.perf_counter()
@@ -271,27 +291,40 @@ def _positions(positions) -> list[int]:
     return out
 
 
-def constraint_table(constraints, n_positions: int, n_vocab: int) -> np.ndarray | None:
-    """{output position: token} or a 1-D int array (-1 = free) -> int64[n_positions], -1 where free."""
+def draft_table(model, draft, n_positions: int) -> np.ndarray | None:
+    """A warm start's tokens (text, or ids with -1 for noise) -> int64[n_positions], -1 where the canvas starts
+    from noise: a short draft is padded with noise, a long one cut to the generation's canvases."""
+    if draft is None:
+        return None
+    if isinstance(draft, str):
+        draft = model.tokenize(draft, add_special=False, parse_special=False)
+    elif isinstance(draft, (bytes, Mapping)) or not isinstance(draft, Iterable):
+        raise ConfigError(f"a draft is text or a list of token ids, got {type(draft).__name__}")
+    return constraint_table(list(draft)[:n_positions], n_positions, model.n_vocab, "draft")
+
+
+def constraint_table(constraints, n_positions: int, n_vocab: int, what: str = "constraint") -> np.ndarray | None:
+    """{output position: token} or a 1-D int array (-1 = free) -> int64[n_positions], -1 where free. `what`
+    names the argument in errors."""
     if constraints is None:
         return None
     table = np.full(n_positions, -1, dtype=np.int64)
     if isinstance(constraints, Mapping):
-        items = [(_whole(p, "constraint position"), _whole(t, "constraint token")) for p, t in constraints.items()]
+        items = [(_whole(p, f"{what} position"), _whole(t, f"{what} token")) for p, t in constraints.items()]
     else:
         arr = np.asarray(constraints, dtype=object)
         if arr.ndim != 1:
-            raise ConfigError(f"constraints are {{position: token}} or a 1-D list of tokens (-1 free), got "
+            raise ConfigError(f"{what}s are {{position: token}} or a 1-D list of tokens (-1 free), got "
                               f"{arr.ndim}-D {type(constraints).__name__}")
-        values = [_whole(t, "constraint token") for t in arr.tolist()]
+        values = [_whole(t, f"{what} token") for t in arr.tolist()]
         if len(values) > n_positions:
-            raise ConfigError(f"constraints cover {len(values)} positions, the generation only {n_positions}")
+            raise ConfigError(f"{what}s cover {len(values)} positions, the generation only {n_positions}")
         items = [(p, t) for p, t in enumerate(values) if t >= 0]
     for p, t in items:
         if not 0 <= p < n_positions:
-            raise ConfigError(f"constraint position {p} is outside the generation (0..{n_positions - 1})")
+            raise ConfigError(f"{what} position {p} is outside the generation (0..{n_positions - 1})")
         if not 0 <= t < n_vocab:
-            raise ConfigError(f"constraint token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
+            raise ConfigError(f"{what} token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
         table[p] = t
     return table
 
