@@ -292,7 +292,7 @@ def test_docs_list_every_request_field_as_supported_or_refused():
     table = table.split("\n## ")[0]
     listed = {name for row in table.splitlines() if row.startswith("| `")
               for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
-    fields = schema.ACCEPTED | set(schema.REFUSED)
+    fields = schema.ACCEPTED | set(schema.REFUSED) | set(schema.INFILL) | set(schema.EDIT)
     assert fields <= listed, sorted(fields - listed)
     assert listed - fields <= {"image_url", "input_audio", "tool", "name", "tool_calls", "include_usage",
                                "include_drafts", "system", "user", "assistant", "developer", "type", "text"}, \

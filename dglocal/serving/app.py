@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation.chat import ChatTemplate
+from dglocal.generation.editing import edit_request, infill_request
 from dglocal.generation import channels
 from dglocal.generation.events import Completion, Step
 from dglocal.generation.grammar import CanvasGrammar, GrammarSpec
@@ -111,10 +112,10 @@ def chat_page(frontend: Frontend) -> str:
 
 # -- request parsing (the fields: dglocal.serving.schema) ---------------------------------------------------------
 
-def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
+def parse_options(body: dict, frontend: Frontend, route: tuple[str, ...] = ()) -> tuple[dict, bool, dict]:
     """(generation options, stream?, stream_options) from an OpenAI request body; schema.FieldError (a 400) names
-    the field."""
-    schema.check_fields(body)
+    the field. `route`: the fields of the route's own body (schema.INFILL, schema.EDIT)."""
+    schema.check_fields(body, route)
     if body.get("model") not in (None, frontend.id):
         raise ApiError(404, f"the model {schema.short(body['model'])} does not exist; this server has "
                             f"'{frontend.id}'", param="model", code="model_not_found")
@@ -137,6 +138,9 @@ def parse_options(body: dict, frontend: Frontend) -> tuple[dict, bool, dict]:
     grammar = schema.output_grammar(body)
     if grammar is not None:
         options["grammar"] = GrammarSpec(*grammar)
+    draft = schema.draft(body)
+    if draft is not None:
+        options["draft"] = draft
     return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
 
 
@@ -179,7 +183,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
             metrics.requests.labels("401").inc()
             return JSONResponse(e.body(), status_code=401)
         response = await call_next(request)
-        if request.url.path in ("/v1/chat/completions", "/v1/completions"):
+        if request.url.path in ("/v1/chat/completions", "/v1/completions", "/infill", "/v1/edits"):
             metrics.requests.labels(str(response.status_code)).inc()
         return response
 
@@ -217,7 +221,14 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
             for name in ("messages", "tools", "tool_choice", "chat_template_kwargs"):
                 if body.get(name) is not None:
                     raise schema.FieldError(f"'{name}' is a chat field: use /v1/chat/completions", name)
+            if body.get("suffix") is not None:  # OpenAI's infilling: the text between prompt and suffix
+                layout = infill(frontend, schema.text(body.get("prompt"), "prompt"),
+                                schema.text(body["suffix"], "suffix"), options)
+                return await run(request, layout.prompt, layout.options, stream, stream_options, chat=False,
+                                 layout=layout)
             prompt, extra = frontend.text_prompt(schema.text(body.get("prompt"), "prompt"))
+        if body.get("suffix") is not None:
+            raise schema.FieldError("'suffix' is a field of /v1/completions", "suffix")
         options = _merged(options, extra)
         if options.get("grammar") is not None:  # from a structured-output field, or a forced tool call
             field = next((name for name in schema.GRAMMARS if body.get(name) is not None), "tool_choice")
@@ -232,7 +243,49 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def completions(request: HttpRequest):
         return await answer(request, chat=False)
 
-    async def run(request, prompt, options, stream, stream_options, *, chat, calls=False):
+    @app.post("/infill")
+    async def infill_route(request: HttpRequest):
+        """llama-server's /infill: the middle between input_prefix and input_suffix, as `content`."""
+        body = schema.parse_body(await request.body())
+        options, stream, stream_options = parse_options(body, frontend, schema.INFILL)
+        if body.get("input_extra"):
+            raise schema.FieldError("'input_extra' (other files' chunks) is not supported: put what the model "
+                                    "should see in input_prefix", "input_extra")
+        prefix = schema.text(body.get("input_prefix", ""), "input_prefix") + \
+            schema.text(body.get("prompt", ""), "prompt")  # llama-server's prompt: text the middle starts after
+        n_predict = schema.number(body, "n_predict")
+        if n_predict is not None:
+            options["max_new_tokens"] = n_predict
+        layout = infill(frontend, prefix, schema.text(body.get("input_suffix", ""), "input_suffix"), options)
+        return await run(request, layout.prompt, layout.options, stream, stream_options, chat=False, layout=layout,
+                         llama=True)
+
+    @app.post("/v1/edits")
+    async def edits(request: HttpRequest):
+        """`input` with its character `spans` re-noised and denoised, the rest pinned (docs/editing.md)."""
+        body = schema.parse_body(await request.body())
+        options, stream, stream_options = parse_options(body, frontend, schema.EDIT)
+        if stream:
+            raise schema.FieldError("/v1/edits does not stream", "stream")
+        _no_layout_for(frontend)
+        options.pop("max_new_tokens", None)  # the layout's length is the edit's
+        context = schema.text(body["prompt"], "prompt") if body.get("prompt") is not None else None
+        try:
+            layout = edit_request(engine.model, schema.text(body.get("input"), "input"), schema.spans(body),
+                                  prompt=context, room=schema.number(body, "room") or 0, **options)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="spans") from None
+        return await run(request, layout.prompt, layout.options, False, {}, chat=False, layout=layout)
+
+    def infill(frontend, prefix: str, suffix: str, options: dict):
+        _no_layout_for(frontend)
+        max_middle = options.pop("max_new_tokens", None)
+        try:
+            return infill_request(engine.model, prefix, suffix, max_middle=max_middle, **options)
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def run(request, prompt, options, stream, stream_options, *, chat, calls=False, layout=None, llama=False):
         import asyncio
 
         settings, extras = split_options(options)
@@ -246,7 +299,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         if not engine.submit(req):
             raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
                            headers={"Retry-After": "1"})
-        shape = Shape(req, frontend, chat, calls, metrics)
+        shape = Shape(req, frontend, chat, calls, metrics, layout, llama)
         if stream:
             return StreamingResponse(shape.sse(request, engine, stream_options), media_type="text/event-stream")
         completion = None
@@ -263,6 +316,11 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         return shape.whole(completion)
 
     return app
+
+
+def _no_layout_for(frontend: Frontend) -> None:
+    if isinstance(frontend, SudokuFrontend):
+        raise ApiError(400, "the Sudoku model takes puzzles: send one to /v1/chat/completions or /v1/completions")
 
 
 def check_grammar(model, spec: GrammarSpec, field: str) -> None:
@@ -295,11 +353,20 @@ def _as_api_error(e: BaseException) -> ApiError:
 class Shape:
     """OpenAI response objects for one request."""
 
-    def __init__(self, req: Request, frontend: Frontend, chat: bool, calls: bool, metrics: Metrics):
+    def __init__(self, req: Request, frontend: Frontend, chat: bool, calls: bool, metrics: Metrics, layout=None,
+                 llama: bool = False):
         self.req, self.frontend, self.chat, self.calls, self.metrics = req, frontend, chat, calls, metrics
+        self.layout, self.llama = layout, llama  # an edit or infill; llama: /infill's llama-server shape
         self.id = ("chatcmpl-" if chat else "cmpl-") + req.id
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+
+    def text(self, c: Completion) -> str:
+        """The answer's text: an infill's middle, an edit's whole new text, or the frontend's reading."""
+        if self.layout is None:
+            return self.frontend.answer(c)
+        result = self.layout.result(c)
+        return result.middle if self.layout.kind == "infill" else result.text
 
     def observe(self, event) -> None:
         self.metrics.event(event)
@@ -337,7 +404,14 @@ class Shape:
 
     def whole(self, c: Completion) -> dict:
         self.log(c)
-        text = self.frontend.answer(c)
+        text = self.text(c)
+        if self.llama:
+            return self.llama_shape(c, text)
+        if self.layout is not None and self.layout.kind == "edit":
+            changes = [vars(ch) for ch in self.layout.result(c).changes]
+            return {"id": "edit-" + self.req.id, "object": "edit", "created": self.created, "model": self.frontend.id,
+                    "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "changes": changes,
+                    "usage": self.usage(c), "dglocal": self.stats(c)}
         if not self.chat:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish(c)}
         else:
@@ -350,6 +424,13 @@ class Shape:
                 message["tool_calls"] = [_call(t) for t in out.tool_calls]
             choice = {"index": 0, "message": message, "finish_reason": self.finish(c, out.tool_calls)}
         return {**self._base(False), "choices": [choice], "usage": self.usage(c), "dglocal": self.stats(c)}
+
+    def llama_shape(self, c: Completion, text: str) -> dict:
+        """llama-server's /infill answer."""
+        return {"content": text, "stop": True, "stop_type": "limit" if c.finish_reason == "length" else "eos",
+                "model": self.frontend.id, "tokens_predicted": len(self.frontend.model.tokenize(
+                    text, add_special=False, parse_special=False)), "tokens_evaluated": len(self.req.plan.tokens),
+                "dglocal": self.stats(c)}
 
     async def sse(self, request, engine: Engine, stream_options: dict):
         import asyncio
@@ -368,15 +449,18 @@ class Shape:
                 self.observe(item)
                 if item.kind == "step" and drafts:
                     yield _sse({**self._base(True), "choices": [], "dglocal_draft": self._draft(item)})
-                elif item.kind == "block" and item.text and not sudoku:
+                elif item.kind == "block" and item.text and not sudoku and self.layout is None:
                     reasoning, text = splitter.feed(item.text) if splitter else ("", item.text)
                     if reasoning or text:
                         yield _sse({**self._base(True), "choices": [self._choice(text, None, first=first,
                                                                                  reasoning=reasoning)]})
                         first = False
+                elif item.kind == "done" and self.llama:
+                    self.log(item)
+                    yield _sse(self.llama_shape(item, self.text(item)))
                 elif item.kind == "done":
                     self.log(item)
-                    text, reasoning, calls = self.frontend.answer(item) if sudoku else None, "", []
+                    text, reasoning, calls = self.text(item) if sudoku or self.layout else None, "", []
                     if splitter:
                         reasoning, text, out = splitter.finish()
                         calls = out.tool_calls

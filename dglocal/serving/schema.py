@@ -20,6 +20,7 @@ MAX_TOKENS = 2**31 - 1
 # supported fields: (type, lowest, highest)
 NUMBERS = {
     "max_tokens": (int, 1, MAX_TOKENS), "max_completion_tokens": (int, 1, MAX_TOKENS), "seed": (int, -1, 2**64 - 1),
+    "n_predict": (int, 1, MAX_TOKENS), "room": (int, 0, 4096),
     "n": (int, 1, 1),
     # the diffusion sampler's settings (extra body fields)
     "max_denoising_steps": (int, 1, MAX_STEPS), "stability_threshold": (int, 0, MAX_STEPS),
@@ -36,7 +37,10 @@ FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls")
 GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "guided_json", "guided_regex",
             "guided_grammar", "guided_choice")
 OTHER = ("model", "messages", "prompt", "stop", "stream_options", "user", "tools", "tool_choice",
-         "chat_template_kwargs", *GRAMMARS)
+         "chat_template_kwargs", "draft", "suffix", *GRAMMARS)
+# the bodies of llama-server's /infill and of /v1/edits: their own fields beside the sampler's
+INFILL = ("input_prefix", "input_suffix", "input_extra", "n_predict")
+EDIT = ("input", "spans", "room")
 STREAM_OPTIONS = ("include_usage", "include_drafts")
 # fields with one accepted value, the value OpenAI means by default; any other is refused with the reason
 NEUTRAL = {
@@ -49,12 +53,12 @@ REFUSED = {
     "functions": "use 'tools' (the legacy function fields are not supported)",
     "function_call": "use 'tool_choice' (the legacy function fields are not supported)",
     "logit_bias": "logit_bias is not supported",
-    "top_logprobs": "log-probabilities are not returned", "suffix": "suffix (infilling) is not supported yet",
+    "top_logprobs": "log-probabilities are not returned",
     "echo": "echo is not supported", "best_of": "best_of is not supported", "audio": "audio is not supported",
     "modalities": "only text is supported",
     "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true}",
 }
-ACCEPTED = {*NUMBERS, *FLAGS, *OTHER, *NEUTRAL}
+ACCEPTED = {*NUMBERS, *FLAGS, *OTHER, *NEUTRAL} - {*INFILL, *EDIT}
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -123,12 +127,13 @@ def text(value, name: str) -> str:
     return value
 
 
-def check_fields(body: dict) -> None:
-    """Unknown fields, refused fields and fields with only their neutral value accepted."""
+def check_fields(body: dict, route: tuple[str, ...] = ()) -> None:
+    """Unknown fields, refused fields and fields with only their neutral value accepted; `route`: the fields of
+    the route's own body (INFILL, EDIT)."""
     for name, reason in REFUSED.items():
         if name in body:
             raise FieldError(f"'{name}' is not supported: {reason}", name)
-    unknown = sorted(set(body) - ACCEPTED)
+    unknown = sorted(set(body) - ACCEPTED - set(route))
     if unknown:
         raise FieldError(f"unknown field(s) {unknown}", unknown[0])
     for name, (neutral, reason) in NEUTRAL.items():
@@ -150,6 +155,26 @@ def stops(body: dict) -> tuple[str, ...] | None:
     if not isinstance(items, list) or not 1 <= len(items) <= 4 or not all(isinstance(s, str) and s for s in items):
         raise FieldError("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     return tuple(text(s, "stop") for s in items)
+
+
+def draft(body: dict):
+    """`draft`: the text (or token ids) the first canvases start from instead of noise."""
+    value = body.get("draft")
+    if value is None or isinstance(value, str):
+        return None if value is None else text(value, "draft")
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise FieldError("'draft' must be a string or a list of token ids (-1 for noise)", "draft")
+    return value
+
+
+def spans(body: dict) -> list[tuple[int, int]]:
+    """/v1/edits' `spans`: [[start, end], ...] character offsets into `input`."""
+    value = body.get("spans")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)
+            for s in value):
+        raise FieldError("'spans' must be a non-empty list of [start, end] character offsets", "spans")
+    return [(s[0], s[1]) for s in value]
 
 
 def stream_options(body: dict) -> dict:
