@@ -221,6 +221,23 @@ def test_one_shot_without_a_terminal_prints_just_the_answer(tiny_f32_gguf):
     assert ESC not in out.stdout + out.stderr
 
 
+def test_one_shot_with_a_draft_starts_from_it(tiny_f32_gguf, tmp_path):
+    import dglocal
+
+    draft = tmp_path / "draft.txt"
+    draft.write_text("Once upon a time, in a land far away")
+    with dglocal.load(tiny_f32_gguf, n_ctx=1024, n_threads=1) as model:
+        expected = model.chat().send("hello", max_denoising_steps=4, max_new_tokens=32, seed=1,
+                                     draft=draft.read_text()).text
+    out = piped("run", tiny_f32_gguf, *SMALL, "--steps", "4", "-n", "32", "-p", "hello", "--draft", draft)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    cold = piped("run", tiny_f32_gguf, *SMALL, "--steps", "4", "-n", "32", "-p", "hello")
+    assert cold.stdout != out.stdout
+    missing = piped("run", tiny_f32_gguf, "-p", "hello", "--draft", tmp_path / "nope.txt")
+    assert missing.returncode == 1 and "--draft" in missing.stderr and "nope.txt" in missing.stderr
+
+
 def test_piped_chat_is_plain_text(tiny_f32_gguf):
     out = piped("run", tiny_f32_gguf, *SMALL, "--steps", "4", "-n", "16", input="hello\n/stats\n/set steps x\n")
     assert out.returncode == 0, out.stderr
@@ -494,3 +511,29 @@ def test_chat_loop_ctrl_c_keeps_the_session(small_model):
     assert [m["role"] for m in loop.session.messages] == ["user", "assistant"]  # only the finished turn
     fresh = small_model.chat().send("hello", max_new_tokens=32, max_denoising_steps=4, seed=1)
     assert loop.last.text == fresh.text and np.array_equal(loop.last.tokens, fresh.tokens)
+
+
+def test_chat_edit_renoises_lines_or_matches_of_the_last_answer(small_model):
+    from dglocal.cli.chat import ChatLoop, edit_spans
+
+    text = "one two\nthree four\nfive"
+    assert edit_spans(text, "2") == ([(8, 18)], 0)
+    assert edit_spans(text, "1-2 +4") == ([(0, 18)], 4)
+    assert edit_spans(text, "3") == ([(19, 23)], 0)
+    assert edit_spans(text, "/o+/") == ([(0, 1), (6, 7), (15, 16)], 0)
+    for bad, words in [("4", "the last answer has 3"), ("/x/", "matches nothing"), ("/(/", "not a regular"),
+                       ("two", "line numbers")]:
+        with pytest.raises(ConfigError, match=words):
+            edit_spans(text, bad)
+
+    view = RecordingView(["/edit 1", "hello", "/edit /[a-z]+/ +2", "/exit"])
+    loop = ChatLoop(small_model, view, max_new_tokens=32, max_denoising_steps=4, seed=1)
+    loop.run()
+    errors = [c[1][0] for c in view.calls if c[0] == "error"]
+    assert errors == ["/edit needs an answer to edit: ask something first"]
+    ends = [c[1][0] for c in view.calls if c[0] == "end_answer"]
+    assert len(ends) == 2 and ends[1] is not None
+    changed = next(c[1][1] for c in view.calls if c[0] == "table" and c[1][0] == "changed")
+    assert changed, "the edit reports its changes"
+    # the history now holds the edited answer, whose text outside the matches is unchanged
+    assert loop.session.messages[-1] == {"role": "assistant", "content": loop.last.text}

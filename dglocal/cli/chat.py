@@ -10,6 +10,7 @@ from contextlib import closing
 from dglocal.errors import ConfigError, DglocalError
 from dglocal.generation.config import GenerationConfig
 from dglocal.generation.channels import StreamSplitter
+from dglocal.generation.editing import edit_request
 from dglocal.generation.events import BlockText, Completion
 
 # CLI spellings accepted by /set, besides the GenerationConfig field names themselves
@@ -25,6 +26,8 @@ COMMANDS = [
     ("/stats", "statistics of the last answer"),
     ("/set", "show the generation settings; /set <param> <value> changes one: a name /set shows, or steps, "
              "n, stability, confidence, t-min, t-max, entropy-bound (e.g. /set steps 16)"),
+    ("/edit", "re-noise part of the last answer, the rest kept: /edit 2-3 (lines), /edit /REGEX/ (its matches), "
+              "/edit /REGEX/ +8 (room for 8 more tokens in each)"),
     ("/help", "this list"),
     ("/exit", "quit (also Ctrl-D); Ctrl-C stops an answer"),
 ]
@@ -34,10 +37,15 @@ class RawSession:
     """A model without a chat template: each message is a raw prompt (the cache still reuses common prefixes)."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.last_prompt = model, None
 
     def stream(self, content, **options):
+        self.last_prompt = content
         return self.model.stream(content, **options)
+
+    def answer_context(self):
+        """What the last answer followed, and where an edited answer is kept (nowhere: no history)."""
+        return self.last_prompt, lambda text: None
 
     def reset(self) -> None:
         pass
@@ -68,8 +76,10 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
 class ChatLoop:
     """Turns and slash commands over a model's chat session; renders only through `view`."""
 
-    def __init__(self, model, view, *, grammar=None, template_kwargs=None, show_thinking: bool = True, **options):
+    def __init__(self, model, view, *, grammar=None, draft=None, template_kwargs=None, show_thinking: bool = True,
+                 **options):
         self.model, self.view, self.grammar, self.show_thinking = model, view, grammar, show_thinking
+        self.draft = draft  # --draft: each answer's canvases start from it
         self.options = {k: v for k, v in options.items() if v is not None}
         self.config = GenerationConfig.from_metadata(model.metadata, **self.options)  # validates the options
         self.session = model.chat(template_kwargs=template_kwargs) if model.chat_template else RawSession(model)
@@ -107,7 +117,7 @@ class ChatLoop:
         self.view.begin_answer()
         done, stopped = None, False
         channels = StreamSplitter(tools=False)  # the thinking block apart from the answer
-        extra = {"grammar": self.grammar} if self.grammar is not None else {}
+        extra = {k: v for k, v in (("grammar", self.grammar), ("draft", self.draft)) if v is not None}
         try:
             with closing(self.session.stream(content, **self.options, **extra)) as events:
                 for event in events:
@@ -149,9 +159,44 @@ class ChatLoop:
             self.view.table("last answer", self.stats_rows())
         elif name == "/set":
             self.set(arg)
+        elif name == "/edit":
+            try:
+                self.edit(arg)
+            except DglocalError as e:
+                self.view.error(str(e))
         else:
             self.view.error(f"unknown command {name}; /help lists them")
         return True
+
+    def edit(self, arg: str) -> Completion | None:
+        """/edit: the last answer's lines or pattern matches re-noised and denoised in place, drawn as an answer."""
+        if self.last is None:
+            raise ConfigError("/edit needs an answer to edit: ask something first")
+        text = self.last.text
+        spans, room = edit_spans(text, arg)
+        prompt, keep = self.session.answer_context()
+        req = edit_request(self.model, text, spans, prompt=prompt, room=room,
+                           **{k: v for k, v in self.options.items() if k != "max_new_tokens"})
+        self.view.begin_answer()
+        done, stopped = None, False
+        try:
+            with closing(self.model.stream(req.prompt, **req.options)) as events:
+                for event in events:
+                    if event.kind == "step":
+                        self.view.step(event)
+                    elif event.kind == "done":
+                        done = event
+        except KeyboardInterrupt:
+            stopped = True
+        if done is not None:
+            edited = req.result(done)
+            self.view.block(BlockText(-1, [], edited.text, 0))
+            keep(edited.text)
+            self.last = dataclasses.replace(done, text=edited.text)
+        self.view.end_answer(done, stopped=stopped)
+        if done is not None:
+            self.view.table("changed", [(repr(c.old), repr(c.new)) for c in edited.changes])
+        return done
 
     def set(self, arg: str) -> None:
         if not arg:
@@ -191,6 +236,34 @@ class ChatLoop:
             ("total", f"{s.total_seconds:.2f} s"),
             ("seed", str(s.seed)),  # --seed N with the same settings repeats the answer
         ]
+
+
+def edit_spans(text: str, arg: str) -> tuple[list[tuple[int, int]], int]:
+    """/edit's argument -> (character spans of `text`, room): `A` or `A-B` (lines, from 1) or `/REGEX/`, then an
+    optional `+N` of extra room per span."""
+    import re
+
+    arg, room = arg.strip(), 0
+    head, _, tail = arg.rpartition(" +")
+    if head and tail.isdigit():
+        arg, room = head.strip(), int(tail)
+    if len(arg) >= 2 and arg[0] == arg[-1] == "/":
+        try:
+            spans = [m.span() for m in re.finditer(arg[1:-1], text) if m.end() > m.start()]
+        except re.error as e:
+            raise ConfigError(f"/edit: {arg} is not a regular expression: {e}") from None
+        if not spans:
+            raise ConfigError(f"/edit: {arg} matches nothing in the last answer")
+        return spans, room
+    lines = re.fullmatch(r"(\d+)(?:-(\d+))?", arg)
+    if not lines:
+        raise ConfigError("/edit takes line numbers (2 or 2-4) or /REGEX/, then optionally +N for more room")
+    first, last = int(lines[1]), int(lines[2] or lines[1])
+    starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    if not 1 <= first <= last <= len(starts):
+        raise ConfigError(f"/edit: lines {first}-{last}, the last answer has {len(starts)}")
+    end = starts[last] - 1 if last < len(starts) else len(text)
+    return [(starts[first - 1], end)], room
 
 
 def _fmt(value) -> str:

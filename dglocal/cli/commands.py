@@ -134,6 +134,9 @@ def run(
     grammar: Annotated[Optional[Path], typer.Option(
         "--grammar", help="Answers match this grammar file: Lark, or GBNF (llama.cpp's) when it has '::='.",
         show_default=False)] = None,
+    draft: Annotated[Optional[Path], typer.Option(
+        "--draft", help="Start each answer's canvases from this file's text instead of noise (a warm start).",
+        show_default=False)] = None,
     think: Annotated[bool, typer.Option(
         "--think", help="Let the model think first (the chat template's enable_thinking).")] = False,
     hide_thinking: Annotated[bool, typer.Option(
@@ -154,8 +157,10 @@ def run(
     path = _resolve(model, args.quant)
     GenerationConfig.from_metadata(read_header(path).kv, **settings)  # bad options fail before the slow load
     spec = output_grammar(json_schema, grammar)
-    if model is None and spec is not None:
-        raise ConfigError("--json-schema and --grammar do not apply to the Sudoku model: it answers the 81 cells")
+    if model is None and (spec is not None or draft is not None):
+        raise ConfigError("--json-schema, --grammar and --draft do not apply to the Sudoku model: it answers the "
+                          "81 cells")
+    draft_text = read_text_file(draft, "--draft") if draft is not None else None
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         if max_new_tokens is not None:
             raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
@@ -170,7 +175,7 @@ def run(
     with llm:
         interactive = is_terminal()
         view = make_view(llm, interactive=interactive)
-        chat = ChatLoop(llm, view, grammar=spec, show_thinking=not hide_thinking,
+        chat = ChatLoop(llm, view, grammar=spec, draft=draft_text, show_thinking=not hide_thinking,
                         template_kwargs={"enable_thinking": True} if think else None,
                         **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
         if prompt is not None:
@@ -181,6 +186,13 @@ def run(
             name = llm.metadata.get("general.name") or path.name
             view.banner(f"dglocal · {name}", f"ctx {llm.n_ctx} · canvas {llm.canvas_length}")
         chat.run()
+
+
+def read_text_file(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{option} {path}: cannot read it ({e})") from None
 
 
 def output_grammar(json_schema: Path | None, grammar: Path | None):

@@ -75,6 +75,16 @@ class ChatSession:
             finally:
                 events.close()
 
+    def answer_context(self):
+        """(the prompt tokens the last answer followed, a function that puts an edited answer in its place)."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ConfigError("the conversation has no answer yet")
+
+        def keep(text: str) -> None:
+            self.messages[-1] = {"role": "assistant", "content": text}
+
+        return self.prompt_tokens(self.messages[:-1]), keep
+
     def send(self, content: str, **options):
         for event in self.stream(content, **options):
             pass
