@@ -46,7 +46,7 @@ def interpreter() -> str:
 def installed(python: str, extra: str) -> bool:
     """dglocal (with `extra`'s packages) importable from this checkout already."""
     modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client"] + (
-        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright"] if extra else [])
+        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright", "peft"] if extra else [])
     probe = ("import importlib.util as u, dglocal, sys; "
              f"sys.exit(0 if dglocal.__file__.startswith({str(ROOT)!r}) and "
              f"all(u.find_spec(m) for m in {modules!r}) else 1)")

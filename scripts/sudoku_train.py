@@ -232,9 +232,9 @@ def evaluate(model, pairs, batch: int = 64, seed: int = 0, **gen_overrides) -> d
 
 
 def lr_at(examples: int, args) -> float:
-    warm = args.warmup_examples
+    warm = args.warmup_from + args.warmup_examples
     if examples < warm:
-        return args.lr * (examples + args.batch) / warm
+        return args.lr * (examples - args.warmup_from + args.batch) / args.warmup_examples
     # --anneal-from starts the cosine late: a resumed run at a constant LR can then cool down over its last stretch
     start = max(warm, args.anneal_from)
     if examples < start:
@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-min", type=float, default=1e-4)
     ap.add_argument("--warmup-examples", type=int, default=10_000)
+    ap.add_argument("--warmup-from", type=int, default=0, help="examples at which the warmup starts (a warm "
+                    "restart from --init-from: the examples the checkpoint had seen)")
     ap.add_argument("--horizon", type=int, default=20_000_000, help="examples over which the LR decays (cosine)")
     ap.add_argument("--anneal-from", type=int, default=0, help="examples at which the cosine decay starts (0: after warmup)")
     ap.add_argument("--sc-prob", type=float, default=0.5, help="fraction of batches trained with self-conditioning")

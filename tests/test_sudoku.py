@@ -157,7 +157,7 @@ def test_trajectory_matches_reference_generate(model, torch_model, index, seed):
 
 # -- the command -------------------------------------------------------------------------------------------------
 
-VERDICT = re.compile(r"^(solved|unsolved: (\d+) bad cells) · (\d+) steps", re.MULTILINE)
+VERDICT = re.compile(r"^(solved|unsolved: (\d+)/81 cells consistent \(\d+ break a rule\)) · (\d+) steps", re.MULTILINE)
 EVAL = re.compile(r"(\d+) puzzles: solved ([\d.]+)%, blank-cell accuracy ([\d.]+)%, mean steps ([\d.]+)")
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +22,39 @@ from dglocal.convert.hub import resolve_model
 from dglocal.errors import ConfigError, DglocalError
 
 from .options import (
-    CacheTypeOption, CpuMoeOption, NglOption, OverrideOption, PrecisionOption, QuantOption, RpcOption, SplitOption,
-    SwaOption, ThreadsOption, ModelArgs, fit, generation, load_options, model_options,
+    CacheTypeOption, CpuMoeOption, LoraOption, LoraScaledOption, NglOption, OverrideOption, PrecisionOption,
+    QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, ModelArgs, fit, generation, load_options, model_options,
 )
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """typer takes no repeated two-value option: llama.cpp's `--lora-scaled FILE SCALE` arrives as FILE=SCALE."""
+
+    def __call__(self, *args, **kwargs):
+        sys.argv[1:] = join_pairs(sys.argv[1:], "--lora-scaled")
+        return super().__call__(*args, **kwargs)
+
+
+def join_pairs(argv: list[str], option: str) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == option and i + 2 < len(argv) and _is_number(argv[i + 2]):
+            out += [option, f"{argv[i + 1]}={argv[i + 2]}"]
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+app = _App(
     name="dglocal", help="Run block-diffusion language models (DiffusionGemma) locally on llama.cpp.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
@@ -128,6 +157,7 @@ def run(
         "--no-early-stop", help="Always run --steps steps per canvas (no stable-and-confident stop).")] = False,
     no_guide: Annotated[bool, typer.Option(
         "--no-guide", help="The built-in Sudoku model alone: do not re-noise cells that break a rule.")] = False,
+    time_limit: TimeLimitOption = None,
     json_schema: Annotated[Optional[Path], typer.Option(
         "--json-schema", help="Answers are JSON matching this JSON-schema file (enforced while they denoise).",
         show_default=False)] = None,
@@ -157,6 +187,8 @@ def run(
     path = _resolve(model, args.quant)
     GenerationConfig.from_metadata(read_header(path).kv, **settings)  # bad options fail before the slow load
     spec = output_grammar(json_schema, grammar)
+    if model is not None and time_limit is not None:
+        raise ConfigError("--time-limit applies to the built-in Sudoku model (its guided restarts)")
     if model is None and (spec is not None or draft is not None):
         raise ConfigError("--json-schema, --grammar and --draft do not apply to the Sudoku model: it answers the "
                           "81 cells")
@@ -167,7 +199,8 @@ def run(
         sudoku_main = _plugin("sudoku", "dglocal.cli.sudoku").main
         rest = {k: v for k, v in settings.items() if k != "max_denoising_steps"}
         sudoku_main(model=path, **generation(puzzle=prompt, steps=args.steps, threads=args.threads, seed=args.seed,
-                                             n_ctx=args.ctx_size), generation=rest, guide=not no_guide)
+                                             n_ctx=args.ctx_size, lora=args.load().lora, time_limit=time_limit),
+                    generation=rest, guide=not no_guide)
         return
     opts = fit(path, args.load()) if args.fit else args.load()
     with ui.status(f"loading {path.name}"):
@@ -238,11 +271,25 @@ def convert_cmd(
     tokenizer_from: Annotated[Optional[Path], typer.Option(
         "--tokenizer-from", help="Take the tokenizer (and chat template) from this GGUF instead of the "
                                  "checkpoint's files.", show_default=False)] = None,
+    lora: Annotated[bool, typer.Option(
+        "--lora", help="SOURCE is a PEFT LoRA adapter of a DiffusionGemma checkpoint: write a llama.cpp adapter "
+                       "GGUF (for --lora on run, serve, bench).")] = False,
 ):
     """Convert an HF DiffusionGemma checkpoint to a diffusion-gemma GGUF."""
     from dglocal import convert as conv
     from dglocal.cli import render as ui
 
+    if lora:
+        from dglocal.convert.lora import convert_lora
+
+        if dry_run or type != "f16" or tokenizer_from is not None:
+            raise ConfigError("--lora writes the adapter as it is (f32): --type, --dry-run and --tokenizer-from do "
+                              "not apply")
+        if output is None:
+            raise typer.BadParameter("OUTPUT is required", param_hint="OUTPUT")
+        result = convert_lora(Path(source), output, force=force)
+        ui.show_converted(result)
+        return
     if dry_run:
         ui.show_dry_run(conv.dry_run(source, type, vram=vram, context=context))
         return
@@ -310,6 +357,8 @@ def bench(
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
     tensor_split: SplitOption = None,
+    lora: LoraOption = None,
+    lora_scaled: LoraScaledOption = None,
     roofline: Annotated[Optional[str], typer.Option(
         "--roofline", help="Estimate instead of run: a step, a commit and an autoregressive token on h100, h200, "
                            "rtx4090, rtx5090, m3max, or cpu (this machine, measured), from the model's own graphs "
@@ -327,9 +376,9 @@ def bench(
         return
     measure = _plugin("bench", "dglocal.tools.bench").bench
     where = load_options(rpc=rpc, override_tensor=override_tensor, n_cpu_moe=n_cpu_moe, tensor_split=tensor_split,
-                         precision=precision)
+                         precision=precision, lora=lora, lora_scaled=lora_scaled)
     placement = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(where).items()
-                 if k in ("rpc", "tensor_overrides", "n_cpu_moe", "tensor_split") and v}
+                 if k in ("rpc", "tensor_overrides", "n_cpu_moe", "tensor_split", "lora") and v}
     placement |= generation(precision=precision)
     result = measure(path, **generation(
         steps=tuple(steps) if steps else None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
@@ -377,7 +426,7 @@ def serve(
     if args.fit and model is not None:
         opts = fit(path, opts)
     with ui.status(f"loading {path.name}"):
-        llm = load_sudoku(path, threads=args.threads, batch=parallel) if model is None else \
+        llm = load_sudoku(path, threads=args.threads, batch=parallel, lora=opts.lora) if model is None else \
             dglocal.load(path, seed=args.seed, **vars(opts))
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
@@ -473,11 +522,16 @@ def sudoku(
         "--no-guide", help="The model alone: do not re-noise cells that break a rule.")] = False,
     batch: Annotated[Optional[int], typer.Option(
         "--batch", help="With --eval: puzzles denoised per forward. Default: 16.", show_default=False)] = None,
+    time_limit: TimeLimitOption = None,
+    lora: LoraOption = None,
+    lora_scaled: LoraScaledOption = None,
 ):
     """Solve a Sudoku with the diffusion model, the board filling in live (or evaluate a puzzle file)."""
     main = _plugin("sudoku", "dglocal.cli.sudoku").main
+    adapters = load_options(lora=lora, lora_scaled=lora_scaled).lora
     main(model=_resolve(model), **generation(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
-                                             threads=threads, seed=seed, batch=batch), guide=not no_guide)
+                                             threads=threads, seed=seed, batch=batch, lora=adapters,
+                                             time_limit=time_limit), guide=not no_guide)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,19 @@ PrecisionOption = Annotated[Optional[str], typer.Option(
                         "that match the reference. Default: auto (the backend's own choice).", show_default=False)]
 
 
+LoraOption = Annotated[Optional[list[str]], typer.Option(
+    "--lora", help="A LoRA adapter GGUF (dglocal convert --lora) applied at scale 1; repeat for several.",
+    show_default=False)]
+LoraScaledOption = Annotated[Optional[list[str]], typer.Option(
+    "--lora-scaled", metavar="FILE SCALE", help="A LoRA adapter at this scale (as llama.cpp: two values); repeat "
+                                               "for several.", show_default=False)]
+
+
+TimeLimitOption = Annotated[Optional[float], typer.Option(
+    "--time-limit", help="Sudoku: seconds a puzzle may take; a grid still breaking a rule is denoised again from "
+                         "what the guide keeps of it until then. Default: 5.", show_default=False)]
+
+
 FitOption = Annotated[bool, typer.Option(
     "--fit", help="Choose -ngl and --n-cpu-moe for the device's free memory (see dglocal plan).")]
 
@@ -77,10 +90,11 @@ MODEL_OPTIONS = [
     ("entropy_bound", EntropyOption, None), ("t_min", TMinOption, None), ("t_max", TMaxOption, None),
     ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
     ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
-    ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None),
+    ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None), ("lora", LoraOption, None),
+    ("lora_scaled", LoraScaledOption, None),
 ]
 LOAD_NAMES = ("ctx_size", "n_gpu_layers", "threads", "cache_type", "swa_full", "precision", "rpc", "override_tensor",
-              "n_cpu_moe", "tensor_split")
+              "n_cpu_moe", "tensor_split", "lora", "lora_scaled")
 
 
 class ModelArgs:
@@ -122,13 +136,23 @@ def model_options(command):
 
 def load_options(*, ctx_size=None, parallel: int = 1, n_gpu_layers: int = -1, threads=None, cache_type=None,
                  swa_full=None, precision=None, rpc=None, override_tensor=None, n_cpu_moe: int = 0,
-                 tensor_split=None, **extra) -> LoadOptions:
+                 tensor_split=None, lora=None, lora_scaled=None, **extra) -> LoadOptions:
     """The command line's LoadOptions: unset options keep LoadOptions' defaults."""
-    given = dict(n_ctx=ctx_size, n_seq_max=parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
+    adapters = [(path, 1.0) for path in lora or ()] + [_scaled(pair) for pair in lora_scaled or ()]
+    given = dict(lora=adapters or None, n_ctx=ctx_size, n_seq_max=parallel, n_gpu_layers=n_gpu_layers, n_threads=threads,
                  kv_type=cache_type, swa_full=swa_full, precision=precision,
                  rpc=[s for s in rpc.split(",") if s.strip()] if rpc else None, tensor_overrides=override_tensor or None,
                  n_cpu_moe=n_cpu_moe or None, tensor_split=tensor_split, **extra)
     return LoadOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def _scaled(value: str) -> tuple[str, float]:
+    """--lora-scaled's FILE SCALE (joined as FILE=SCALE on the way in)."""
+    path, _, scale = value.rpartition("=")
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ConfigError(f"--lora-scaled takes FILE SCALE, got {value!r}") from None
 
 
 def generation(**settings) -> dict:

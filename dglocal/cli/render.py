@@ -187,8 +187,9 @@ def sudoku_live():
         interventions[0] += len(guided)
         now = time.perf_counter()
         if now - drawn[0] >= 1 / RichView.FPS or guided:
+            consistent = f" · consistent {81 - len(guided)}/81" if step.guided is not None else ""
             status = Text(f"step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
-                          f"entropy {step.mean_entropy:.3f}"
+                          f"entropy {step.mean_entropy:.3f}{consistent}"
                           + (f" · guide re-noised {interventions[0]}" if step.guided is not None else ""), style="dim")
             live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist(), guided=guided), status),
                         refresh=True)
@@ -208,7 +209,8 @@ def show_sudoku(result, bad=()) -> None:
     if result.solved:
         console.print(Text("solved", style="bold green") + detail, soft_wrap=True)
     else:
-        console.print(Text(f"unsolved: {len(bad)} bad cells", style="bold red") + detail, soft_wrap=True)
+        console.print(Text(f"unsolved: {81 - len(bad)}/81 cells consistent ({len(bad)} break a rule)",
+                           style="bold red") + detail, soft_wrap=True)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from .views import is_terminal
 def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
          steps: int | None = None, threads: int | None = None, seed: int | None = None,
          pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None, guide: bool = True,
-         batch: int | None = None) -> None:
+         batch: int | None = None, lora=None, time_limit: float | None = None) -> None:
     """The `dglocal sudoku` command."""
     if puzzle is not None and eval_file is not None:
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
@@ -27,10 +27,12 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
     cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
     options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
+    if time_limit is not None:
+        options["time_limit"] = time_limit
     batch = integer("--batch", batch, 1, 256) if batch is not None else EVAL_BATCH if pairs else 1
 
     with ui.status(f"loading {Path(model).name}"):
-        llm = load_model(model, threads=threads, n_ctx=n_ctx, batch=batch)
+        llm = load_model(model, threads=threads, n_ctx=n_ctx, batch=batch, lora=lora)
     with llm:
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:

@@ -35,6 +35,7 @@ class Job:
 class Driver:
     model: object
     jobs: list[Job] = field(default_factory=list)
+    turn: int = 0  # whose LoRA scales the next tick serves, when generations differ in them
 
     def add(self, gen: Generation, on_event: Callable = lambda e: None, tag=None) -> Job:
         job = Job(gen, on_event, tag)
@@ -47,11 +48,13 @@ class Driver:
 
     def tick(self) -> list[Job]:
         """The encoder passes the generations wait for (prompts, commits) in one batch, then one batched decoder
-        pass for every generation that waits for one; returns the jobs that ended in it."""
-        encodes = [j for j in self.jobs if isinstance(j.gen.pending, EncodeCall)]
+        pass for every generation that waits for one; returns the jobs that ended in it. Generations with other
+        LoRA scales than those served wait for their own tick (a forward has one set of scales)."""
+        serving = self._lora_turn()
+        encodes = [j for j in serving if isinstance(j.gen.pending, EncodeCall)]
         if encodes:
             self._encode(encodes)
-        denoising = [j for j in self.jobs if not j.done and isinstance(j.gen.pending, DenoiseCall)]
+        denoising = [j for j in serving if not j.done and isinstance(j.gen.pending, DenoiseCall)]
         if denoising:
             results = self.model.denoise_batch([j.gen.pending.request() for j in denoising])
             for job, result in zip(denoising, results):
@@ -59,6 +62,19 @@ class Driver:
         ended = [j for j in self.jobs if j.done]
         self.jobs = [j for j in self.jobs if not j.done]
         return ended
+
+    def _lora_turn(self) -> list[Job]:
+        """The jobs of this tick: all of them, or, where their LoRA scales differ, those sharing the scales of
+        the job whose turn it is (turns rotate, so none waits for ever); the model is set to those scales."""
+        if not self.jobs:
+            return []
+        self.turn %= len(self.jobs)
+        scales = self.jobs[self.turn].gen.lora
+        self.turn += 1
+        serving = [j for j in self.jobs if j.gen.lora == scales]
+        if scales:
+            self.model.adapters.apply(self.model, scales)
+        return serving
 
     def _encode(self, jobs: list[Job]) -> None:
         try:

@@ -53,7 +53,8 @@ class DenoiseCall:
         return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters
 
 
-OWN_OPTIONS = ("noise", "constraints", "draft", "fillers", "guide", "guide_restarts", "grammar")  # Generation's; the rest: the plan's
+OWN_OPTIONS = ("noise", "constraints", "draft", "fillers", "guide", "guide_restarts", "time_limit", "grammar",
+               "lora")  # Generation's; the rest: the plan's
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -65,23 +66,32 @@ def split_options(options: dict) -> tuple[dict, dict]:
 class Generation:
     """`noise`: all the randomness (default: seeded by the plan's seed). `constraints`: {output position: token}
     pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
-    docs/guides.md); a canvas it still objects to at the step cap starts again from fresh noise, up to
-    `guide_restarts` times. `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
+    docs/guides.md); a canvas it still objects to at the step cap starts again, up to `guide_restarts` times and
+    while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
+    guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start). `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
     `draft`: tokens (-1 free) each canvas starts from instead of noise, the reference's `decoder_input_ids`
     (block b from positions b*C..(b+1)*C). `fillers`: token ids (the end and pad tokens) that may fill free
     positions of a fixed layout (an edit, an infill): the generation then runs every canvas and an EOS does not
-    end it; the Completion's tokens are the whole layout, its text that without the fillers."""
+    end it; the Completion's tokens are the whole layout, its text that without the fillers. `lora`: scales of
+    the model's LoRA adapters for this generation ({id: scale} or [{"id", "scale"}]) over the loaded ones."""
 
     def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
                  draft=None, fillers: tuple[int, ...] | None = None, guide: Guide | None = None,
-                 guide_restarts: int = 0, grammar: GrammarSpec | None = None):
+                 guide_restarts: int = 0, time_limit: float | None = None, grammar: GrammarSpec | None = None,
+                 lora=None):
         self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
         self.C = C = model.canvas_length
         self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
         self.fixed = constraint_table(constraints, plan.n_blocks * C, model.n_vocab)
         self.start = draft_table(model, draft, plan.n_blocks * C)
         self.fillers = None if fillers is None else np.asarray(sorted(set(fillers)), dtype=np.int64)
+        adapters = getattr(model, "adapters", None)
+        if lora is not None and adapters is None:
+            raise ConfigError("this model takes no LoRA adapters")
+        self.lora = adapters.scales(lora) if adapters is not None else ()  # what the driver sets for its passes
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
+        self.time_limit = _time_limit(time_limit)
+        self.last: np.ndarray | None = None  # the last draft of a canvas the guide still objected to
         cfg = plan.config
         self.sampling = sampling(cfg.top_k, cfg.top_p, cfg.min_p)
         self.sampling = self.sampling if self.sampling.active else None
@@ -89,7 +99,7 @@ class Generation:
             raise ConfigError(f"grammar must be a GrammarSpec, got {type(grammar).__name__}")
         self.grammar = CanvasGrammar(model, grammar, plan.eos_ids) if grammar is not None else None
         self.t_start = time.perf_counter()
-        self.cached = reuse(seq, plan)  # prompt tokens the sequence already holds
+        self.cached = reuse(seq, plan, self.lora)  # prompt tokens the sequence already holds
         self.out: list[int] = []
         self.text, self.finish = "", "length"
         self.steps: list[int] = []  # per finished block
@@ -135,6 +145,9 @@ class Generation:
         if self.start is not None and self.attempt == 0:
             b, C = self.block, self.C
             self.canvas = np.where(self.start[b * C:(b + 1) * C] >= 0, self.start[b * C:(b + 1) * C], self.canvas)
+        elif self.attempt > 0 and getattr(self.guide, "restart", None) is not None:  # what it keeps of the last
+            keep = guide_mask(self.guide.restart, self.last, self.attempt, self.C)
+            self.canvas = np.where(keep, self.last, self.canvas)
         self.draft = None
         self.i = 0
         self._next_denoise()
@@ -191,11 +204,15 @@ class Generation:
             self._repair(argmax, valid)
             return events
         self.block_steps += self.i
-        if objects and self.attempt < self.restarts:  # still broken at the step cap: again from fresh noise
+        if objects and self.attempt < self.restarts and not self._out_of_time():  # still broken at the step cap
             self.attempt += 1
+            self.last = argmax
             self._begin_canvas()
             return events
         return events + self._end_block(argmax)
+
+    def _out_of_time(self) -> bool:
+        return self.time_limit is not None and time.perf_counter() - self.t_start >= self.time_limit
 
     def _repair(self, draft: np.ndarray, valid: int) -> None:
         """Another pass with the grammar-valid prefix of `draft` pinned: the next position's mask then follows
@@ -265,17 +282,26 @@ class Generation:
 Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
 
 
-def guide_mask(guide, draft: np.ndarray, accepted: np.ndarray, C: int) -> np.ndarray | None:
-    """The guide's verdict on a draft as a boolean mask over the canvas (None without a guide)."""
+def guide_mask(guide, draft: np.ndarray, accepted, C: int) -> np.ndarray | None:
+    """The guide's verdict on a draft as a boolean mask over the canvas (None without a guide); `accepted` is
+    what the entropy rule keeps (or, for a guide's restart, the attempt number)."""
     if guide is None:
         return None
-    positions = guide(draft.copy(), accepted.copy())
+    positions = guide(draft.copy(), accepted.copy() if isinstance(accepted, np.ndarray) else accepted)
     mask = np.zeros(C, dtype=bool)
     for p in _positions(positions):
         if not 0 <= p < C:
             raise ConfigError(f"the guide returned position {p} outside the canvas of {C}")
         mask[p] = True
     return mask
+
+
+def _time_limit(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"time_limit must be a positive number of seconds, got {value!r:.40}")
+    return float(value)
 
 
 def _positions(positions) -> list[int]:

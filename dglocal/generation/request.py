@@ -87,10 +87,13 @@ def pick_slot(sequences: dict, tokens: Sequence[int]) -> int:
     return max(shared, key=shared.get)
 
 
-def reuse(seq, plan: RequestPlan) -> int:
-    """Cut `seq` back to what it shares with the plan's prompt (everything, with cache_prompt off); returns how
-    many prompt tokens it still holds: the rest must be encoded. A windowed cache may keep fewer than it shares."""
-    keep = common_prefix(seq.tokens, plan.tokens) if plan.cache_prompt else 0
+def reuse(seq, plan: RequestPlan, lora: tuple = ()) -> int:
+    """Cut `seq` back to what it shares with the plan's prompt (everything, with cache_prompt off, or when its
+    cache was encoded with other LoRA scales than `lora`); returns how many prompt tokens it still holds: the rest
+    must be encoded. A windowed cache may keep fewer than it shares."""
+    same = getattr(seq, "lora", ()) == lora
+    keep = common_prefix(seq.tokens, plan.tokens) if plan.cache_prompt and same else 0
+    seq.lora = lora  # what the cache holds from here on is encoded with these scales
     if seq.n_past > keep:
         keep = seq.rewind(keep)
     return keep

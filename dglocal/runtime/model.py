@@ -25,6 +25,7 @@ from ..errors import BackendError, ConfigError, ContextError, ModelError
 from . import checks, swa
 from .filters import checked
 from .gguf import read_header
+from .lora import Adapters
 from .options import KV_TYPES, LoadOptions
 from .placement import device_precision, placement
 
@@ -121,6 +122,7 @@ class Model:
         if nat.llama_dg_canvas_length(self._model) != self.canvas_length:
             raise BackendError("the backend and the GGUF disagree on the canvas length")
         self.eos_ids = self._eos_ids()
+        self.adapters = Adapters.load(self, None if opts.no_alloc else opts.lora)
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -346,6 +348,7 @@ class Sequence:
             model._ctx, seq_id, model.sliding_window, model.swa_checkpoints)
         self.n_encoded = 0  # tokens its encoder passes appended (prompts, commits, re-encodes)
         self.n_denoise = 0  # decoder passes run on it
+        self.lora: tuple = ()  # the LoRA scales its cache was encoded with (a prefix is reused only under the same)
 
     @property
     def live(self) -> bool:

@@ -57,6 +57,10 @@ llama_batch_init, llama_batch_free = _ll.llama_batch_init, _ll.llama_batch_free
 llama_decode = _ll.llama_decode
 llama_get_logits = _ll.llama_get_logits
 llama_get_logits_ith = _ll.llama_get_logits_ith
+# LoRA adapters (llama.cpp's adapter API: loaded per model, set with scales per context)
+llama_adapter_lora_p = _ll.llama_adapter_lora_p_ctypes
+llama_adapter_lora_init = _ll.llama_adapter_lora_init
+llama_set_adapters_lora = _ll.llama_set_adapters_lora
 # the KV cache, and a sequence's state (the sliding-window checkpoints)
 llama_get_memory = _ll.llama_get_memory
 llama_memory_seq_rm = _ll.llama_memory_seq_rm

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, ContextError
 from . import checks, swa
 from .checks import CTX_PAD, round_up
+from .lora import specs as lora_specs
 
 DEFAULT_CTX = 4096  # tokens per sequence when n_ctx is not given
 MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of at least this
@@ -41,6 +42,7 @@ class LoadOptions:
     mmap: bool = True  # False: llama.cpp's --no-mmap
     no_alloc: bool = False  # sizes only (memory plans, graph walks): nothing runs
     precision: str = "auto"  # "f32": f32 math on devices that round through f16 (per process)
+    lora: tuple[tuple[str, float], ...] | None = None  # LoRA adapter files and their scales (runtime.lora)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -57,6 +59,7 @@ class LoadOptions:
         if self.n_threads is not None:
             checks.integer("n_threads", self.n_threads, 1, checks.MAX_THREADS)
         checks.integer("n_seq_max", self.n_seq_max, 1, checks.MAX_SEQ)
+        set_("lora", lora_specs(self.lora))
         checks.integer("swa_checkpoints", self.swa_checkpoints, 0, 64)
         if self.kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")

@@ -141,6 +141,13 @@ def parse_options(body: dict, frontend: Frontend, route: tuple[str, ...] = ()) -
     draft = schema.draft(body)
     if draft is not None:
         options["draft"] = draft
+    if body.get("lora") is not None:  # llama-server's per-request adapter scales
+        changes = schema.lora(body["lora"])
+        try:
+            frontend.model.adapters.scales(changes)  # ids and scales checked now: a 400, not a failed stream
+        except ConfigError as e:
+            raise schema.FieldError(str(e), "lora") from None
+        options["lora"] = changes
     return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
 
 
@@ -199,6 +206,20 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     @app.get("/slots")
     async def slots():
         return engine.slot_info()
+
+    @app.get("/lora-adapters")
+    async def lora_adapters():
+        return engine.model.adapters.info()
+
+    @app.post("/lora-adapters")
+    async def set_lora_adapters(request: HttpRequest):
+        """llama-server's: new scales for the requests that give none ([{"id", "scale"}]; ids left out keep theirs)."""
+        changes = schema.lora(schema.parse_body_any(await request.body()), "body")
+        try:
+            engine.model.adapters.set_default(changes)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="lora") from None
+        return engine.model.adapters.info()
 
     @app.get("/metrics")
     async def prometheus():

@@ -37,7 +37,7 @@ FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls")
 GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "guided_json", "guided_regex",
             "guided_grammar", "guided_choice")
 OTHER = ("model", "messages", "prompt", "stop", "stream_options", "user", "tools", "tool_choice",
-         "chat_template_kwargs", "draft", "suffix", *GRAMMARS)
+         "chat_template_kwargs", "draft", "suffix", "lora", *GRAMMARS)
 # the bodies of llama-server's /infill and of /v1/edits: their own fields beside the sampler's
 INFILL = ("input_prefix", "input_suffix", "input_extra", "n_predict")
 EDIT = ("input", "spans", "room")
@@ -70,13 +70,18 @@ class FieldError(ValueError):
         self.param = param
 
 
-def parse_body(raw: bytes) -> dict:
+def parse_body_any(raw: bytes):
+    """A request body as JSON of any shape."""
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FieldError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise FieldError("the request body is nested too deeply") from None
+
+
+def parse_body(raw: bytes) -> dict:
+    body = parse_body_any(raw)
     if not isinstance(body, dict):
         raise FieldError("the request body must be a JSON object")
     return body
@@ -164,6 +169,17 @@ def draft(body: dict):
         return None if value is None else text(value, "draft")
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise FieldError("'draft' must be a string or a list of token ids (-1 for noise)", "draft")
+    return value
+
+
+def lora(value, name: str = "lora") -> list[dict]:
+    """llama-server's LoRA scales: [{"id": N, "scale": S}, ...] (checked against the model's adapters later)."""
+    if not isinstance(value, list) or not all(
+            isinstance(e, dict) and set(e) == {"id", "scale"} and isinstance(e["id"], int) and
+            not isinstance(e["id"], bool) for e in value):
+        raise FieldError(f"'{name}' must be a list of {{\"id\": adapter id, \"scale\": number}}", name)
+    for e in value:
+        checked_number(e["scale"], name, float, -1e4, 1e4)
     return value
 
 

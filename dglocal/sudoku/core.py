@@ -214,11 +214,36 @@ def rule_breaks(puzzle: Sequence[int], cells: Sequence[int]) -> list[int]:
     return bad
 
 
-def guide_for(puzzle: str | Sequence[int]):
-    """The Sudoku guide for the driver: guide(draft canvas ids, accepted) -> canvas positions to re-noise."""
-    p = _as_cells(puzzle)
+class Guide:
+    """The Sudoku guide for the driver: `guide(draft canvas ids, accepted)` -> canvas positions to re-noise (the
+    cells that break a rule), and `guide.restart(last draft, attempt)` -> the positions a new attempt keeps of the
+    last one. It checks the rules only: it says which cells break one, never which digit goes where.
 
-    def guide(draft, accepted):
-        return rule_breaks(p, decode_canvas(draft.tolist()))
+    A restart keeps the cells the failed attempt had consistent and re-noises the ones that broke a rule; each of
+    their peers is re-noised too with probability 1/2, and a share of the other free cells growing with the
+    attempt (10% more each time, up to half), so that consecutive attempts do not repeat one fixed point; every
+    fourth attempt starts from fresh noise. The choice is seeded by the draft and the attempt: runs repeat."""
 
-    return guide
+    def __init__(self, puzzle: str | Sequence[int], keep: bool = True):
+        self.puzzle = _as_cells(puzzle)
+        if not keep:  # restarts from fresh noise alone (what the guide did before)
+            self.restart = None
+
+    def __call__(self, draft, accepted):
+        return rule_breaks(self.puzzle, decode_canvas(draft.tolist()))
+
+    def restart(self, draft, attempt: int) -> list[int]:
+        if attempt % 4 == 0:
+            return []
+        cells = decode_canvas(draft.tolist())
+        broken = set(rule_breaks(self.puzzle, cells))
+        rng = random.Random(hash((tuple(cells), attempt)) & 0xFFFFFFFF)
+        near = {j for i in broken for j in PEERS[i]} - broken
+        share = min(0.5, 0.1 * attempt)
+        return [i for i in range(81) if i not in broken and
+                (self.puzzle[i] or rng.random() >= (0.5 if i in near else share))]
+
+
+def guide_for(puzzle: str | Sequence[int], keep: bool = True) -> Guide:
+    """The Sudoku guide of `puzzle` (see Guide); `keep=False`: restarts from fresh noise."""
+    return Guide(puzzle, keep)

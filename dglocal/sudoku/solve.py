@@ -50,15 +50,16 @@ class EvalResult:
     results: list[Solved] = field(repr=False, default_factory=list)
 
 
-def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, batch: int = 1):
+def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, batch: int = 1, lora=None):
     """The Sudoku GGUF on the backend; ModelError if it is not a Sudoku model. The model is tiny, so the KV
     cache stays f32 and flash attention off (the numbers then match the reference at ~1e-4), and one thread is
-    the default: its matrices are too small to split, and spinning thread barriers on a busy CPU cost ~50x."""
+    the default: its matrices are too small to split, and spinning thread barriers on a busy CPU cost ~50x.
+    `lora`: LoRA adapters, as dglocal.load takes them."""
     import dglocal
 
     # a unified cache holds every sequence of a batch: n_ctx is per puzzle times the batch
     model = dglocal.load(path, n_ctx=(n_ctx or N_CTX) * batch, n_threads=threads or 1, kv_type="f32",
-                         flash_attn=False, n_seq_max=batch)
+                         flash_attn=False, n_seq_max=batch, lora=lora)
     if model.n_vocab != sc.VOCAB_SIZE or model.canvas_length != sc.CANVAS_LENGTH:
         model.close()
         raise ModelError(f"{path}: not a Sudoku model (vocabulary {model.n_vocab}, canvas {model.canvas_length}; "
@@ -84,15 +85,19 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
         events.close()  # a caller that breaks out leaves the sequence consistent
 
 
-GUIDE_RESTARTS = 31  # a grid the guide still finds broken at the step cap is denoised again, up to this many times
+# a grid the guide still finds broken at the step cap is denoised again (from what the guide keeps of it), until
+# it is solved, TIME_LIMIT seconds have gone, or GUIDE_RESTARTS attempts
+GUIDE_RESTARTS = 1023
+TIME_LIMIT = 5.0
 
 
-def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, **generation) -> dict:
-    """stream() options for one puzzle."""
+def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=TIME_LIMIT,
+                   restarts: int = GUIDE_RESTARTS, **generation) -> dict:
+    """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: `restarts` alone)."""
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
-                guide=sc.guide_for(puzzle) if guide else None, guide_restarts=GUIDE_RESTARTS if guide else 0,
-                **generation)
+                guide=sc.guide_for(puzzle) if guide else None, guide_restarts=restarts if guide else 0,
+                time_limit=time_limit if guide else None, **generation)
 
 
 def _solved(puzzle, completion: Completion, seconds: float) -> Solved:
