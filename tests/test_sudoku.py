@@ -182,17 +182,21 @@ def test_cli_solves_an_easy_puzzle_with_the_shipped_model(tmp_path):
 
 
 def test_cli_reports_a_broken_grid_unsolved(tmp_path):
-    """A puzzle with no solution at all (two 5s in a row): whatever the model returns is unsolved."""
-    from dglocal.sudoku import GUIDE_RESTARTS
+    """A puzzle with no solution at all (two 5s in a row): whatever the model returns is unsolved, the guide
+    restarting it until the time limit is up."""
+    from dglocal.sudoku.solve import TIMED_RESTARTS
 
     puzzle = "55" + "." * 79
     out = tmp_path / "grid.txt"
-    for guide, cap in ((["--no-guide"], 4), ([], 4 * (1 + GUIDE_RESTARTS))):  # the guide restarts a broken grid
+    for guide, cap in ((["--no-guide"], 4), (["--time-limit", "1"], 4 * (1 + TIMED_RESTARTS))):
+        t0 = time.monotonic()
         r = dglocal_cli(puzzle, "--seed", "0", "--steps", "4", "--output", out, *guide)
         assert r.returncode == 0, r.stderr
         verdict = VERDICT.search(r.stdout)
         assert verdict and verdict.group(1).startswith("unsolved") and int(verdict.group(3)) <= cap, r.stdout
+        assert int(verdict.group(2)) < 81  # how close it got: the cells keeping every rule
         assert not sc.check_grid(puzzle, out.read_text().strip().replace("0", "."))
+    assert time.monotonic() - t0 < 60
 
 
 @pytest.mark.parametrize("args,message", [

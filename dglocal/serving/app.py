@@ -79,13 +79,13 @@ class SudokuFrontend(Frontend):
 
     def text_prompt(self, prompt):
         from dglocal.sudoku import core as sc
-        from dglocal.sudoku.solve import puzzle_options
+        from dglocal.sudoku.solve import TIME_LIMIT, puzzle_options
 
         try:
             cells = sc.parse_grid("".join(prompt.split()))
         except ConfigError as e:
             raise ApiError(400, f"send a Sudoku puzzle: {e}", param="messages") from None
-        return sc.encode_prompt(cells), puzzle_options(cells)
+        return sc.encode_prompt(cells), puzzle_options(cells, time_limit=TIME_LIMIT)
 
     def answer(self, completion):
         from dglocal.sudoku import core as sc

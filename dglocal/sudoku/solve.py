@@ -26,6 +26,12 @@ from . import core as sc
 
 N_CTX = 512  # prompt (326) + one canvas (81), rounded up
 EVAL_BATCH = 16  # puzzles per forward in --eval: the model is small, a forward of 16 canvases costs little more
+# a grid the guide still finds broken at the step cap is denoised again (from what the guide keeps of it): a puzzle
+# solved alone gets TIME_LIMIT seconds (at most TIMED_RESTARTS attempts); an evaluation, whose results must not
+# depend on the machine or the batch, GUIDE_RESTARTS attempts unless it is given a time limit
+TIME_LIMIT = 5.0
+TIMED_RESTARTS = 1023
+GUIDE_RESTARTS = 31
 
 
 @dataclass
@@ -68,13 +74,15 @@ def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, ba
 
 
 def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed: int | None = None,
-                 pin_givens: bool = False, guide: bool = True, **generation) -> Iterator[Step | Solved]:
+                 pin_givens: bool = False, guide: bool = True, time_limit: float | None = TIME_LIMIT,
+                 **generation) -> Iterator[Step | Solved]:
     """Denoise one puzzle: every Step (the draft board), then the Solved outcome. `guide`: re-noise cells that
     break a rule (sudoku_core.guide_for) and run to the step cap while any does. `generation`: other
     GenerationConfig fields (entropy_bound, t_min, ...)."""
     t0 = time.perf_counter()
     events = model.stream(sc.encode_prompt(puzzle), **puzzle_options(puzzle, steps=steps, seed=seed,
-                                                                     pin_givens=pin_givens, guide=guide, **generation))
+                                                                     pin_givens=pin_givens, guide=guide,
+                                                                     time_limit=time_limit, **generation))
     try:
         for event in events:
             if event.kind == "step":
@@ -85,18 +93,14 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
         events.close()  # a caller that breaks out leaves the sequence consistent
 
 
-# a grid the guide still finds broken at the step cap is denoised again (from what the guide keeps of it), until
-# it is solved, TIME_LIMIT seconds have gone, or GUIDE_RESTARTS attempts
-GUIDE_RESTARTS = 1023
-TIME_LIMIT = 5.0
-
-
-def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=TIME_LIMIT,
-                   restarts: int = GUIDE_RESTARTS, **generation) -> dict:
-    """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: `restarts` alone)."""
+def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=None, keep=True,
+                   **generation) -> dict:
+    """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: GUIDE_RESTARTS of them);
+    `keep=False`: restarts from fresh noise instead of from what the guide keeps of the last attempt."""
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
+    restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
-                guide=sc.guide_for(puzzle) if guide else None, guide_restarts=restarts if guide else 0,
+                guide=sc.guide_for(puzzle, keep) if guide else None, guide_restarts=restarts,
                 time_limit=time_limit if guide else None, **generation)
 
 
