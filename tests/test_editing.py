@@ -8,8 +8,8 @@ byte-identical, only the free ones may change, and the suffix of an infill must 
 import numpy as np
 import pytest
 import torch
-from reference_harness import ReferenceModel, reference_generate
-from tiny import tiny_model
+from reference_harness import reference_generate
+from test_generate import BASE, C, EARLY, PROMPT, V, model, reference_model, tm  # noqa: F401 (fixtures)
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from dglocal.errors import ConfigError
@@ -19,23 +19,6 @@ from dglocal.generation.events import BlockText, Step
 from dglocal.generation.sampler import SeededNoise
 
 pytestmark = pytest.mark.gpu_tier
-
-V, C = 512, 16
-PROMPT = [2] + list(range(10, 30))
-BASE = dict(max_new_tokens=48, max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8,
-            stability_threshold=1, confidence_threshold=0.005)
-EARLY = dict(BASE, max_denoising_steps=8, entropy_bound=1000.0, t_min=0.01, t_max=0.05, confidence_threshold=0.05)
-
-
-@pytest.fixture(scope="module")
-def tm():
-    return tiny_model(seed=0)
-
-
-@pytest.fixture(params=["reference", "llama.cpp"])
-def model(request, tm):
-    return ReferenceModel(tm, n_ctx=1024, eos_ids=(1,)) if request.param == "reference" \
-        else request.getfixturevalue("llama_model")
 
 
 @pytest.mark.parametrize("seed,cfg,n_draft", [(0, BASE, C), (1, EARLY, C), (2, BASE, 5), (3, EARLY, 11)])

@@ -8,27 +8,13 @@ import json
 import pytest
 
 from test_editing import TEXT, _pairs
-from test_server import Server
+from test_server import reference as api  # noqa: F401 (the tiny GGUF through the Python API)
+from test_server import tiny_server as server  # noqa: F401
 
 pytestmark = pytest.mark.backend
 
 STEPS = {"max_denoising_steps": 4}
 
-
-@pytest.fixture(scope="module")
-def server(tiny_f32_gguf):
-    s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "2048", "--alias", "tiny", "--seed", "1")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def api(tiny_f32_gguf):
-    import dglocal
-
-    m = dglocal.load(tiny_f32_gguf, n_ctx=1024, n_threads=1)
-    yield m
-    m.close()
 
 
 def test_suffix_and_infill_agree_with_the_python_api(server, api):
