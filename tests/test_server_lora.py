@@ -1,4 +1,4 @@
-"""LoRA adapters through a real `dglocal serve --lora`: per-request scales (llama-server's `lora` field) switch
+"""LoRA adapters through a real `dglocal serve --lora` (and `dglocal run`): per-request scales (llama-server's `lora` field) switch
 without reloading and never mix between the slots of one batched forward; /lora-adapters lists and sets them."""
 
 from __future__ import annotations
@@ -76,3 +76,19 @@ def test_new_default_scales(server, tiny_f32_gguf, adapter):
 def test_bad_scales_are_named_400s(server, path, body, words):
     status, answer, _ = server.post(path, json.dumps(body))
     assert status == 400 and words in answer["error"]["message"], answer
+
+
+def test_run_takes_lora_scaled_as_llama_cpp_spells_it(tiny_f32_gguf, adapter):
+    from test_cli import SMALL, piped
+
+    from dglocal.generation.channels import split
+
+    with dglocal.load(tiny_f32_gguf, n_ctx=1024, n_threads=1, lora=[(str(adapter), 0.5)]) as m:
+        text = m.chat().send("hello", max_denoising_steps=4, max_new_tokens=32, seed=1).text
+    expected = split(text, tools=False).content  # what the chat prints on stdout: a thought goes to stderr
+    out = piped("run", tiny_f32_gguf, *SMALL, "--steps", "4", "-n", "32", "-p", "hello", "--lora-scaled",
+                adapter, "0.5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    bad = piped("run", tiny_f32_gguf, "-p", "hello", "--lora", tiny_f32_gguf)  # a model, not an adapter
+    assert bad.returncode == 1 and "LoRA adapter" in bad.stderr and "could not load" in bad.stderr, bad.stderr
