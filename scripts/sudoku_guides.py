@@ -21,11 +21,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora", default=None)
+    ap.add_argument("--keep", default="fresh,consistent,consensus", help="the restart policies to compare")
+    ap.add_argument("--n", type=int, default=0, help="the first N puzzles only")
     args = ap.parse_args()
-    pairs = read_puzzles(args.puzzles)
+    pairs = read_puzzles(args.puzzles)[:args.n or None]
     with load_model(args.model, batch=args.batch, lora=args.lora) as m:
-        for name, options in (("model alone", dict(guide=False)), ("restart fresh", dict(keep=False)),
-                              ("restart kept", dict(keep=True))):
+        for name, options in [("model alone", dict(guide=False))] + [(f"restart {k}", dict(keep=k))
+                                                                      for k in args.keep.split(",")]:
             r = evaluate(m, pairs, seed=args.seed, time_limit=args.time_limit, **options)
             print(f"{name:14s} solved {r.solved:.1%}  blank-cell accuracy {r.blank_acc:.1%}  mean steps "
                   f"{r.steps:.1f}  {r.seconds:.0f} s", flush=True)

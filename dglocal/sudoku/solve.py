@@ -93,10 +93,10 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
         events.close()  # a caller that breaks out leaves the sequence consistent
 
 
-def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=None, keep=True,
-                   **generation) -> dict:
+def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=None,
+                   keep: str = "fresh", **generation) -> dict:
     """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: GUIDE_RESTARTS of them);
-    `keep=False`: restarts from fresh noise instead of from what the guide keeps of the last attempt."""
+    `keep`: what a restart keeps of the last attempt (sudoku.core.Guide)."""
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
