@@ -71,6 +71,17 @@ def masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return bias, rows
 
 
+TIE = 1e-5  # relative: two logits this close are equal at the f32 precision the device computes in
+
+
+def assert_same_ids(got, want, x, what: str) -> None:
+    """Equal argmax ids, except where the reference's logits of the two ids are equal at f32 precision (a tie the
+    device's kernels may break either way: seen on AVX-512, 26.022940 against 26.022942)."""
+    rows = np.arange(len(want))
+    tied = np.abs(x[rows, got] - x[rows, want]) <= TIE * np.abs(x[rows, want])
+    assert ((got == want) | tied).all(), f"{what}: {got.tolist()} != {want.tolist()}"
+
+
 def check_all(model, ref) -> int:
     """Every case on fresh canvases: the device's ids equal numpy's; returns the number of checks."""
     seq, rseq = model.sequence(), ref.sequence()
@@ -89,8 +100,9 @@ def check_all(model, ref) -> int:
         got = seq.denoise(canvas, temperature=T, uniforms=u, self_condition=False, filters=filters)
         x = rseq.denoise(canvas, temperature=T, uniforms=u, self_condition=False, return_logits=True).logits
         per_position = None if bias is None else np.where(rows[:, None] >= 0, bias[np.maximum(rows, 0)], 0.0)
-        want = expected(truncated(x, **case, bias=per_position), u.astype(np.float32).astype(np.float64))
-        np.testing.assert_array_equal(got.argmax, want[0], err_msg=f"argmax {case}")
+        kept = truncated(x, **case, bias=per_position)
+        want = expected(kept, u.astype(np.float32).astype(np.float64))
+        assert_same_ids(got.argmax, want[0], kept, f"argmax {case}")
         np.testing.assert_array_equal(got.sampled, want[1], err_msg=f"draw {case}")
         np.testing.assert_allclose(got.entropy, want[2], atol=2e-4, rtol=2e-4, err_msg=f"entropy {case}")
         n += 1
