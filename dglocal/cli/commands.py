@@ -22,8 +22,9 @@ from dglocal.convert.hub import resolve_model
 from dglocal.errors import ConfigError, DglocalError
 
 from .options import (
-    CacheTypeOption, CpuMoeOption, LoraOption, LoraScaledOption, NglOption, OverrideOption, PrecisionOption,
-    QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, ModelArgs, fit, generation, load_options, model_options,
+    CacheTypeOption, CpuMoeOption, LoraOption, LoraScaledOption, ModelArgs, NglOption, OverrideOption,
+    PrecisionOption, QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, fit, generation,
+    load_options, model_options,
 )
 
 class _App(typer.Typer):

@@ -68,7 +68,8 @@ class Generation:
     pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
     docs/guides.md); a canvas it still objects to at the step cap starts again, up to `guide_restarts` times and
     while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
-    guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start). `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
+    guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start).
+    `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
     `draft`: tokens (-1 free) each canvas starts from instead of noise, the reference's `decoder_input_ids`
     (block b from positions b*C..(b+1)*C). `fillers`: token ids (the end and pad tokens) that may fill free
     positions of a fixed layout (an edit, an infill): the generation then runs every canvas and an EOS does not
