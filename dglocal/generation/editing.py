@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime import checks
 from .events import Completion
 
 
@@ -126,12 +127,6 @@ def _spans(spans, n_chars: int) -> list[tuple[int, int]]:
     return out
 
 
-def _room(room) -> int:
-    if isinstance(room, bool) or not isinstance(room, (numbers.Integral, np.integer)) or not 0 <= room <= 4096:
-        raise ConfigError(f"room must be an integer in 0..4096, got {room!r:.40}")
-    return int(room)
-
-
 @dataclass
 class Request:
     """A planned edit or infill: the prompt and generate options to run, and how to read the Completion."""
@@ -164,7 +159,7 @@ def edit_request(model, text: str, spans, *, prompt=None, room: int = 0, **optio
     before the text (default: just BOS). `room`: free positions added to each span beyond its own tokens, for a
     longer replacement (unused ones close with end or pad tokens)."""
     text = _check_text(text, "the text to edit")
-    spans, room = _spans(spans, len(text)), _room(room)
+    spans, room = _spans(spans, len(text)), checks.integer("room", room, 0, 4096)
     tokens, regions, at = [], [], 0
     for start, end in spans:
         tokens += _text_tokens(model, text[at:start])
@@ -187,9 +182,7 @@ def infill_request(model, prefix: str, suffix: str, *, max_middle: int | None = 
     tail = _text_tokens(model, suffix)
     if max_middle is None:
         max_middle = max(C - len(tail), C // 2)
-    if isinstance(max_middle, bool) or not isinstance(max_middle, (numbers.Integral, np.integer)) or max_middle < 1:
-        raise ConfigError(f"max_middle must be a positive integer, got {max_middle!r:.40}")
-    F = int(max_middle)
+    F = checks.integer("max_middle", max_middle, 1, 1 << 24)
     n = math.ceil((F + min(len(tail), C // 2)) / C) * C  # at least half a canvas of the suffix beside the middle
     head = tail[: n - F]
     layout = Layout(np.asarray([-1] * F + head, dtype=np.int64), [(0, F)])
