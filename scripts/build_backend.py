@@ -28,9 +28,10 @@ from dglocal.runtime.upstream import PACKAGE, SDIST, SDIST_SHA256, VERSION, Dglo
 PATCHES = ROOT / "patches"
 CACHE = cache_dir()
 
-# CMake flags per backend, as llama.cpp's build docs name them; tools, tests and the multimodal library are
-# not needed by dglocal and only cost build time. ggml RPC is on everywhere: `dglocal rpc-server` and `--rpc`.
-COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+# CMake flags per backend, as llama.cpp's build docs name them; tools and tests are not needed by dglocal and only
+# cost build time. The multimodal library (libmtmd, images in) and ggml RPC (`dglocal rpc-server`, `--rpc`) are on
+# everywhere.
+COMMON_FLAGS = ["-DLLAVA_BUILD=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_RPC=ON"]
 BACKEND_FLAGS = {
     "cpu": [],

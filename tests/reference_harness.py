@@ -99,12 +99,19 @@ class ReferenceSequence:
     def commit(self, tokens) -> None:
         self.prefill(tokens)
 
+    def prefill_images(self, tokens, pixel_values, image_position_ids) -> None:
+        """Encode tokens holding image_token_id runs with the images' pixels, as generate's prefill does (the
+        vision tower, the image mask of use_bidirectional_attention="vision")."""
+        self._encode(tokens, dict(pixel_values=pixel_values, image_position_ids=image_position_ids))
+        self.n_encoded += len(tokens)
+
     @torch.no_grad()
-    def _encode(self, tokens) -> None:
+    def _encode(self, tokens, images: dict | None = None) -> None:
         tokens = [int(t) for t in tokens]
         if not tokens:
             return
         ids = torch.tensor([tokens], dtype=torch.long)
+        mm = (ids == self.tm.config.image_token_id).long() if images else None
         cur_len = self.n_past + len(tokens)
         # as generate's _prepare_encoder_inputs + step 1.a
         position_ids = torch.arange(self.n_past, cur_len, dtype=torch.int32).unsqueeze(0)
@@ -112,12 +119,14 @@ class ReferenceSequence:
         dummy = torch.empty((1, len(tokens), 0), dtype=self.tm.dtype)
         mask_mapping = self.tm.model.encoder.create_masks_for_generate(
             config=self.tm.config, inputs_embeds=dummy, attention_mask=attention_mask,
-            past_key_values=self.cache, position_ids=position_ids, mm_token_type_ids=None,
+            past_key_values=self.cache, position_ids=position_ids, mm_token_type_ids=mm,
         )
         out = self.tm.model.encoder(
-            input_ids=ids, attention_mask=mask_mapping, past_key_values=self.cache, position_ids=position_ids
+            input_ids=ids, attention_mask=mask_mapping, past_key_values=self.cache, position_ids=position_ids,
+            **(images or {}),
         )
         self.cache = out.past_key_values
+        self.last_hidden = out.last_hidden_state  # encoder_logits_of turns it into next-token logits
         self.tokens += tokens
         self._snapshots.append((self.n_past, copy.deepcopy(self.cache)))
 
@@ -170,6 +179,13 @@ class ReferenceSequence:
             entropy=(-(probs * logp).sum(-1)).astype(np.float32),
             logits=processed[0].numpy().copy() if return_logits else None,
         )
+
+
+@torch.no_grad()
+def head_logits(model, hidden) -> np.ndarray:
+    """The tied LM head and the final softcap over encoder hidden states [1, n, H]: logits [n, V]."""
+    cap = model.config.get_text_config().final_logit_softcapping
+    return (torch.tanh(model.lm_head(hidden)[0] / cap) * cap).numpy()
 
 
 @torch.no_grad()

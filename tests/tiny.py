@@ -45,13 +45,20 @@ TEXT = dict(
     top_k_experts=2,
     moe_intermediate_size=32,
     max_position_embeddings=1024,
+    use_bidirectional_attention="vision",  # the published form: an image's tokens see each other in the encoder
 )
 
-# The vision tower is mandatory in the reference class; a 1-layer, 16-wide one is enough.
+# The vision tower (mandatory in the reference class): 2 layers, 4-pixel patches pooled 2x2, standardized output,
+# so that an image is a few hundred patches and every tensor of the schema is present. Images enter as <|image>
+# (BOI), n x <|image|>, <image|> (EOI): ids 6-8 of the tiny vocab (tiny_vocab_gguf names them so).
 VISION = dict(
-    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+    model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=16, position_embedding_size=256,
+    patch_size=4, pooling_kernel_size=2, standardize=True,
 )
+IMAGE_IDS = dict(boi_token_id=6, image_token_id=7, eoi_token_id=8)
+IMAGE_TOKENS = {6: "<|image>", 7: "<|image|>", 8: "<image|>"}
+MAX_SOFT_TOKENS = 70  # the reference processor's smallest budget: 280 patches of 4x4 pixels
 
 # Explicit, non-default values so a converter that falls back to the defaults is caught.
 GENERATION = dict(
@@ -78,7 +85,8 @@ def tiny_config(**overrides) -> DiffusionGemmaConfig:
     """The tiny reference config; `canvas_length` goes top-level, other overrides to text_config."""
     canvas_length = overrides.pop("canvas_length", CANVAS)
     text = {**TEXT, **overrides}
-    return DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas_length)
+    return DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas_length,
+                                **IMAGE_IDS)
 
 
 @torch.no_grad()
@@ -93,14 +101,14 @@ def tiny_model(seed: int = 0, **overrides) -> DiffusionGemmaForBlockDiffusion:
 
     # named_parameters() yields each tied tensor once (encoder text weights are the decoder's)
     for name, p in model.named_parameters():
-        if ".vision_tower." in name or ".embed_vision." in name:
-            continue
         if name.endswith(("q_norm.weight", "k_norm.weight")):
             uniform(p, 0.2, 0.5)
         elif name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
             uniform(p, 0.5, 1.5)
         elif name.endswith("embed_tokens.weight"):
             p.copy_(torch.randn(p.shape, generator=g))  # unit rows: logits of order 10, softcap active
+        elif name.endswith("position_embedding_table"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         elif p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)  # fan-in scaling
         else:
@@ -110,6 +118,10 @@ def tiny_model(seed: int = 0, **overrides) -> DiffusionGemmaForBlockDiffusion:
         if name.endswith("layer_scalar"):
             lo, hi = (0.5, 0.9) if ".encoder." in name else (1.1, 1.5)
             uniform(b, lo, hi)
+        elif name.endswith("std_bias"):
+            uniform(b, -0.5, 0.5)
+        elif name.endswith("std_scale"):
+            uniform(b, 0.5, 1.5)
     return model
 
 
@@ -153,9 +165,22 @@ def tiny_vocab_gguf(path, n_vocab: int = VOCAB, source: Path | None = None) -> P
     h = read_header(source or vocab_gguf())
     tok = [(k, v, *h.kv_types[k]) for k, v in h.kv.items() if k.startswith("tokenizer.")]
     writer = gguf.GGUFWriter(path, "gemma4")
-    write_tokenizer(writer, cut_tokenizer(tok, n_vocab))
+    cut = cut_tokenizer(tok, n_vocab)
+    if n_vocab > max(IMAGE_TOKENS):  # the image tokens of the real vocab, at ids the tiny one leaves unused
+        cut = [_image_tokens(kv) for kv in cut]
+    write_tokenizer(writer, cut)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def _image_tokens(kv):
+    """A tokenizer.* key of the cut vocab with <unused0..2> renamed to the image tokens, as control tokens."""
+    key, value, *types = kv
+    if key == "tokenizer.ggml.tokens":
+        value = [IMAGE_TOKENS.get(i, t) for i, t in enumerate(value)]
+    elif key == "tokenizer.ggml.token_type":
+        value = [3 if i in IMAGE_TOKENS else t for i, t in enumerate(value)]
+    return (key, value, *types)

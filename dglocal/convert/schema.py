@@ -176,5 +176,9 @@ def write_metadata(w: GGUFWriter, p: TextParams, gen: dict, *, name: str, file_t
     w.add_uint32("diffusion.eb_stability_threshold", int(gen["stability_threshold"]))
     w.add_float32("diffusion.eb_confidence_threshold", float(gen["confidence_threshold"]))
     w.add_bool("diffusion.shift_logits", False)
+    if p.image_ids:  # dglocal extra: how an image's soft tokens sit in the prompt and attend in the encoder
+        for key, value in zip(("boi", "image", "eoi"), p.image_ids):
+            w.add_uint32(f"diffusion.{key}_token_id", value)
+        w.add_bool("diffusion.vision_bidirectional", p.vision_bidirectional)
     if gen.get("eos_token_id"):  # dglocal extra: the checkpoint's full EOS set (llama.cpp infers EOG from token text)
         w.add_array("diffusion.eos_token_ids", [int(i) for i in gen["eos_token_id"]])

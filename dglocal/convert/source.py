@@ -57,6 +57,10 @@ class TextParams:
     final_logit_softcapping: float
     max_position_embeddings: int
     canvas_length: int
+    # images: (boi, image, eoi) token ids when the checkpoint has a vision tower; whether an image's tokens see
+    # each other in the encoder (text_config.use_bidirectional_attention == "vision")
+    image_ids: tuple[int, int, int] | None = None
+    vision_bidirectional: bool = False
 
     def is_swa(self, il: int) -> bool:
         return self.layer_types[il] == "sliding_attention"
@@ -190,9 +194,20 @@ def read_params(directory: Path) -> TextParams:
         final_logit_softcapping=get("final_logit_softcapping", 30.0, float, 1e-3, 1e6),
         max_position_embeddings=get("max_position_embeddings", 131_072, high=1 << 31),
         canvas_length=_checked(path, "canvas_length", config.get("canvas_length", 256), int, 1, 65536),
+        image_ids=_image_ids(path, config),
+        vision_bidirectional=text.get("use_bidirectional_attention") == "vision",
     )
     _check_consistent(path, params)
     return params
+
+
+def _image_ids(path: Path, config: dict) -> tuple[int, int, int] | None:
+    """(boi, image, eoi) ids of a checkpoint with a vision tower (the reference's defaults where absent)."""
+    if not isinstance(config.get("vision_config"), dict):
+        return None
+    vocab = (config.get("text_config") or {}).get("vocab_size", 262_144)
+    defaults = {"boi_token_id": 255_999, "image_token_id": 258_880, "eoi_token_id": 258_882}
+    return tuple(_checked(path, k, config.get(k, d), int, 0, vocab - 1) for k, d in defaults.items())
 
 
 def _check_consistent(path: Path, p: TextParams) -> None:

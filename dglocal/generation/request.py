@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError, ContextError
 from ..runtime import checks
+from ..runtime.vision import MARKER, Image, load_image
 from .config import GenerationConfig
 
 
@@ -39,6 +40,7 @@ class RequestPlan:
     eos_ids: tuple[int, ...]
     canvas_length: int
     cache_prompt: bool = True  # llama-server's field: False encodes the whole prompt afresh
+    images: tuple = ()  # the embeddings of the prompt's images, held while the plan lives (runtime.vision)
 
     @property
     def n_blocks(self) -> int:
@@ -56,22 +58,47 @@ class RequestPlan:
 
 
 def plan(model, prompt: str | Sequence[int], *, seeds: SeedSource | None = None, cache_prompt: bool = True,
-         **options) -> RequestPlan:
-    """The plan of one request on `model`; ContextError when it cannot fit the model's context."""
+         images: Sequence = (), **options) -> RequestPlan:
+    """The plan of one request on `model`; ContextError when it cannot fit the model's context. `images` (paths,
+    bytes, PIL images) go where the text prompt has `<|image|>`, in order."""
     config = GenerationConfig.from_metadata(model.metadata, **options)
     if config.seed is None:
         config = config.replace(seed=(seeds or SeedSource()).next())
     eos_ids = config.eos_token_id if config.eos_token_id is not None else tuple(model.eos_ids)
     checks.token_ids(list(eos_ids), model.n_vocab, "eos_token_id")
-    if isinstance(prompt, str):
+    embeddings = ()
+    if images:
+        tokens, embeddings = image_prompt(model, prompt, images)
+    elif isinstance(prompt, str):
         tokens = model.tokenize(prompt, add_special=True, parse_special=True)
     else:
         tokens = checks.token_ids(prompt, model.n_vocab, "prompt token ids").tolist()
     if not tokens:
         raise ConfigError("the prompt is empty: the canvas needs at least one token to attend to")
-    out = RequestPlan(tokens, config, tuple(eos_ids), model.canvas_length, bool(cache_prompt))
+    out = RequestPlan(tokens, config, tuple(eos_ids), model.canvas_length, bool(cache_prompt), embeddings)
     out.check_fits(model.n_ctx)
     return out
+
+
+def image_prompt(model, prompt: str, images: Sequence) -> tuple[list[int], tuple]:
+    """The tokens of a text prompt whose `<|image|>` markers each take an image (BOI, the image's positions, EOI,
+    as the reference processor expands them), and the images' embeddings."""
+    vision = getattr(model, "vision", None)
+    if vision is None:
+        raise ConfigError("this model was loaded without a vision tower: load it with mmproj= (--mmproj) to give "
+                          "it images")
+    if not isinstance(prompt, str):
+        raise ConfigError("a prompt with images is text, with <|image|> where each image goes")
+    pieces = prompt.split(MARKER)
+    if len(pieces) - 1 != len(images):
+        raise ConfigError(f"the prompt has {len(pieces) - 1} {MARKER} markers for {len(images)} images")
+    loaded = [img if isinstance(img, Image) else load_image(img) for img in images]
+    tokens = model.tokenize(pieces[0], add_special=True, parse_special=True)
+    embeddings = []
+    for image, text in zip(loaded, pieces[1:]):
+        embeddings.append(vision.embed(image))
+        tokens += vision.tokens(image) + model.tokenize(text, add_special=False, parse_special=True)
+    return tokens, tuple(embeddings)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -28,6 +28,7 @@ from .gguf import read_header
 from .lora import Adapters
 from .options import KV_TYPES, LoadOptions
 from .placement import device_precision, placement
+from .vision import Vision
 
 
 @dataclass
@@ -123,6 +124,12 @@ class Model:
             raise BackendError("the backend and the GGUF disagree on the canvas length")
         self.eos_ids = self._eos_ids()
         self.adapters = Adapters.load(self, None if opts.no_alloc else opts.lora)
+        self.n_embd = nat.llama_model_n_embd(self._model)
+        self.vision = None
+        if opts.mmproj is not None and not opts.no_alloc:
+            self.vision = Vision(self, opts.mmproj, max_tokens=opts.image_tokens, n_threads=cparams.n_threads,
+                                 use_gpu=opts.n_gpu_layers != 0)
+            self._stack.callback(self.vision.close)  # LIFO: before the context and the weights it refers to
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -224,15 +231,20 @@ class Model:
         """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches, in as
         few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the logits of
         the last token are kept (llama_get_logits_ith(-1)), or of every token of the last chunk with all_logits."""
-        work = []
+        work, with_images = [], []
         for seq, tokens in items:
             self._own(seq)
-            toks = checks.token_ids(tokens, self.n_vocab)
+            toks = self._prompt_ids(tokens)
             if len(seq.tokens) + toks.size > self.n_ctx:
                 raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
-            work += [(seq, int(t)) for t in toks]
+            if toks.size and toks.max() >= self.n_vocab:
+                with_images.append((seq, toks))
+            else:
+                work += [(seq, int(t)) for t in toks]
         if len({id(s) for s, _ in items}) != len(items):
             raise ConfigError("encode_batch: each sequence may appear once per call")
+        for seq, toks in with_images:  # text and image blocks in turn, each sequence on its own
+            self._encode_blocks(seq, toks, all_logits and not work and seq is with_images[-1][0])
         batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
         try:
             for start in range(0, len(work), self.n_ubatch):
@@ -242,6 +254,50 @@ class Model:
             self._nat.llama_batch_free(batch)
         for seq, tokens in items:
             seq._encoded(len(tokens))
+
+    def _prompt_ids(self, tokens) -> np.ndarray:
+        """Token ids, or the keys of images in use (runtime.vision) past the vocabulary."""
+        if self.vision is None:
+            return checks.token_ids(tokens, self.n_vocab)
+        toks = checks.token_ids(tokens, np.iinfo(np.int32).max)
+        for key in np.unique(toks[toks >= self.n_vocab]):
+            self.vision.embedding(int(key))  # ConfigError unless the image is in use
+        return toks
+
+    def _encode_blocks(self, seq, toks: np.ndarray, every: bool) -> None:
+        """A sequence's tokens with images: runs of text through the causal encoder, each image's block of
+        embeddings through one bidirectional pass (llama_dg_encode_embd)."""
+        group = np.where(toks >= self.n_vocab, toks, -1)  # text: -1, an image: its key
+        runs = np.split(toks, np.flatnonzero(np.diff(group)) + 1)
+        batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
+        try:
+            for k, run in enumerate(runs):
+                last = k == len(runs) - 1
+                if run[0] < self.n_vocab:
+                    pieces = [(seq, int(t)) for t in run]
+                    for start in range(0, len(pieces), self.n_ubatch):
+                        end = last and start + self.n_ubatch >= len(pieces)
+                        self._encode_chunk(batch, pieces[start:start + self.n_ubatch], last=end, every=every)
+                else:
+                    self._encode_image(seq, run, logits=last)
+        finally:
+            self._nat.llama_batch_free(batch)
+
+    def _encode_image(self, seq, run: np.ndarray, *, logits: bool) -> None:
+        embd = self.vision.embedding(int(run[0]))
+        if len(run) % len(embd):
+            raise ConfigError(f"an image of {len(embd)} tokens stands at {len(run)} prompt positions")
+        for _ in range(len(run) // len(embd)):  # the same image twice in a row: one block each
+            p0 = len(seq.tokens)
+            data = np.ascontiguousarray(embd, dtype=np.float32)
+            status = self.native(self._nat.llama_dg_encode_embd, self._ctx, seq.seq_id,
+                                 data.ctypes.data_as(self._nat.c_float_p), len(embd), logits)
+            if status != 0:
+                seq.rewind(p0)
+                err = ContextError if status == -4 else BackendError
+                raise err(f"encoder pass over an image failed: {self._nat.DG_STATUS.get(status, status)}: "
+                          f"{self._nat.last_errors()}")
+            seq.tokens += [int(run[0])] * len(embd)
 
     def _own(self, seq) -> None:
         """A live Sequence of this model: another model's would put its tokens into this model's cache."""
@@ -413,10 +469,19 @@ class Sequence:
         sliding cache that lost the keys n needs, its latest checkpoint before n (0 without one). Returns the
         new length; the caller encodes the rest (generate does it with the new prompt)."""
         self._check_live()
-        n = checks.integer("truncate length", n, 0, len(self.tokens))
+        n = self._image_start(checks.integer("truncate length", n, 0, len(self.tokens)))
         if not self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
             raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
         if self._window:
-            n = self._window.rewind(n)
+            n = self._image_start(self._window.rewind(n))
+            self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1)
         del self.tokens[n:]
+        return n
+
+    def _image_start(self, n: int) -> int:
+        """n, or where the image block that n falls inside starts: a block is encoded whole (its tokens see each
+        other), so a cut inside one keeps none of it."""
+        t = self.tokens
+        while 0 < n < len(t) and t[n] >= self.model.n_vocab and t[n - 1] == t[n]:
+            n -= 1
         return n

@@ -47,6 +47,7 @@ llama_n_ctx_seq, llama_n_batch, llama_n_ubatch = _ll.llama_n_ctx_seq, _ll.llama_
 # vocabulary
 llama_model_get_vocab = _ll.llama_model_get_vocab
 llama_vocab_n_tokens = _ll.llama_vocab_n_tokens
+llama_model_n_embd = _ll.llama_model_n_embd
 llama_vocab_is_eog = _ll.llama_vocab_is_eog
 llama_vocab_get_attr = _ll.llama_vocab_get_attr
 LLAMA_TOKEN_ATTR_CONTROL, LLAMA_TOKEN_ATTR_USER_DEFINED = _ll.LLAMA_TOKEN_ATTR_CONTROL, _ll.LLAMA_TOKEN_ATTR_USER_DEFINED
@@ -126,6 +127,11 @@ llama_dg_memory_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ct
 # void llama_dg_memory_breakdown(const struct llama_context * ctx, llama_dg_memory_cb cb, void * user);
 llama_dg_memory_breakdown = _bind("llama_dg_memory_breakdown", [llama_context_p, llama_dg_memory_cb,
                                                                 ctypes.c_void_p], None)
+
+# int32_t llama_dg_encode_embd(struct llama_context * ctx, llama_seq_id seq_id, const float * embd,
+#                              int32_t n_tokens, bool logits);
+llama_dg_encode_embd = _bind("llama_dg_encode_embd", [llama_context_p, ctypes.c_int32, c_float_p, ctypes.c_int32,
+                                                      ctypes.c_bool], ctypes.c_int32)
 
 DG_STATUS = {
     -1: "the model is not diffusion-gemma",
@@ -229,3 +235,19 @@ def reg_proc(reg, name: str, ftype):
 
 class llama_model_tensor_buft_override(ctypes.Structure):
     _fields_ = [("pattern", _cp), ("buft", _vp)]
+
+
+# -- llama.cpp's multimodal library (libmtmd): the vision tower -------------------------------------------------
+
+def mtmd():
+    """llama-cpp-python's libmtmd bindings, its logs routed as llama.cpp's are (imported on first use: a text-only
+    run never needs the library)."""
+    try:
+        from llama_cpp import mtmd_cpp
+    except (ImportError, OSError, FileNotFoundError) as e:
+        raise BackendError(f"the installed llama-cpp-python has no multimodal library (libmtmd: {e}); "
+                           f"{BUILD_HINT}") from None
+    init()
+    mtmd_cpp.mtmd_log_set(_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
+    return mtmd_cpp

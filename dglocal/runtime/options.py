@@ -5,6 +5,7 @@ context, micro-batch and sliding-cache rules are written here and nowhere else."
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from ..errors import ConfigError, ContextError
@@ -16,6 +17,7 @@ DEFAULT_CTX = 4096  # tokens per sequence when n_ctx is not given
 MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of at least this
 KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}  # ggml_type ids of the cache types
 QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
+SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image budgets of the reference processor; 280 its default
 
 
 def ubatch_for(canvas_length: int, n_seq_max: int) -> int:
@@ -43,6 +45,8 @@ class LoadOptions:
     no_alloc: bool = False  # sizes only (memory plans, graph walks): nothing runs
     precision: str = "auto"  # "f32": f32 math on devices that round through f16 (per process)
     lora: tuple[tuple[str, float], ...] | None = None  # LoRA adapter files and their scales (runtime.lora)
+    mmproj: str | os.PathLike | None = None  # the vision tower's GGUF: prompts take images (runtime.vision)
+    image_tokens: int = 280  # soft tokens an image becomes at most (the reference processor's max_soft_tokens)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -61,6 +65,9 @@ class LoadOptions:
         checks.integer("n_seq_max", self.n_seq_max, 1, checks.MAX_SEQ)
         set_("lora", lora_specs(self.lora))
         checks.integer("swa_checkpoints", self.swa_checkpoints, 0, 64)
+        if self.image_tokens not in SOFT_TOKENS:
+            raise ConfigError(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKENS))}, got "
+                              f"{self.image_tokens!r}")
         if self.kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
         if self.kv_type in QUANTIZED_KV:
@@ -86,6 +93,8 @@ class LoadOptions:
         if n_ctx < canvas_length + 1:
             raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {canvas_length + 1}")
         n_ubatch = max(self.n_ubatch or ubatch_for(canvas_length, self.n_seq_max), canvas_length)
+        if self.mmproj is not None:  # an image's block is one micro-batch (its tokens see each other)
+            n_ubatch = max(n_ubatch, self.image_tokens)
         swa_full = self.swa_full
         if swa_full is None:
             swa_full = swa.full_by_default(round_up(n_ctx // self.n_seq_max, CTX_PAD), sliding_window, n_ubatch)

@@ -1,0 +1,122 @@
+"""Images in (#25): the vision tower on llama.cpp's multimodal library against the reference on the tiny
+checkpoint: the processor's resize and patches, the tower's embeddings, the encoder with one and two images (the
+image block bidirectional, sliding layers unclamped within it), the first denoise step after it, and whole
+generations token- and step-identical to the reference generate with pixel_values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from reference_harness import ReferenceModel, head_logits
+
+PIL = pytest.importorskip("PIL.Image")
+
+SIZES = [(40, 56), (64, 64), (23, 90), (120, 33), (17, 17)]  # (height, width): 5 sizes and aspect ratios
+
+
+def rgb(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    from transformers.models.gemma4 import Gemma4ImageProcessorPil
+
+    v = tiny.VISION
+    return Gemma4ImageProcessorPil(patch_size=v["patch_size"], pooling_kernel_size=v["pooling_kernel_size"],
+                                   max_soft_tokens=tiny.MAX_SOFT_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmproj(tiny_checkpoint, tmp_path_factory):
+    from dglocal.convert.mmproj import convert_mmproj
+
+    return convert_mmproj(tiny_checkpoint, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def vision_model(tiny_f32_gguf, tiny_mmproj):
+    import dglocal
+
+    m = dglocal.load(tiny_f32_gguf, n_ctx=1024, kv_type="f32", n_threads=2, flash_attn=False,
+                     mmproj=tiny_mmproj, image_tokens=tiny.MAX_SOFT_TOKENS)
+    yield m
+    m.close()
+
+
+def test_preprocessing_matches_the_reference_processor(processor):
+    """Our resize (Pillow bicubic to the reference's size rule) gives the reference's patches and positions."""
+    from dglocal.runtime.vision import load_image, resized, target_size
+
+    v = tiny.VISION
+    P, k = v["patch_size"], v["pooling_kernel_size"]
+    for i, (h, w) in enumerate(SIZES):
+        pixels = rgb(h, w, i)
+        ref = processor(images=[PIL.fromarray(pixels)], return_tensors="np")
+        pos = ref["image_position_ids"][0]
+        valid = pos[:, 0] >= 0
+        th, tw = target_size(h, w, P, k, tiny.MAX_SOFT_TOKENS)
+        assert (th // P) * (tw // P) == valid.sum(), (h, w)
+        ours = resized(load_image(PIL.fromarray(pixels)), (th, tw)).astype(np.float32) / 255
+        patches = ours.reshape(th // P, P, tw // P, P, 3).transpose(0, 2, 1, 3, 4).reshape(-1, P * P * 3)
+        np.testing.assert_array_equal(patches, ref["pixel_values"][0][valid])
+        gx, gy = np.meshgrid(np.arange(tw // P), np.arange(th // P), indexing="xy")
+        np.testing.assert_array_equal(np.stack([gx, gy], -1).reshape(-1, 2), pos[valid])
+        assert ref["num_soft_tokens_per_image"][0] == valid.sum() // (k * k)
+
+
+@torch.no_grad()
+def test_tower_embeddings_match_the_reference(vision_model, processor, tiny_model):
+    from dglocal.runtime.vision import load_image
+
+    for i, (h, w) in enumerate(SIZES):
+        pixels = rgb(h, w, 10 + i)
+        ref = processor(images=[PIL.fromarray(pixels)], return_tensors="pt")
+        want = tiny_model.model.encoder.get_image_features(ref["pixel_values"], ref["image_position_ids"])
+        want = want.pooler_output.reshape(-1, want.pooler_output.shape[-1]).numpy()
+        got = vision_model.vision.embed(load_image(PIL.fromarray(pixels)))
+        assert got.shape == want.shape, (h, w)
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-4 and np.abs(got - want).max() < 1e-3, (h, w, rel)
+
+
+def _prompt(model, images):
+    text = "Look: <|image|> and say what it is." if len(images) == 1 else \
+        "First <|image|>, then <|image|>: which is brighter?"
+    return text
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_encoder_and_first_denoise_match_the_reference(vision_model, processor, tiny_model, n_images):
+    from dglocal.generation.request import plan
+
+    images = [PIL.fromarray(rgb(*SIZES[i], 20 + i)) for i in range(n_images)]
+    p = plan(vision_model.model, _prompt(vision_model, images), images=images, seed=0)
+    toks = np.array(p.tokens)
+    image_id = tiny_model.config.image_token_id
+    ref_ids = np.where(toks >= vision_model.n_vocab, image_id, toks)
+    assert (ref_ids == image_id).sum() == sum(len(e) for e in p.images)
+
+    # the text after the last image, whose logits see every image (prefill in two calls: the same cache)
+    tail = int(np.flatnonzero(toks >= vision_model.n_vocab)[-1]) + 1
+    seq = vision_model.sequence()
+    seq.prefill(p.tokens[:tail])
+    got = seq.prefill(p.tokens[tail:], logits_all=True)
+
+    rm = ReferenceModel(tiny_model)
+    rseq = rm.sequence()
+    proc = processor(images=images, return_tensors="pt")
+    rseq.prefill_images(ref_ids.tolist(), proc["pixel_values"], proc["image_position_ids"])
+    want = head_logits(tiny_model, rseq.last_hidden)[tail:]
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
+
+    canvas = np.random.default_rng(n_images).integers(0, vision_model.n_vocab, vision_model.canvas_length)
+    d = seq.denoise(canvas, temperature=0.7, self_condition=False, return_logits=True)
+    r = rseq.denoise(canvas, temperature=0.7, self_condition=False, return_logits=True)
+    assert np.abs(d.logits / 0.7 - r.logits).max() <= 1e-3
+    np.testing.assert_array_equal(d.argmax, r.argmax)
