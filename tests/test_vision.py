@@ -120,3 +120,40 @@ def test_encoder_and_first_denoise_match_the_reference(vision_model, processor, 
     r = rseq.denoise(canvas, temperature=0.7, self_condition=False, return_logits=True)
     assert np.abs(d.logits / 0.7 - r.logits).max() <= 1e-3
     np.testing.assert_array_equal(d.argmax, r.argmax)
+
+
+@pytest.mark.parametrize("seed,early", [(0, False), (1, True)])
+def test_a_generation_with_an_image_equals_the_reference_generate(vision_model, processor, tiny_model, seed, early):
+    """The driver's whole trajectory after a prompt with an image: canvases and steps per canvas equal the
+    reference generate given pixel_values, image_position_ids and mm_token_type_ids, fed identical noise."""
+    from reference_harness import reference_generate
+    from test_generate import BASE, EARLY
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    from dglocal.generation.driver import stream
+    from dglocal.generation.events import BlockText
+    from dglocal.generation.request import plan
+    from dglocal.generation.sampler import SeededNoise
+
+    cfg = EARLY if early else BASE
+    V = vision_model.n_vocab
+    image = PIL.fromarray(rgb(*SIZES[seed + 1], 30 + seed))
+    prompt = "Describe <|image|> in one word."
+    p = plan(vision_model.model, prompt, images=[image], seed=0)
+    ids = np.array(p.tokens)
+    ref_ids = np.where(ids >= V, tiny_model.config.image_token_id, ids).tolist()
+    proc = processor(images=[image], return_tensors="pt")
+    kw = dict(cfg, sampler_config=EntropyBoundSamplerConfig(entropy_bound=cfg["entropy_bound"]))
+    del kw["entropy_bound"]
+    mm = torch.tensor([ref_ids]) == tiny_model.config.image_token_id
+    ref_tokens, ref_steps = reference_generate(
+        tiny_model, ref_ids, SeededNoise(V, seed), eos_token_id=None, pad_token_id=0,
+        pixel_values=proc["pixel_values"], image_position_ids=proc["image_position_ids"],
+        mm_token_type_ids=mm.long(), **kw)
+    events = list(stream(vision_model, prompt, images=[image], eos_token_id=(), noise=SeededNoise(V, seed), **cfg))
+    blocks = [e for e in events if isinstance(e, BlockText)]
+    assert np.concatenate([b.canvas for b in blocks]).tolist() == ref_tokens
+    assert [b.steps for b in blocks] == ref_steps
+    blind, _ = reference_generate(tiny_model, [t for t in ref_ids if t != tiny_model.config.image_token_id],
+                                  SeededNoise(V, seed), eos_token_id=None, pad_token_id=0, **kw)
+    assert blind != ref_tokens  # the image changed the answer
