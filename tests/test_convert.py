@@ -89,6 +89,8 @@ def test_metadata(converted, tiny_vocab):
         "diffusion.eb_entropy_bound": pytest.approx(0.2), "diffusion.eb_stability_threshold": 2,
         "diffusion.eb_confidence_threshold": pytest.approx(0.01), "diffusion.shift_logits": False,
         "diffusion.eos_token_ids": [1, 106, 50],
+        "diffusion.boi_token_id": 6, "diffusion.image_token_id": 7, "diffusion.eoi_token_id": 8,
+        "diffusion.vision_bidirectional": True,
     }
     for key, value in expected.items():
         assert key in kv, key

@@ -12,6 +12,7 @@ from dglocal.generation.config import GenerationConfig
 from dglocal.generation.channels import StreamSplitter
 from dglocal.generation.editing import edit_request
 from dglocal.generation.events import BlockText, Completion
+from dglocal.runtime.vision import MARKER, load_image
 
 # CLI spellings accepted by /set, besides the GenerationConfig field names themselves
 SET_ALIASES = {
@@ -28,6 +29,7 @@ COMMANDS = [
              "n, stability, confidence, t-min, t-max, entropy-bound (e.g. /set steps 16)"),
     ("/edit", "re-noise part of the last answer, the rest kept: /edit 2-3 (lines), /edit /REGEX/ (its matches), "
               "/edit /REGEX/ +8 (room for 8 more tokens in each)"),
+    ("/image", "attach an image to the next message: /image PATH (needs --mmproj)"),
     ("/help", "this list"),
     ("/exit", "quit (also Ctrl-D); Ctrl-C stops an answer"),
 ]
@@ -39,9 +41,11 @@ class RawSession:
     def __init__(self, model):
         self.model, self.last_prompt = model, None
 
-    def stream(self, content, **options):
+    def stream(self, content, *, images=(), **options):
         self.last_prompt = content
-        return self.model.stream(content, **options)
+        if images and MARKER not in content:  # a raw prompt: the images first
+            content = MARKER * len(images) + content
+        return self.model.stream(content, images=images, **options)
 
     def answer_context(self):
         """What the last answer followed, and where an edited answer is kept (nowhere: no history)."""
@@ -84,6 +88,7 @@ class ChatLoop:
         self.config = GenerationConfig.from_metadata(model.metadata, **self.options)  # validates the options
         self.session = model.chat(template_kwargs=template_kwargs) if model.chat_template else RawSession(model)
         self.last: Completion | None = None
+        self.images: list = []  # attached with /image (or --image): they go with the next message
 
     def run(self) -> None:
         """Read and answer until /exit or end of input (Ctrl-D)."""
@@ -118,6 +123,8 @@ class ChatLoop:
         done, stopped = None, False
         channels = StreamSplitter(tools=False)  # the thinking block apart from the answer
         extra = {k: v for k, v in (("grammar", self.grammar), ("draft", self.draft)) if v is not None}
+        if self.images:
+            extra["images"], self.images = self.images, []
         try:
             with closing(self.session.stream(content, **self.options, **extra)) as events:
                 for event in events:
@@ -164,9 +171,26 @@ class ChatLoop:
                 self.edit(arg)
             except DglocalError as e:
                 self.view.error(str(e))
+        elif name == "/image":
+            try:
+                self.attach(arg)
+            except DglocalError as e:
+                self.view.error(str(e))
         else:
             self.view.error(f"unknown command {name}; /help lists them")
         return True
+
+    def attach(self, path: str) -> None:
+        """/image PATH: the image goes with the next message."""
+        vision = getattr(self.model, "vision", None)
+        if vision is None:
+            raise ConfigError("/image needs a vision tower: start with --mmproj FILE")
+        if not path:
+            raise ConfigError("/image takes a path: /image cat.png")
+        image = load_image(path.strip().strip("'\""))
+        self.images.append(image)
+        w, h = image.size
+        self.view.notice(f"image attached: {w}x{h}, {vision.n_tokens(image)} tokens; it goes with your next message")
 
     def edit(self, arg: str) -> Completion | None:
         """/edit: the last answer's lines or pattern matches re-noised and denoised in place, drawn as an answer."""

@@ -168,6 +168,9 @@ def run(
     draft: Annotated[Optional[Path], typer.Option(
         "--draft", help="Start each answer's canvases from this file's text instead of noise (a warm start).",
         show_default=False)] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        "--image", help="An image for the first message (or the -p prompt); repeat for several. Needs --mmproj.",
+        show_default=False)] = None,
     think: Annotated[bool, typer.Option(
         "--think", help="Let the model think first (the chat template's enable_thinking).")] = False,
     hide_thinking: Annotated[bool, typer.Option(
@@ -190,9 +193,11 @@ def run(
     spec = output_grammar(json_schema, grammar)
     if model is not None and time_limit is not None:
         raise ConfigError("--time-limit applies to the built-in Sudoku model (its guided restarts)")
-    if model is None and (spec is not None or draft is not None):
-        raise ConfigError("--json-schema, --grammar and --draft do not apply to the Sudoku model: it answers the "
-                          "81 cells")
+    if model is None and (spec is not None or draft is not None or image or args.mmproj):
+        raise ConfigError("--json-schema, --grammar, --draft, --mmproj and --image do not apply to the Sudoku "
+                          "model: it answers the 81 cells")
+    if image and args.mmproj is None:
+        raise ConfigError("--image needs the model's vision tower: --mmproj FILE")
     draft_text = read_text_file(draft, "--draft") if draft is not None else None
     if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
         if max_new_tokens is not None:
@@ -212,6 +217,8 @@ def run(
         chat = ChatLoop(llm, view, grammar=spec, draft=draft_text, show_thinking=not hide_thinking,
                         template_kwargs={"enable_thinking": True} if think else None,
                         **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
+        for path in image or ():
+            chat.attach(str(path))
         if prompt is not None:
             if chat.ask(prompt) is None:
                 raise typer.Exit(130)
@@ -275,6 +282,12 @@ def convert_cmd(
     lora: Annotated[bool, typer.Option(
         "--lora", help="SOURCE is a PEFT LoRA adapter of a DiffusionGemma checkpoint: write a llama.cpp adapter "
                        "GGUF (for --lora on run, serve, bench).")] = False,
+    mmproj: Annotated[Optional[Path], typer.Option(
+        "--mmproj", help="Where the vision tower goes (an mmproj GGUF for --mmproj on run and serve). Default: "
+                         "mmproj-OUTPUT beside OUTPUT, when the checkpoint has a tower.", show_default=False)] = None,
+    mmproj_type: Annotated[str, typer.Option(
+        "--mmproj-type", help="The vision tower's type: f32, f16, bf16 or q8_0.")] = "f16",
+    no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Leave the vision tower out.")] = False,
 ):
     """Convert an HF DiffusionGemma checkpoint to a diffusion-gemma GGUF."""
     from dglocal import convert as conv
@@ -297,7 +310,8 @@ def convert_cmd(
     if output is None:
         raise typer.BadParameter("OUTPUT is required (unless --dry-run)", param_hint="OUTPUT")
     with ui.byte_progress("converting") as progress:
-        result = conv.convert(source, output, type, force=force, tokenizer_from=tokenizer_from, progress=progress)
+        result = conv.convert(source, output, type, force=force, tokenizer_from=tokenizer_from, progress=progress,
+                              mmproj=False if no_mmproj else mmproj, mmproj_type=mmproj_type)
     ui.show_converted(result)
 
 

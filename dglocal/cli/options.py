@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -74,6 +75,11 @@ LoraScaledOption = Annotated[Optional[list[str]], typer.Option(
                                                "for several.", show_default=False)]
 
 
+MmprojOption = Annotated[Optional[Path], typer.Option(
+    "--mmproj", help="The vision tower's GGUF (dglocal convert writes it beside the model): prompts take images.",
+    show_default=False)]
+ImageTokensOption = Annotated[int, typer.Option(
+    "--image-tokens", help="Soft tokens an image becomes at most: 70, 140, 280, 560 or 1120.")]
 TimeLimitOption = Annotated[Optional[float], typer.Option(
     "--time-limit", help="Sudoku: seconds a puzzle may take; a grid still breaking a rule is denoised again from "
                          "what the guide keeps of it until then. Default: 5.", show_default=False)]
@@ -91,10 +97,10 @@ MODEL_OPTIONS = [
     ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
     ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
     ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None), ("lora", LoraOption, None),
-    ("lora_scaled", LoraScaledOption, None),
+    ("lora_scaled", LoraScaledOption, None), ("mmproj", MmprojOption, None), ("image_tokens", ImageTokensOption, 280),
 ]
 LOAD_NAMES = ("ctx_size", "n_gpu_layers", "threads", "cache_type", "swa_full", "precision", "rpc", "override_tensor",
-              "n_cpu_moe", "tensor_split", "lora", "lora_scaled")
+              "n_cpu_moe", "tensor_split", "lora", "lora_scaled", "mmproj", "image_tokens")
 
 
 class ModelArgs:

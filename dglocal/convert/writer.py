@@ -21,6 +21,9 @@ from gguf import GGUFWriter, LlamaFileType, quants
 from dglocal.errors import BUILD_HINT, BackendError, ConvertError, ModelError, os_error_text, remove_quietly
 
 from . import schema
+from .mmproj import TYPES as MMPROJ_TYPES
+from .mmproj import convert_mmproj
+from .mmproj import default_path as mmproj_path
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
 from .tokenizer import tokenizer_from_files, tokenizer_from_gguf, write_tokenizer
 
@@ -75,11 +78,13 @@ def bind_sources(plan, index: dict[str, SourceTensor]) -> dict[str, SourceTensor
 
 
 def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer_from=None,
-            progress: Progress | None = None) -> ConvertResult:
+            progress: Progress | None = None, mmproj=None, mmproj_type: str = "f16") -> ConvertResult:
     """Convert a checkpoint directory or HF repo id into a diffusion-gemma GGUF at `output`.
 
     tokenizer_from: a GGUF whose tokenizer.* keys (and chat template) replace the checkpoint's
     tokenizer files; its vocabulary size must equal the config's vocab_size.
+    mmproj: where the vision tower goes (dglocal.convert.mmproj), when the checkpoint has one: None beside the
+    model (mmproj-<name>.gguf), False nowhere.
     """
     output = Path(output)
     ftype = file_type(type)
@@ -96,7 +101,13 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
     plan = schema.tensor_plan(params)
     bound = bind_sources(plan, index)
     skipped = sorted(n for n in index if schema.is_skipped(n))
-    notes = [f"vision tower skipped ({len(skipped)} tensors): the runtime is text-only"] if skipped else []
+    if skipped and mmproj is not False:
+        mmproj = Path(mmproj) if mmproj is not None else mmproj_path(output)
+        if mmproj_type.lower() not in MMPROJ_TYPES:
+            raise ConvertError(f"mmproj type {mmproj_type!r}: one of {', '.join(MMPROJ_TYPES)}")
+        if mmproj.exists() and not force:
+            raise ConvertError(f"{mmproj}: already exists (use --force to overwrite)")
+    notes = []
 
     name = str(source).rstrip("/").split("/")[-1]
     partial = output.with_name(output.name + ".partial")
@@ -110,6 +121,12 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
             quantize_gguf(staging, partial, type, force=True)
         check_loadable(partial, output)
+        if skipped and mmproj is not False:  # the vision tower beside it, before the model is in place
+            convert_mmproj(directory, mmproj, mmproj_type, force=True)
+            notes.append(f"vision tower ({len(skipped)} tensors) -> {mmproj} ({mmproj_type}): run with --mmproj")
+            skipped = []
+        elif skipped:
+            notes.append(f"vision tower not converted ({len(skipped)} tensors): the model takes text only")
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e

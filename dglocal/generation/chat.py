@@ -60,12 +60,28 @@ class ChatSession:
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
         return self.template.tokens(self.model, messages, **self.template_kwargs)
 
-    def stream(self, content: str, **options) -> Iterator[Event]:
-        """One user turn; the reply joins the history when the turn completes (not when it is broken off)."""
+    def prompt(self, messages: Sequence[dict]) -> tuple:
+        """(the prompt, its images): token ids, or with images in the history the rendered text, whose
+        `<|image|>` markers (the template writes one per image part) the images fill in order."""
+        images = [part["image"] for m in messages if isinstance(m.get("content"), list)
+                  for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
+        if not images:
+            return self.prompt_tokens(messages), ()
+        return self.template.render(messages, **self.template_kwargs), images
+
+    def stream(self, content: str, *, images: Sequence = (), **options) -> Iterator[Event]:
+        """One user turn (with `images`: paths, bytes or PIL images, placed before the text); the reply joins the
+        history when the turn completes (not when it is broken off)."""
         with self.exclusive.hold("a chat turn") if self.exclusive is not None else nullcontext():
+            if images:
+                from ..runtime.vision import load_image
+
+                content = [{"type": "image", "image": load_image(i)} for i in images] + \
+                    [{"type": "text", "text": content}]
             messages = self.messages + [{"role": "user", "content": content}]
             self._ensure_sequence()
-            events = stream(self.model, self.prompt_tokens(messages), seq=self.seq, seeds=self.seeds,
+            prompt, shown = self.prompt(messages)
+            events = stream(self.model, prompt, images=shown, seq=self.seq, seeds=self.seeds,
                             **{**self.options, **options})
             try:
                 for event in events:
