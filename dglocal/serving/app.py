@@ -29,6 +29,7 @@ from dglocal.generation.events import Completion, Step
 from dglocal.generation.grammar import CanvasGrammar, GrammarSpec
 from dglocal.generation.loop import split_options
 from dglocal.generation.request import plan
+from dglocal.runtime.vision import load_image
 from dglocal.serving import schema
 from dglocal.serving.engine import END, Engine, Request, ShuttingDown
 from dglocal.serving.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -58,7 +59,14 @@ class Frontend:
         if self.template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         extra = {"tools": tools} if tools else {}
-        return self.template.tokens(self.model, channels.template_messages(messages), **extra, **kwargs), {}
+        messages = channels.template_messages(_with_images(messages))
+        images = [p["image"] for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+                  if p.get("type") == "image"]
+        if not images:
+            return self.template.tokens(self.model, messages, **extra, **kwargs), {}
+        if getattr(self.model, "vision", None) is None:
+            raise ApiError(400, "this model takes no images: serve it with --mmproj", param="messages")
+        return self.template.render(messages, **extra, **kwargs), {"images": images}
 
     def text_prompt(self, prompt: str) -> tuple[list[int], dict]:
         return self.model.tokenize(prompt, add_special=True, parse_special=True), {}
@@ -69,6 +77,17 @@ class Frontend:
     def pieces(self, ids: list[int]) -> list[str]:
         """Each canvas position's text, for the live canvas."""
         return [self.model.detokenize([t]) for t in ids]
+
+
+def _with_images(messages: list[dict]) -> list[dict]:
+    """Image parts decoded (runtime.vision.load_image): a bad image is a 400 before anything runs."""
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            m = dict(m, content=[dict(p, image=load_image(p["image"])) if p.get("type") == "image" else p
+                                 for p in m["content"]])
+        out.append(m)
+    return out
 
 
 class SudokuFrontend(Frontend):

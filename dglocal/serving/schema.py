@@ -9,6 +9,9 @@ parser are refused whole.
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 import json
 import math
 
@@ -363,8 +366,9 @@ def _regex_literal(choice: str) -> str:
     return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in choice)
 
 
-def content(value, where: str) -> str:
-    """A message's content: a string, or a list of text parts (joined)."""
+def content(value, where: str) -> str | list:
+    """A message's content: a string, or a list of text parts (joined); with image_url parts (data: URLs), a list
+    of {"type": "image", "image": bytes} and {"type": "text", "text": ...} parts in their order."""
     if isinstance(value, str):
         return text(value, "messages")
     if not isinstance(value, list):
@@ -375,12 +379,34 @@ def content(value, where: str) -> str:
         if not isinstance(part, dict):
             raise FieldError(f"{at} must be an object like {{\"type\": \"text\", \"text\": \"...\"}}", "messages")
         kind = part.get("type")
+        if kind == "image_url":
+            parts.append({"type": "image", "image": image_url(part, at)})
+            continue
         if kind != "text":
-            raise FieldError(f"{at}: content parts of type {short(kind)} are not supported (text only)", "messages")
+            raise FieldError(f"{at}: content parts of type {short(kind)} are not supported (text, image_url)",
+                             "messages")
         if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
             raise FieldError(f"{at} must be {{\"type\": \"text\", \"text\": a string}}", "messages")
         parts.append(text(part["text"], "messages"))
-    return "".join(parts)
+    if all(isinstance(p, str) for p in parts):
+        return "".join(parts)
+    return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
+
+
+def image_url(part: dict, at: str) -> bytes:
+    """An image_url part's image: the bytes of a data: URL (base64). Nothing is ever fetched from a network."""
+    ref = part.get("image_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise FieldError(f"{at} must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", "messages")
+    head, sep, data = url.partition(",")
+    if not (url.startswith("data:") and sep and head.endswith(";base64")):
+        raise FieldError(f"{at}: image URLs are data: URLs (data:image/png;base64,...); this server fetches nothing",
+                         "messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(f"{at}: the data: URL is not valid base64", "messages") from None
 
 
 def short(value) -> str:
