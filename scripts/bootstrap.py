@@ -45,7 +45,7 @@ def interpreter() -> str:
 
 def installed(python: str, extra: str) -> bool:
     """dglocal (with `extra`'s packages) importable from this checkout already."""
-    modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client"] + (
+    modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client", "PIL"] + (
         ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright", "peft"] if extra else [])
     probe = ("import importlib.util as u, dglocal, sys; "
              f"sys.exit(0 if dglocal.__file__.startswith({str(ROOT)!r}) and "
