@@ -202,10 +202,11 @@ def run_checkpoint(ckpt: Path, vocab: Path, work: Path, first: int, last: int) -
             outcome = f"error:{str(e)[-80:]!r}"
         except Exception as e:  # noqa: BLE001
             outcome = f"traceback:{type(e).__name__}:{e!s:.200}"
-        left = sorted(p.name for p in work.glob(f"out-{i}.gguf*"))
+        written = [*work.glob(f"out-{i}.gguf*"), *work.glob(f"mmproj-out-{i}.gguf*")]  # the model, its tower
+        left = sorted(p.name for p in written)
         if outcome.startswith("error") and left:
             outcome = f"leftover:{left}"
-        for p in work.glob(f"out-{i}.gguf*"):
+        for p in written:
             p.unlink()
         shutil.rmtree(src)
         print(i, outcome.split(":")[0], what, outcome, flush=True)
