@@ -26,6 +26,7 @@ from gguf import GGUFWriter, quants
 from dglocal.errors import ConvertError, os_error_text, remove_quietly
 
 from .source import index_safetensors, read_json, resolve_source
+from .writer import encode_rows
 
 TOWER = "model.encoder.vision_tower."
 EMBEDDER = "model.encoder.embed_vision.embedding_projection.weight"
@@ -226,14 +227,7 @@ def _write(path: Path, plan, index, p: VisionParams, type_name: str, name: str) 
             raise ConvertError(f"{index[hf].file.name}: tensor {hf} has NaN or Inf values")
         w.write_padding(fout, fout.tell())
         start = fout.tell()
-        _encode(data.reshape(-1, data.shape[-1]), qtype).tofile(fout)
+        encode_rows(data.reshape(-1, data.shape[-1]), qtype).tofile(fout)
         w.write_padding(fout, fout.tell() - start)
     w.close()
 
-
-def _encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
-    if qtype == Q.F32:
-        return rows.astype(np.float32, copy=False)
-    if qtype == Q.F16:
-        return rows.astype(np.float16)
-    return quants.quantize(rows, qtype)

@@ -21,9 +21,6 @@ from gguf import GGUFWriter, LlamaFileType, quants
 from dglocal.errors import BUILD_HINT, BackendError, ConvertError, ModelError, os_error_text, remove_quietly
 
 from . import schema
-from .mmproj import TYPES as MMPROJ_TYPES
-from .mmproj import convert_mmproj
-from .mmproj import default_path as mmproj_path
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
 from .tokenizer import tokenizer_from_files, tokenizer_from_gguf, write_tokenizer
 
@@ -101,12 +98,7 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
     plan = schema.tensor_plan(params)
     bound = bind_sources(plan, index)
     skipped = sorted(n for n in index if schema.is_skipped(n))
-    if skipped and mmproj is not False:
-        mmproj = Path(mmproj) if mmproj is not None else mmproj_path(output)
-        if mmproj_type.lower() not in MMPROJ_TYPES:
-            raise ConvertError(f"mmproj type {mmproj_type!r}: one of {', '.join(MMPROJ_TYPES)}")
-        if mmproj.exists() and not force:
-            raise ConvertError(f"{mmproj}: already exists (use --force to overwrite)")
+    tower = _tower_output(output, mmproj, mmproj_type, force) if skipped and mmproj is not False else None
     notes = []
 
     name = str(source).rstrip("/").split("/")[-1]
@@ -121,9 +113,11 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
             quantize_gguf(staging, partial, type, force=True)
         check_loadable(partial, output)
-        if skipped and mmproj is not False:  # the vision tower beside it, before the model is in place
-            convert_mmproj(directory, mmproj, mmproj_type, force=True)
-            notes.append(f"vision tower ({len(skipped)} tensors) -> {mmproj} ({mmproj_type}): run with --mmproj")
+        if tower:  # the vision tower beside it, before the model is in place
+            from .mmproj import convert_mmproj
+
+            convert_mmproj(directory, tower, mmproj_type, force=True)
+            notes.append(f"vision tower ({len(skipped)} tensors) -> {tower} ({mmproj_type}): run with --mmproj")
             skipped = []
         elif skipped:
             notes.append(f"vision tower not converted ({len(skipped)} tensors): the model takes text only")
@@ -133,6 +127,19 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
     finally:
         remove_quietly(partial, staging)
     return ConvertResult(output, type.lower(), len(plan), output.stat().st_size, skipped, notes)
+
+
+def _tower_output(output: Path, mmproj, mmproj_type: str, force: bool) -> Path:
+    """Where the vision tower goes (`mmproj`, or beside the model), checked before anything is written. The mmproj
+    module imports this one's encoder, so it is imported here, when a tower is converted."""
+    from .mmproj import TYPES, default_path
+
+    tower = Path(mmproj) if mmproj is not None else default_path(output)
+    if mmproj_type.lower() not in TYPES:
+        raise ConvertError(f"mmproj type {mmproj_type!r}: one of {', '.join(TYPES)}")
+    if tower.exists() and not force:
+        raise ConvertError(f"{tower}: already exists (use --force to overwrite)")
+    return tower
 
 
 def check_loadable(partial: Path, output: Path) -> None:

@@ -41,6 +41,15 @@ class ChatTemplate:
     def tokens(self, model, messages: Sequence[dict], **kwargs) -> list[int]:
         return model.tokenize(self.render(messages, **kwargs), add_special=True, parse_special=True)
 
+    def prompt(self, model, messages: Sequence[dict], **kwargs) -> tuple[list[int] | str, list]:
+        """(the prompt, its images): token ids, or with image parts in the messages the rendered text, whose
+        `<|image|>` markers (the template writes one per image part) the images fill in order."""
+        images = [part["image"] for m in messages if isinstance(m.get("content"), list)
+                  for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
+        if not images:
+            return self.tokens(model, messages, **kwargs), []
+        return self.render(messages, **kwargs), images
+
 
 class ChatSession:
     """Multi-turn chat over one sequence. `seeds`: where turns without a seed draw theirs."""
@@ -60,15 +69,6 @@ class ChatSession:
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
         return self.template.tokens(self.model, messages, **self.template_kwargs)
 
-    def prompt(self, messages: Sequence[dict]) -> tuple:
-        """(the prompt, its images): token ids, or with images in the history the rendered text, whose
-        `<|image|>` markers (the template writes one per image part) the images fill in order."""
-        images = [part["image"] for m in messages if isinstance(m.get("content"), list)
-                  for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
-        if not images:
-            return self.prompt_tokens(messages), ()
-        return self.template.render(messages, **self.template_kwargs), images
-
     def stream(self, content: str, *, images: Sequence = (), **options) -> Iterator[Event]:
         """One user turn (with `images`: paths, bytes or PIL images, placed before the text); the reply joins the
         history when the turn completes (not when it is broken off)."""
@@ -80,7 +80,7 @@ class ChatSession:
                     [{"type": "text", "text": content}]
             messages = self.messages + [{"role": "user", "content": content}]
             self._ensure_sequence()
-            prompt, shown = self.prompt(messages)
+            prompt, shown = self.template.prompt(self.model, messages, **self.template_kwargs)
             events = stream(self.model, prompt, images=shown, seq=self.seq, seeds=self.seeds,
                             **{**self.options, **options})
             try:

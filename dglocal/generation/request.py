@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError, ContextError
 from ..runtime import checks
-from ..runtime.vision import MARKER, Image, load_image
+from ..runtime.vision import MARKER, load_image
 from .config import GenerationConfig
 
 
@@ -92,10 +92,9 @@ def image_prompt(model, prompt: str, images: Sequence) -> tuple[list[int], tuple
     pieces = prompt.split(MARKER)
     if len(pieces) - 1 != len(images):
         raise ConfigError(f"the prompt has {len(pieces) - 1} {MARKER} markers for {len(images)} images")
-    loaded = [img if isinstance(img, Image) else load_image(img) for img in images]
     tokens = model.tokenize(pieces[0], add_special=True, parse_special=True)
     embeddings = []
-    for image, text in zip(loaded, pieces[1:]):
+    for image, text in zip(map(load_image, images), pieces[1:]):
         embeddings.append(vision.embed(image))
         tokens += vision.tokens(image) + model.tokenize(text, add_special=False, parse_special=True)
     return tokens, tuple(embeddings)

@@ -243,17 +243,21 @@ class Model:
                 work += [(seq, int(t)) for t in toks]
         if len({id(s) for s, _ in items}) != len(items):
             raise ConfigError("encode_batch: each sequence may appear once per call")
-        for seq, toks in with_images:  # text and image blocks in turn, each sequence on its own
-            self._encode_blocks(seq, toks, all_logits and not work and seq is with_images[-1][0])
         batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
         try:
-            for start in range(0, len(work), self.n_ubatch):
-                last = start + self.n_ubatch >= len(work)
-                self._encode_chunk(batch, work[start:start + self.n_ubatch], last=last, every=all_logits)
+            for seq, toks in with_images:  # text and image blocks in turn, each sequence on its own
+                self._encode_blocks(batch, seq, toks, all_logits and not work and seq is with_images[-1][0])
+            self._encode_text(batch, work, last=True, every=all_logits)
         finally:
             self._nat.llama_batch_free(batch)
         for seq, tokens in items:
             seq._encoded(len(tokens))
+
+    def _encode_text(self, batch, work: list, *, last: bool, every: bool) -> None:
+        """(sequence, token) pairs in chunks of a micro-batch; with `last`, the final chunk keeps its logits."""
+        for start in range(0, len(work), self.n_ubatch):
+            end = last and start + self.n_ubatch >= len(work)
+            self._encode_chunk(batch, work[start:start + self.n_ubatch], last=end, every=every)
 
     def _prompt_ids(self, tokens) -> np.ndarray:
         """Token ids, or the keys of images in use (runtime.vision) past the vocabulary."""
@@ -264,32 +268,25 @@ class Model:
             self.vision.embedding(int(key))  # ConfigError unless the image is in use
         return toks
 
-    def _encode_blocks(self, seq, toks: np.ndarray, every: bool) -> None:
+    def _encode_blocks(self, batch, seq, toks: np.ndarray, every: bool) -> None:
         """A sequence's tokens with images: runs of text through the causal encoder, each image's block of
         embeddings through one bidirectional pass (llama_dg_encode_embd)."""
         group = np.where(toks >= self.n_vocab, toks, -1)  # text: -1, an image: its key
         runs = np.split(toks, np.flatnonzero(np.diff(group)) + 1)
-        batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
-        try:
-            for k, run in enumerate(runs):
-                last = k == len(runs) - 1
-                if run[0] < self.n_vocab:
-                    pieces = [(seq, int(t)) for t in run]
-                    for start in range(0, len(pieces), self.n_ubatch):
-                        end = last and start + self.n_ubatch >= len(pieces)
-                        self._encode_chunk(batch, pieces[start:start + self.n_ubatch], last=end, every=every)
-                else:
-                    self._encode_image(seq, run, logits=last)
-        finally:
-            self._nat.llama_batch_free(batch)
+        for k, run in enumerate(runs):
+            last = k == len(runs) - 1
+            if run[0] < self.n_vocab:
+                self._encode_text(batch, [(seq, int(t)) for t in run], last=last, every=every)
+            else:
+                self._encode_image(seq, run, logits=last)
 
     def _encode_image(self, seq, run: np.ndarray, *, logits: bool) -> None:
         embd = self.vision.embedding(int(run[0]))
         if len(run) % len(embd):
             raise ConfigError(f"an image of {len(embd)} tokens stands at {len(run)} prompt positions")
+        data = np.ascontiguousarray(embd, dtype=np.float32)
         for _ in range(len(run) // len(embd)):  # the same image twice in a row: one block each
             p0 = len(seq.tokens)
-            data = np.ascontiguousarray(embd, dtype=np.float32)
             status = self.native(self._nat.llama_dg_encode_embd, self._ctx, seq.seq_id,
                                  data.ctypes.data_as(self._nat.c_float_p), len(embd), logits)
             if status != 0:
@@ -472,9 +469,8 @@ class Sequence:
         n = self._image_start(checks.integer("truncate length", n, 0, len(self.tokens)))
         if not self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
             raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
-        if self._window:
-            n = self._image_start(self._window.rewind(n))
-            self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1)
+        if self._window:  # its checkpoints are taken after whole encoder calls: never inside an image's block
+            n = self._window.rewind(n)
         del self.tokens[n:]
         return n
 

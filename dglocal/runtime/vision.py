@@ -53,11 +53,13 @@ class Image:
 
 def load_image(source, *, max_bytes: int = MAX_BYTES) -> Image:
     """A path, bytes or a PIL image, decoded and converted to RGB as the reference processor does (transparency
-    over white); ImageError names what is wrong."""
+    over white), or an Image already decoded; ImageError names what is wrong."""
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     what = "the image"
+    if isinstance(source, Image):
+        return source
     if isinstance(source, (str, os.PathLike)):
         what = str(source)
         try:

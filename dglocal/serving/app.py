@@ -59,14 +59,13 @@ class Frontend:
         if self.template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         extra = {"tools": tools} if tools else {}
-        messages = channels.template_messages(_with_images(messages))
-        images = [p["image"] for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-                  if p.get("type") == "image"]
+        prompt, images = self.template.prompt(self.model, channels.template_messages(_with_images(messages)),
+                                               **extra, **kwargs)
         if not images:
-            return self.template.tokens(self.model, messages, **extra, **kwargs), {}
+            return prompt, {}
         if getattr(self.model, "vision", None) is None:
             raise ApiError(400, "this model takes no images: serve it with --mmproj", param="messages")
-        return self.template.render(messages, **extra, **kwargs), {"images": images}
+        return prompt, {"images": images}
 
     def text_prompt(self, prompt: str) -> tuple[list[int], dict]:
         return self.model.tokenize(prompt, add_special=True, parse_special=True), {}
