@@ -59,8 +59,11 @@ class Frontend:
         if self.template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         extra = {"tools": tools} if tools else {}
-        prompt, images = self.template.prompt(self.model, channels.template_messages(_with_images(messages)),
-                                               **extra, **kwargs)
+        try:
+            messages = _with_images(messages)
+        except ConfigError as e:  # not an image, too large, truncated
+            raise ApiError(400, str(e), param="messages") from None
+        prompt, images = self.template.prompt(self.model, channels.template_messages(messages), **extra, **kwargs)
         if not images:
             return prompt, {}
         if getattr(self.model, "vision", None) is None:
