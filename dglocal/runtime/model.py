@@ -128,7 +128,7 @@ class Model:
         self.vision = None
         if opts.mmproj is not None and not opts.no_alloc:
             self.vision = Vision(self, opts.mmproj, max_tokens=opts.image_tokens, n_threads=cparams.n_threads,
-                                 use_gpu=opts.n_gpu_layers != 0)
+                                 use_gpu=opts.n_gpu_layers != 0, flash_attn=opts.flash_attn)
             self._stack.callback(self.vision.close)  # LIFO: before the context and the weights it refers to
 
     # -- lifetime ------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ class Vision:
 
     CACHE = 16  # images whose embeddings stay cached after use (a chat re-sends its images every turn)
 
-    def __init__(self, model, path, *, max_tokens: int = 280, n_threads: int | None = None, use_gpu: bool = True):
+    def __init__(self, model, path, *, max_tokens: int = 280, n_threads: int | None = None, use_gpu: bool = True,
+                 flash_attn: bool | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")
@@ -151,7 +152,9 @@ class Vision:
         params.n_threads = n_threads or os.cpu_count() or 1
         params.print_timings = False
         params.warmup = False
-        params.flash_attn_type = 0  # f32 attention: the tower's output is what the reference computes
+        # as the model's: llama.cpp's choice by default; off, the attention is f32 and the tower's output is what
+        # the reference computes (on, it rounds through f16 but needs no [patches x patches] score matrix per head)
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
         params.image_min_tokens = 1  # the size is chosen here, as the reference processor chooses it
         params.image_max_tokens = max(SOFT_TOKENS)
         self._ctx = model.native(mt.mtmd_init_from_file, os.fsencode(self.path), model._model, params)
