@@ -157,3 +157,75 @@ def test_a_generation_with_an_image_equals_the_reference_generate(vision_model, 
     blind, _ = reference_generate(tiny_model, [t for t in ref_ids if t != tiny_model.config.image_token_id],
                                   SeededNoise(V, seed), eos_token_id=None, pad_token_id=0, **kw)
     assert blind != ref_tokens  # the image changed the answer
+
+
+def test_run_with_an_image_prints_the_api_answer(tiny_f32_gguf, tiny_mmproj, tmp_path):
+    """`dglocal run --mmproj F --image a.png -p TEXT` answers as the Python chat does with the same image; without
+    --mmproj, --image is refused with the reason."""
+    import dglocal
+    from test_cli import piped
+
+    path = tmp_path / "a.png"
+    PIL.fromarray(rgb(40, 56, 7)).save(path)
+    with dglocal.load(tiny_f32_gguf, n_ctx=1024, n_threads=1, mmproj=tiny_mmproj,
+                      image_tokens=tiny.MAX_SOFT_TOKENS) as m:
+        expected = m.chat().send("hello", images=[path], max_denoising_steps=4, max_new_tokens=32, seed=3).text
+        blind = m.chat().send("hello", max_denoising_steps=4, max_new_tokens=32, seed=3).text
+    assert expected != blind  # the image is in the answer
+    assert "<|channel>" not in expected  # seed 3: no thinking block, which the terminal would show apart
+    args = ["run", tiny_f32_gguf, "-c", "1024", "-t", "1", "--seed", "3", "--steps", "4", "-n", "32", "--mmproj",
+            tiny_mmproj, "--image-tokens",
+            str(tiny.MAX_SOFT_TOKENS), "--image", path, "-p", "hello"]
+    out = piped(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    refused = piped("run", tiny_f32_gguf, "--image", path, "-p", "hello")
+    assert refused.returncode == 1 and "--mmproj" in refused.stderr
+
+
+def test_convert_writes_the_tower_beside_the_model_and_info_shows_it(tiny_checkpoint, tiny_vocab, tmp_path):
+    import json
+
+    from test_cli import piped
+
+    out = tmp_path / "t.gguf"
+    done = piped("convert", tiny_checkpoint, out, "--type", "f32", "--tokenizer-from", tiny_vocab)
+    assert done.returncode == 0, done.stderr
+    tower = tmp_path / "mmproj-t.gguf"
+    assert tower.is_file() and str(tower) in done.stdout
+    info = json.loads(piped("info", tower, "--json").stdout)
+    assert info["architecture"] == "clip" and info["hparams"]["vision.projector_type"] == "gemma4v"
+    model = json.loads(piped("info", out, "--json").stdout)
+    assert model["diffusion"]["image_token_id"] == tiny.IMAGE_IDS["image_token_id"]
+    bare = piped("convert", tiny_checkpoint, tmp_path / "u.gguf", "--type", "f32", "--tokenizer-from", tiny_vocab,
+                 "--no-mmproj")
+    assert bare.returncode == 0 and not (tmp_path / "mmproj-u.gguf").exists()
+
+
+def test_image_command_in_a_real_terminal_and_the_cache_keeps_the_image(tiny_f32_gguf, tiny_mmproj, tmp_path):
+    """/image in the chat (tmux): the image is announced with its size and tokens and goes with the next message;
+    the next turn encodes only its new tokens, the image staying in the cached prefix."""
+    from test_cli import DGLOCAL, STAT, Tmux, _last_line, _stats
+
+    path = tmp_path / "b.png"
+    PIL.fromarray(rgb(40, 56, 8)).save(path)
+    term = Tmux()
+    try:
+        term.start(*DGLOCAL, "run", tiny_f32_gguf, "-c", "1024", "-t", "1", "--seed", "1", "--steps", "4", "-n",
+                   "16", "--mmproj", tiny_mmproj, "--image-tokens", str(tiny.MAX_SOFT_TOKENS))
+        term.wait_prompt("the chat prompt")
+        term.type(f"/image {path}")
+        term.wait(lambda s: "image attached: 56x40, 63 tokens" in s and _last_line(s) == ">", "the attach notice")
+        term.type("hello")
+        term.wait(lambda s: len(STAT.findall(s)) == 1 and _last_line(s) == ">", "the first answer")
+        term.type("/stats")
+        first = _stats(term.wait(lambda s: s.count("last answer") == 1 and _last_line(s) == ">", "/stats"))
+        assert first["prefilled tokens"] == first["prompt tokens"] > 63 + 2
+        term.type("and now?")
+        term.wait(lambda s: len(STAT.findall(s)) == 2 and _last_line(s) == ">", "the second answer")
+        term.type("/stats")
+        second = _stats(term.wait(lambda s: s.count("last answer") == 2 and _last_line(s) == ">", "/stats"))
+        assert second["prompt tokens"] > first["prompt tokens"] + first["generated tokens"]
+        assert second["prefilled tokens"] < second["prompt tokens"] - 63  # the image was not encoded again
+    finally:
+        term.close()

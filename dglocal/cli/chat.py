@@ -180,8 +180,8 @@ class ChatLoop:
             self.view.error(f"unknown command {name}; /help lists them")
         return True
 
-    def attach(self, path: str) -> None:
-        """/image PATH: the image goes with the next message."""
+    def attach(self, path: str, *, announce: bool = True) -> None:
+        """/image PATH (and --image): the image goes with the next message."""
         vision = getattr(self.model, "vision", None)
         if vision is None:
             raise ConfigError("/image needs a vision tower: start with --mmproj FILE")
@@ -189,8 +189,10 @@ class ChatLoop:
             raise ConfigError("/image takes a path: /image cat.png")
         image = load_image(path.strip().strip("'\""))
         self.images.append(image)
-        w, h = image.size
-        self.view.notice(f"image attached: {w}x{h}, {vision.n_tokens(image)} tokens; it goes with your next message")
+        if announce:
+            w, h = image.size
+            self.view.notice(f"image attached: {w}x{h}, {vision.n_tokens(image)} tokens; it goes with your next "
+                             "message")
 
     def edit(self, arg: str) -> Completion | None:
         """/edit: the last answer's lines or pattern matches re-noised and denoised in place, drawn as an answer."""

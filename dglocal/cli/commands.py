@@ -217,8 +217,8 @@ def run(
         chat = ChatLoop(llm, view, grammar=spec, draft=draft_text, show_thinking=not hide_thinking,
                         template_kwargs={"enable_thinking": True} if think else None,
                         **generation(seed=args.seed), **settings)  # --seed: every answer starts from it
-        for path in image or ():
-            chat.attach(str(path))
+        for path in image or ():  # given on the command line: attached without a word (-p prints just the answer)
+            chat.attach(str(path), announce=False)
         if prompt is not None:
             if chat.ask(prompt) is None:
                 raise typer.Exit(130)
