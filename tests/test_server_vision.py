@@ -46,9 +46,17 @@ def mmproj(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_f32_gguf, mmproj):
+def images(tmp_path_factory):
+    """The directory the server may read images from (--image-files), with one image in it."""
+    d = tmp_path_factory.mktemp("served-images")
+    (d / "a.png").write_bytes(png(40, 56, 0))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_f32_gguf, mmproj, images):
     s = Server(str(tiny_f32_gguf), "-np", "2", "-c", "2048", "--alias", "tiny", "--seed", "1", "--mmproj",
-               str(mmproj), "--image-tokens", str(tiny.MAX_SOFT_TOKENS))
+               str(mmproj), "--image-tokens", str(tiny.MAX_SOFT_TOKENS), "--image-files", str(images))
     yield s
     s.stop()
 
@@ -66,6 +74,29 @@ def test_an_image_gets_the_python_api_answer_and_counts_in_usage(server, tiny_f3
     other = server.client().chat.completions.create(model="tiny", messages=image_message(data_url(png(40, 56, 1))),
                                                     max_tokens=32, seed=3, extra_body=STEPS)
     assert other.choices[0].message.content != done.text  # the image is what the answer depends on
+
+
+def test_a_local_file_under_the_image_directory_is_the_same_image(server, images, tmp_path):
+    ask = lambda url: server.client().chat.completions.create(  # noqa: E731
+        model="tiny", messages=image_message(url), max_tokens=32, seed=3, extra_body=STEPS).choices[0].message.content
+    by_value = ask(data_url((images / "a.png").read_bytes()))
+    assert ask(f"file://{images / 'a.png'}") == by_value == ask(str(images / "a.png"))
+    outside = tmp_path / "b.png"
+    outside.write_bytes(png(40, 56, 0))
+    for url in (str(outside), f"file://{images}/../{tmp_path.name}/b.png"):
+        status, body, _ = server.post("/v1/chat/completions", json.dumps(
+            {"model": "tiny", "messages": image_message(url), "max_tokens": 8}))
+        assert status == 400 and "outside the image directory" in body["error"]["message"], body
+
+
+def test_local_files_are_off_by_default(tiny_f32_gguf):
+    from dglocal.serving.app import ApiError, Frontend
+
+    class Stub:
+        metadata = {}
+
+    with pytest.raises(ApiError, match="--image-files"):
+        Frontend(Stub(), "tiny", {})._image_source({"type": "image", "file": "/etc/passwd"})
 
 
 @pytest.mark.parametrize("url,words", [

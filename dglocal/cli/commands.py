@@ -420,6 +420,9 @@ def serve(
         show_default=False)] = None,
     alias: Annotated[Optional[str], typer.Option(
         "--alias", help="Model id in the API. Default: the file name.", show_default=False)] = None,
+    image_files: Annotated[Optional[Path], typer.Option(
+        "--image-files", help="Let image_url parts name local files (file:// or an absolute path) under this "
+                              "directory. Default: data: URLs only.", show_default=False)] = None,
     *, args: ModelArgs,
 ):
     """Serve the OpenAI API (chat and text completions, streaming, the live canvas) on HTTP."""
@@ -448,7 +451,7 @@ def serve(
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s) · weights on "
                         f"{weights_where(llm.model)}")
         run_server(llm, model_id=model_id, host=host, port=port, parallel=parallel, api_key=api_key,
-                   defaults=defaults, sudoku=model is None, queue_size=queue)
+                   defaults=defaults, sudoku=model is None, queue_size=queue, image_files=image_files)
 
 
 @app.command()

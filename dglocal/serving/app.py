@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -51,16 +52,17 @@ class ApiError(Exception):
 class Frontend:
     """What a model looks like over HTTP: its id, how messages become tokens, how tokens become the answer."""
 
-    def __init__(self, model, model_id: str, defaults: dict):
+    def __init__(self, model, model_id: str, defaults: dict, image_files=None):
         self.model, self.id, self.defaults = model, model_id, defaults
         self.template = ChatTemplate.of(model)
+        self.image_files = Path(image_files).resolve() if image_files is not None else None  # serve --image-files
 
     def chat_prompt(self, messages: list[dict], tools=None, **kwargs) -> tuple[list[int], dict]:
         if self.template is None:
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
         extra = {"tools": tools} if tools else {}
         try:
-            messages = _with_images(messages)
+            messages = [self._with_images(m) for m in messages]
         except ConfigError as e:  # not an image, too large, truncated
             raise ApiError(400, str(e), param="messages") from None
         prompt, images = self.template.prompt(self.model, channels.template_messages(messages), **extra, **kwargs)
@@ -69,6 +71,26 @@ class Frontend:
         if getattr(self.model, "vision", None) is None:
             raise ApiError(400, "this model takes no images: serve it with --mmproj", param="messages")
         return prompt, {"images": images}
+
+    def _with_images(self, message: dict) -> dict:
+        """A message's image parts decoded (runtime.vision.load_image): a bad image is a 400 before anything runs."""
+        if not isinstance(message.get("content"), list):
+            return message
+        parts = [{"type": "image", "image": load_image(self._image_source(p))} if p.get("type") == "image" else p
+                 for p in message["content"]]
+        return dict(message, content=parts)
+
+    def _image_source(self, part: dict):
+        """The bytes of a data: URL, or a local file under --image-files (never anything outside it)."""
+        if "file" not in part:
+            return part["image"]
+        if self.image_files is None:
+            raise ApiError(400, "local image files are off: serve with --image-files DIR, or send a data: URL",
+                           param="messages")
+        path = Path(part["file"]).resolve()
+        if not path.is_relative_to(self.image_files):
+            raise ApiError(400, f"{part['file']}: outside the image directory {self.image_files}", param="messages")
+        return path
 
     def text_prompt(self, prompt: str) -> tuple[list[int], dict]:
         return self.model.tokenize(prompt, add_special=True, parse_special=True), {}
@@ -79,17 +101,6 @@ class Frontend:
     def pieces(self, ids: list[int]) -> list[str]:
         """Each canvas position's text, for the live canvas."""
         return [self.model.detokenize([t]) for t in ids]
-
-
-def _with_images(messages: list[dict]) -> list[dict]:
-    """Image parts decoded (runtime.vision.load_image): a bad image is a 400 before anything runs."""
-    out = []
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            m = dict(m, content=[dict(p, image=load_image(p["image"])) if p.get("type") == "image" else p
-                                 for p in m["content"]])
-        out.append(m)
-    return out
 
 
 class SudokuFrontend(Frontend):
@@ -540,11 +551,12 @@ def _sse(obj: dict) -> str:
 
 
 def serve(model, *, model_id: str, host: str, port: int, parallel: int, api_key: str | None,
-          defaults: dict, sudoku: bool = False, queue_size: int | None = None) -> None:
+          defaults: dict, sudoku: bool = False, queue_size: int | None = None, image_files=None) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    frontend = (SudokuFrontend if sudoku else Frontend)(model, model_id, defaults)
+    frontend = SudokuFrontend(model, model_id, defaults) if sudoku else \
+        Frontend(model, model_id, defaults, image_files)
     engine = Engine(model, parallel, queue_size if queue_size is not None else 4 * parallel)
     engine.start()
     app = create_app(engine, frontend, api_key=api_key)

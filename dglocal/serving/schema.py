@@ -366,8 +366,8 @@ def _regex_literal(choice: str) -> str:
 
 
 def content(value, where: str) -> str | list:
-    """A message's content: a string, or a list of text parts (joined); with image_url parts (data: URLs), a list
-    of {"type": "image", "image": bytes} and {"type": "text", "text": ...} parts in their order."""
+    """A message's content: a string, or a list of text parts (joined); with image_url parts, a list of
+    {"type": "image", "image": bytes or "file": a path} and {"type": "text", "text": ...} parts in their order."""
     if isinstance(value, str):
         return text(value, "messages")
     if not isinstance(value, list):
@@ -379,7 +379,7 @@ def content(value, where: str) -> str | list:
             raise FieldError(f"{at} must be an object like {{\"type\": \"text\", \"text\": \"...\"}}", "messages")
         kind = part.get("type")
         if kind == "image_url":
-            parts.append({"type": "image", "image": image_url(part, at)})
+            parts.append(image_url(part, at))
             continue
         if kind != "text":
             raise FieldError(f"{at}: content parts of type {short(kind)} are not supported (text, image_url)",
@@ -392,18 +392,22 @@ def content(value, where: str) -> str | list:
     return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
 
 
-def image_url(part: dict, at: str) -> bytes:
-    """An image_url part's image: the bytes of a data: URL (base64). Nothing is ever fetched from a network."""
+def image_url(part: dict, at: str) -> dict:
+    """An image_url part as an image part: the bytes of a data: URL (base64), or the path of a local file
+    (file:// or an absolute path; the server reads it only under `serve --image-files DIR`). Nothing is ever
+    fetched from a network."""
     ref = part.get("image_url")
     url = ref.get("url") if isinstance(ref, dict) else ref
     if not isinstance(url, str):
         raise FieldError(f"{at} must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", "messages")
+    if url.startswith(("file://", "/")):
+        return {"type": "image", "file": url.removeprefix("file://")}
     head, sep, data = url.partition(",")
     if not (url.startswith("data:") and sep and head.endswith(";base64")):
-        raise FieldError(f"{at}: image URLs are data: URLs (data:image/png;base64,...); this server fetches nothing",
-                         "messages")
+        raise FieldError(f"{at}: image URLs are data: URLs (data:image/png;base64,...) or local files; this server "
+                         "fetches nothing", "messages")
     try:
-        return base64.b64decode(data, validate=True)
+        return {"type": "image", "image": base64.b64decode(data, validate=True)}
     except (binascii.Error, ValueError):
         raise FieldError(f"{at}: the data: URL is not valid base64", "messages") from None
 
