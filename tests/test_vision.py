@@ -83,6 +83,33 @@ def test_tower_embeddings_match_the_reference(vision_model, processor, tiny_mode
         assert rel < 1e-4 and np.abs(got - want).max() < 1e-3, (h, w, rel)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
+def test_the_tower_runs_from_every_mmproj_type(tiny_checkpoint, tiny_f32_gguf, processor, tiny_model, tmp_path,
+                                               kind, tolerance):
+    """Every type convert writes loads and encodes, within the type's rounding of the reference. In a subprocess:
+    an f16 file's f16 patch kernel once aborted the process in llama.cpp's scheduler."""
+    import subprocess
+    import sys
+
+    from dglocal.convert.mmproj import convert_mmproj
+
+    mmproj = convert_mmproj(tiny_checkpoint, tmp_path / f"mmproj-{kind}.gguf", kind)
+    pixels = rgb(40, 56, 40)
+    PIL.fromarray(pixels).save(tmp_path / "a.png")
+    script = (f"import dglocal, numpy as np; from dglocal.runtime.vision import load_image\n"
+              f"with dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=1024, n_threads=2, flash_attn=False, "
+              f"mmproj={str(mmproj)!r}, image_tokens={tiny.MAX_SOFT_TOKENS}) as m:\n"
+              f"    np.save({str(tmp_path / 'got.npy')!r}, m.vision.embed(load_image({str(tmp_path / 'a.png')!r})))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = processor(images=[PIL.fromarray(pixels)], return_tensors="pt")
+    want = tiny_model.model.encoder.get_image_features(ref["pixel_values"], ref["image_position_ids"])
+    want = want.pooler_output.reshape(-1, want.pooler_output.shape[-1]).numpy()
+    got = np.load(tmp_path / "got.npy")
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tolerance
+
+
 def _prompt(model, images):
     text = "Look: <|image|> and say what it is." if len(images) == 1 else \
         "First <|image|>, then <|image|>: which is brighter?"
