@@ -84,7 +84,9 @@ def test_tower_embeddings_match_the_reference(vision_model, processor, tiny_mode
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
+# q8_0: llama.cpp also rounds the activations into q8 blocks for its q8_0 products (2.2% measured; the text
+# model's encoder: up to 3%, docs/quantization.md)
+@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
 def test_the_tower_runs_from_every_mmproj_type(tiny_checkpoint, tiny_f32_gguf, processor, tiny_model, tmp_path,
                                                kind, tolerance):
     """Every type convert writes loads and encodes, within the type's rounding of the reference. In a subprocess:
