@@ -65,7 +65,9 @@ def gguf_path(checkpoint, tmp_path_factory):
     from dglocal.convert import convert
 
     out = tmp_path_factory.mktemp("gguf") / "sudoku-f32.gguf"
-    convert(checkpoint, out, "f32")
+    done = convert(checkpoint, out, "f32")
+    # the reference class's mandatory tower, with image ids outside the 41 tokens: text only, no mmproj beside it
+    assert list(out.parent.iterdir()) == [out] and "outside the vocabulary" in " ".join(done.notes)
     return out
 
 

@@ -202,12 +202,15 @@ def read_params(directory: Path) -> TextParams:
 
 
 def _image_ids(path: Path, config: dict) -> tuple[int, int, int] | None:
-    """(boi, image, eoi) ids of a checkpoint with a vision tower (the reference's defaults where absent)."""
+    """(boi, image, eoi) ids of a checkpoint with a vision tower (the reference's defaults where absent); None when
+    it has none, or when they lie outside its vocabulary: the reference class always has a tower, and a text-only
+    model of its own vocabulary (the Sudoku model's 41 tokens) keeps the defaults of the 262k one."""
     if not isinstance(config.get("vision_config"), dict):
         return None
     vocab = (config.get("text_config") or {}).get("vocab_size", 262_144)
     defaults = {"boi_token_id": 255_999, "image_token_id": 258_880, "eoi_token_id": 258_882}
-    return tuple(_checked(path, k, config.get(k, d), int, 0, vocab - 1) for k, d in defaults.items())
+    ids = tuple(_checked(path, k, config.get(k, d), int, 0, 1 << 31) for k, d in defaults.items())
+    return ids if max(ids) < vocab else None
 
 
 def _check_consistent(path: Path, p: TextParams) -> None:

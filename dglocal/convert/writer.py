@@ -98,7 +98,8 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
     plan = schema.tensor_plan(params)
     bound = bind_sources(plan, index)
     skipped = sorted(n for n in index if schema.is_skipped(n))
-    tower = _tower_output(output, mmproj, mmproj_type, force) if skipped and mmproj is not False else None
+    images = bool(skipped) and params.image_ids is not None  # a tower, and image tokens in the vocabulary
+    tower = _tower_output(output, mmproj, mmproj_type, force) if images and mmproj is not False else None
     notes = []
 
     name = str(source).rstrip("/").split("/")[-1]
@@ -120,7 +121,8 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
             notes.append(f"vision tower ({len(skipped)} tensors) -> {tower} ({mmproj_type}): run with --mmproj")
             skipped = []
         elif skipped:
-            notes.append(f"vision tower not converted ({len(skipped)} tensors): the model takes text only")
+            why = "--no-mmproj" if images else "its image token ids lie outside the vocabulary"
+            notes.append(f"vision tower not converted ({len(skipped)} tensors, {why}): the model takes text only")
         os.replace(partial, output)
     except OSError as e:
         raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
