@@ -68,6 +68,7 @@ def test_preprocessing_matches_the_reference_processor(processor):
         assert ref["num_soft_tokens_per_image"][0] == valid.sum() // (k * k)
 
 
+@pytest.mark.gpu_tier
 @torch.no_grad()
 def test_tower_embeddings_match_the_reference(vision_model, processor, tiny_model):
     from dglocal.runtime.vision import load_image
@@ -118,6 +119,7 @@ def _prompt(model, images):
     return text
 
 
+@pytest.mark.gpu_tier
 @torch.no_grad()
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_encoder_and_first_denoise_match_the_reference(vision_model, processor, tiny_model, n_images):
@@ -151,6 +153,7 @@ def test_encoder_and_first_denoise_match_the_reference(vision_model, processor, 
     np.testing.assert_array_equal(d.argmax, r.argmax)
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("seed,early", [(0, False), (1, True)])
 def test_a_generation_with_an_image_equals_the_reference_generate(vision_model, processor, tiny_model, seed, early):
     """The driver's whole trajectory after a prompt with an image: canvases and steps per canvas equal the
