@@ -165,7 +165,19 @@ def make_batch(pool: np.ndarray, batch: int, rng: np.random.Generator, device):
     )
 
 
-def train_step(model, batch, use_sc: bool, gen: torch.Generator):
+def own_draft(model, cache, canvas, noised, gen: torch.Generator):
+    """The canvas as the sampler leaves it mid-run: a share (uniform per example) of the noised positions holds
+    the model's own argmax for them instead of a random token. Its wrong digits are plausible ones, the kind a
+    canvas keeps after a step, which uniform noise never shows the model."""
+    with torch.no_grad():
+        guess = decode(model, cache, canvas).argmax(-1)
+    b, n = canvas.shape
+    share = torch.rand(b, 1, generator=gen, device=canvas.device)
+    take = noised & (torch.rand(b, n, generator=gen, device=canvas.device) < share)
+    return torch.where(take, guess, canvas)
+
+
+def train_step(model, batch, use_sc: bool, gen: torch.Generator, use_draft: bool = False):
     givens, clean, blank = batch
     b, n = clean.shape
     dev = clean.device
@@ -175,6 +187,8 @@ def train_step(model, batch, use_sc: bool, gen: torch.Generator):
     canvas = torch.where(noised, noise, clean)
 
     cache = encode_prompts(model, givens)
+    if use_draft:
+        canvas = own_draft(model, cache, canvas, noised, gen)
     sc_logits = None
     if use_sc:
         with torch.no_grad():
@@ -277,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--horizon", type=int, default=20_000_000, help="examples over which the LR decays (cosine)")
     ap.add_argument("--anneal-from", type=int, default=0, help="examples at which the cosine decay starts (0: after warmup)")
     ap.add_argument("--sc-prob", type=float, default=0.5, help="fraction of batches trained with self-conditioning")
+    ap.add_argument("--draft-prob", type=float, default=0.0, help="fraction of batches whose noised positions "
+                    "partly hold the model's own guesses (training on its own mistakes)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -366,8 +382,9 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(progress["examples"], args)
         batch = make_batch(pool, args.batch, nprng, device)
         use_sc = nprng.random() < args.sc_prob
+        use_draft = args.draft_prob > 0 and nprng.random() < args.draft_prob
         t0 = time.time()
-        loss, acc = train_step(model, batch, use_sc, gen)
+        loss, acc = train_step(model, batch, use_sc, gen, use_draft)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -91,6 +91,14 @@ def tiny_vocab(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mmproj(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint's vision tower as an f32 mmproj GGUF."""
+    from dglocal.convert.mmproj import convert_mmproj
+
+    return convert_mmproj(tiny_checkpoint, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
 def tiny_f32_gguf(tiny_checkpoint, tiny_vocab, tmp_path_factory):
     """The tiny checkpoint converted to an f32 GGUF with the 512-token Gemma 4 vocabulary."""
     from dglocal.convert import convert

@@ -123,3 +123,29 @@ def test_plan_for_two_devices_checks_each_and_matches_a_real_load(small, device)
                 assert d["used"] == pytest.approx(real.get(d["name"], 0), rel=0.05, abs=1 << 20), (d, real)
         # half the output device cannot hold the output layer's buffers: less goes to the devices
         assert r["choice"]["n_gpu_layers"] != -1 or r["choice"]["n_cpu_moe"] > 0, r["choice"]
+
+
+def test_plan_sets_the_vision_tower_aside_on_the_first_device(tiny_f32_gguf, tiny_mmproj, device):
+    """With --mmproj the tower's weights and compute buffer come off the first device's budget: memory that held
+    every layer no longer does, and as much more again does."""
+    from dglocal.runtime.vision import tower_memory
+
+    margin = 64 << 20
+    alone = planner.search(tiny_f32_gguf, 8 << 30, n_ctx=1024, rpc=device, margin=margin)
+    assert alone["vision"] is None and alone["choice"]["n_cpu_moe"] == 0
+    need = sum(alone["choice"]["device"].values()) + margin
+    tower = tower_memory(tiny_mmproj, 70)
+    short = planner.search(tiny_f32_gguf, need, n_ctx=1024, rpc=device, margin=margin, mmproj=tiny_mmproj,
+                           image_tokens=70)
+    assert short["vision"] == tower and short["choice"]["n_cpu_moe"] >= 1, short["choice"]
+    enough = planner.search(tiny_f32_gguf, need + tower["weights"] + tower["compute"], n_ctx=1024, rpc=device,
+                            margin=margin, mmproj=tiny_mmproj, image_tokens=70)
+    assert enough["choice"]["n_cpu_moe"] == 0 and enough["choice"]["n_gpu_layers"] == -1, enough["choice"]
+    r = subprocess.run([*DGLOCAL, "plan", str(tiny_f32_gguf), "--vram", "8G", "-c", "1024", "--rpc", device[0],
+                        "--mmproj", str(tiny_mmproj), "--image-tokens", "70"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "vision tower (first device)" in r.stdout, r.stdout + r.stderr[-2000:]
+    foreign = subprocess.run([*DGLOCAL, "plan", str(tiny_f32_gguf), "--vram", "8G", "--mmproj", str(tiny_f32_gguf)],
+                             capture_output=True, text=True, timeout=300)
+    assert foreign.returncode == 1 and "not an mmproj file" in foreign.stderr, foreign.stderr[-2000:]
+

@@ -5,6 +5,8 @@ generations token- and step-identical to the reference generate with pixel_value
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -28,13 +30,6 @@ def processor():
     v = tiny.VISION
     return Gemma4ImageProcessorPil(patch_size=v["patch_size"], pooling_kernel_size=v["pooling_kernel_size"],
                                    max_soft_tokens=tiny.MAX_SOFT_TOKENS)
-
-
-@pytest.fixture(scope="session")
-def tiny_mmproj(tiny_checkpoint, tmp_path_factory):
-    from dglocal.convert.mmproj import convert_mmproj
-
-    return convert_mmproj(tiny_checkpoint, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny-f32.gguf", "f32")
 
 
 @pytest.fixture(scope="session")
@@ -261,3 +256,39 @@ def test_image_command_in_a_real_terminal_and_the_cache_keeps_the_image(tiny_f32
         assert second["prefilled tokens"] < second["prompt tokens"] - 63  # the image was not encoded again
     finally:
         term.close()
+
+
+MEASURE = """
+import os, sys
+from dglocal.runtime import native, vision
+from dglocal.runtime.model import Model
+with Model(sys.argv[1], n_ctx=256, n_threads=1) as m:
+    mt = native.mtmd()
+    p = mt.mtmd_context_params_default()
+    p.use_gpu, p.warmup, p.flash_attn_type, p.n_threads = False, True, int(sys.argv[3]), 1
+    ctx = mt.mtmd_init_from_file(os.fsencode(sys.argv[2]), m._model, p)
+    assert ctx
+    mt.mtmd_free(ctx)
+"""
+
+
+@pytest.mark.parametrize("flash", [1, 0])
+def test_tower_memory_bounds_what_libmtmd_allocates(tiny_f32_gguf, tiny_mmproj, flash):
+    """`dglocal plan --mmproj` counts the tower from the file's shapes: the weights are libmtmd's own figure, and
+    the compute bound holds over the buffer libmtmd reserves at its warmup size (256 soft tokens), within 1.5x."""
+    import re
+    import subprocess
+    import sys
+
+    from dglocal.runtime.vision import tower_memory
+
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(tiny_f32_gguf), str(tiny_mmproj), str(flash)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "DGLOCAL_DEBUG": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    mib = lambda pattern: float(re.search(pattern + r"\s*=?\s*([\d.]+) MiB", r.stderr).group(1))  # noqa: E731
+    assert f"flash attention is {'enabled' if flash else 'disabled'}" in r.stderr
+    ours = tower_memory(tiny_mmproj, 256)
+    assert ours["weights"] / 2**20 == pytest.approx(mib(r"load_hparams: model size:"), abs=0.01)
+    theirs = mib(r"reserve_compute_meta:\s+CPU compute buffer size")
+    bound = (ours["compute_flash"] if flash else ours["compute"]) / 2**20
+    assert theirs <= bound <= 1.5 * theirs, (theirs, bound)

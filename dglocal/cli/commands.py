@@ -22,7 +22,7 @@ from dglocal.convert.hub import resolve_model
 from dglocal.errors import ConfigError, DglocalError
 
 from .options import (
-    CacheTypeOption, CpuMoeOption, LoraOption, LoraScaledOption, ModelArgs, NglOption, OverrideOption,
+    CacheTypeOption, CpuMoeOption, ImageTokensOption, LoraOption, LoraScaledOption, MmprojOption, ModelArgs, NglOption, OverrideOption,
     PrecisionOption, QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, fit, generation,
     load_options, model_options,
 )
@@ -466,16 +466,20 @@ def plan(
     cache_type: CacheTypeOption = None,
     swa_full: SwaOption = None,
     rpc: RpcOption = None,
+    mmproj: MmprojOption = None,
+    image_tokens: ImageTokensOption = 280,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
-    """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read)."""
+    """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read).
+    With --mmproj, the vision tower's weights and compute buffer are set aside on the first device."""
     from dglocal.cli import render
     from dglocal.runtime.plan import plan as make_plan
 
     path = _resolve(model, quant)
-    opts = load_options(ctx_size=ctx_size, parallel=parallel, cache_type=cache_type, swa_full=swa_full, rpc=rpc)
+    opts = load_options(ctx_size=ctx_size, parallel=parallel, cache_type=cache_type, swa_full=swa_full, rpc=rpc,
+                        mmproj=mmproj, image_tokens=image_tokens)
     result = make_plan(path, vram, n_ctx=opts.n_ctx, parallel=parallel, kv_type=opts.kv_type, swa_full=opts.swa_full,
-                       rpc=list(opts.rpc) if opts.rpc else None)
+                       rpc=list(opts.rpc) if opts.rpc else None, mmproj=opts.mmproj, image_tokens=opts.image_tokens)
     print(json.dumps(result, indent=2)) if as_json else render.show_plan(result)
 
 

@@ -175,7 +175,8 @@ def fit(path, opts: LoadOptions) -> LoadOptions:
         raise ConfigError("--fit chooses the placement itself: drop -ot, or drop --fit")
     with render.status("sizing placements for the device (--fit)"):
         chosen = plan.fit(path, n_ctx=opts.context, parallel=opts.n_seq_max, rpc=list(opts.rpc) if opts.rpc else None,
-                          kv_type=opts.kv_type, swa_full=opts.swa_full)
+                          kv_type=opts.kv_type, swa_full=opts.swa_full, mmproj=opts.mmproj,
+                          image_tokens=opts.image_tokens)
     if chosen is None:
         render.print_status("--fit: no GPU or RPC device: everything runs on the host")
         return opts.replace(n_gpu_layers=0)

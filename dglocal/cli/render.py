@@ -259,6 +259,10 @@ def show_plan(r: dict, console=None) -> None:
     verdict = "fits" if r["fits"] else "does not fit even with everything on the host"
     console.print(f"{r['words']}: {flags} ({verdict}; {len(r['measured'])} placements sized)")
     console.print(f"KV cache: {c['cache']}")
+    if r.get("vision"):
+        v = r["vision"]
+        console.print(f"vision tower (first device): weights {v['weights'] / gib:.2f} GiB, compute {v['compute'] / gib:.2f}"
+                      f" GiB for {v['max_tokens']}-token images ({v['compute_flash'] / gib:.2f} GiB with flash attention)")
 
 
 def show_bench(result: dict, console=None) -> None:

@@ -84,22 +84,35 @@ def _smallest(lo: int, hi: int, ok) -> int | None:
 
 
 def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
-           rpc: list[str] | None = None, margin: int | None = None, swa_full: bool | None = None) -> dict:
+           rpc: list[str] | None = None, margin: int | None = None, swa_full: bool | None = None,
+           mmproj=None, image_tokens: int = 280) -> dict:
     """The placement that keeps the most on the devices, `vram` bytes each (a list: one size per device, in
-    llama.cpp's order; the layers are then split in proportion, as -ts); the candidates measured on the way."""
+    llama.cpp's order; the layers are then split in proportion, as -ts); the candidates measured on the way.
+    With `mmproj`, the vision tower (libmtmd puts it on the first device) is set aside there first: its weights
+    and its compute buffer for `image_tokens` without flash attention, the bound that holds on every backend."""
     from . import checks
     from .gguf import read_header
 
     header = read_header(path)
     canvas = checks.model_file(path, header)
     n_layer = int(header.kv["diffusion-gemma.block_count"])  # model_file checked the architecture
-    n_ubatch = ubatch_for(canvas, parallel)  # as run / serve load it
+    n_ubatch = ubatch_for(canvas, parallel)  # as run / serve load it (LoadOptions.resolve)
+    if mmproj is not None:
+        n_ubatch = max(n_ubatch, image_tokens)
     names = device_names(rpc)
     sizes = list(vram) if isinstance(vram, (list, tuple)) else [vram] * len(names)
     if len(sizes) != len(names):
         raise ConfigError(f"--vram gives {len(sizes)} sizes for {len(names)} devices ({', '.join(names)})")
     margins = [max(256 << 20, v // 32) if margin is None else margin for v in sizes]
     budget = {n: v - m for n, v, m in zip(names, sizes, margins)}
+    tower = None
+    if mmproj is not None:
+        from .vision import check_mmproj, tower_memory
+
+        check_mmproj(mmproj, int(header.kv["diffusion-gemma.embedding_length"]))
+        tower = tower_memory(mmproj, image_tokens)
+        if names:
+            budget[names[0]] -= tower["weights"] + tower["compute"]
     split = sizes if len(sizes) > 1 else None
     seen: dict[tuple[int, int], Choice] = {}
 
@@ -124,7 +137,7 @@ def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "
             "devices": [{"name": n, "vram": v, "budget": budget[n], "used": chosen.devices.get(n, 0)}
                         for n, v in zip(names, sizes)],
             "tensor_split": split, "fits": fits(chosen.n_gpu_layers, chosen.n_cpu_moe),
-            "words": describe(chosen, n_layer), "measured": [asdict(c) for c in seen.values()]}
+            "words": describe(chosen, n_layer), "measured": [asdict(c) for c in seen.values()], "vision": tower}
 
 
 def describe(c: Choice, n_layer: int) -> str:
@@ -181,27 +194,27 @@ def parse_vram(vram):
 
 
 def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
-         margin=None, swa_full: bool | None = None) -> dict:
+         margin=None, swa_full: bool | None = None, mmproj=None, image_tokens: int = 280) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
     from .checks import parse_size
     from .placement import _local_devices
 
     vram = parse_vram(vram)
     margin = parse_size(margin) if isinstance(margin, str) else margin
+    kw = dict(n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, margin=margin, swa_full=swa_full, mmproj=mmproj,
+              image_tokens=image_tokens)
     if rpc or _local_devices():
-        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc, margin=margin,
-                        swa_full=swa_full)
+        result = search(path, vram, rpc=rpc, **kw)
         result["device"] = "rpc" if rpc else "gpu"
         return result
     with stand_in_device() as endpoints:
-        result = search(path, vram, n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=endpoints, margin=margin,
-                        swa_full=swa_full)
+        result = search(path, vram, rpc=endpoints, **kw)
     result["device"] = "stand-in"
     return result
 
 
 def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
-        swa_full: bool | None = None) -> dict | None:
+        swa_full: bool | None = None, mmproj=None, image_tokens: int = 280) -> dict | None:
     """`run --fit` / `serve --fit`: the plan for the free memory of the first GPU (or RPC server) now, as load
     options {n_gpu_layers, n_cpu_moe} plus its words; None without a device (everything stays on the host)."""
     import ctypes
@@ -218,7 +231,7 @@ def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[
         nat.ggml_backend_dev_memory(d, ctypes.byref(f), ctypes.byref(total))
         free.append(int(f.value))
     r = search(path, free if len(free) > 1 else free[0], n_ctx=n_ctx, parallel=parallel, kv_type=kv_type, rpc=rpc,
-               swa_full=swa_full)
+               swa_full=swa_full, mmproj=mmproj, image_tokens=image_tokens)
     c = r["choice"]
     return {"n_gpu_layers": c["n_gpu_layers"], "n_cpu_moe": c["n_cpu_moe"], "words": r["words"],
             "free": sum(free), "tensor_split": r["tensor_split"]}
