@@ -292,3 +292,31 @@ def test_tower_memory_bounds_what_libmtmd_allocates(tiny_f32_gguf, tiny_mmproj, 
     theirs = mib(r"reserve_compute_meta:\s+CPU compute buffer size")
     bound = (ours["compute_flash"] if flash else ours["compute"]) / 2**20
     assert theirs <= bound <= 1.5 * theirs, (theirs, bound)
+
+
+def test_edit_after_an_image_keeps_the_image_in_the_prompt(vision_model, tmp_path):
+    """/edit re-noises part of an answer that followed an image: the edit's prompt is the rendered conversation
+    with the image filled in (not its bare marker token), so it equals the edit made by hand with the image."""
+    from test_cli import RecordingView
+
+    from dglocal.cli.chat import ChatLoop, edit_spans
+    from dglocal.generation.editing import edit_request
+    from dglocal.runtime.vision import load_image
+
+    path = tmp_path / "e.png"
+    PIL.fromarray(rgb(40, 56, 9)).save(path)
+    options = dict(max_new_tokens=16, max_denoising_steps=4, seed=2)
+    view = RecordingView([f"/image {path}", "hello", "/edit 1", "/exit"])
+    loop = ChatLoop(vision_model, view, **options)
+    loop.run()
+    assert not [c for c in view.calls if c[0] == "error"], view.calls
+    image = load_image(path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hello"}]}]
+    prompt, images = loop.session.template.prompt(vision_model, messages)
+    assert isinstance(prompt, str) and len(images) == 1
+    first = next(c[1][0] for c in view.calls if c[0] == "end_answer")
+    spans, room = edit_spans(first.text, "1")
+    req = edit_request(vision_model, first.text, spans, prompt=prompt, room=room, images=images,
+                       max_denoising_steps=4, seed=2)
+    by_hand = req.result(vision_model.generate(req.prompt, **req.options))
+    assert loop.last.text == by_hand.text

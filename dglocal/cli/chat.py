@@ -39,17 +39,17 @@ class RawSession:
     """A model without a chat template: each message is a raw prompt (the cache still reuses common prefixes)."""
 
     def __init__(self, model):
-        self.model, self.last_prompt = model, None
+        self.model, self.last_prompt, self.last_images = model, None, []
 
     def stream(self, content, *, images=(), **options):
-        self.last_prompt = content
         if images and MARKER not in content:  # a raw prompt: the images first
             content = MARKER * len(images) + content
+        self.last_prompt, self.last_images = content, list(images)
         return self.model.stream(content, images=images, **options)
 
     def answer_context(self):
-        """What the last answer followed, and where an edited answer is kept (nowhere: no history)."""
-        return self.last_prompt, lambda text: None
+        """What the last answer followed (prompt, images), and where an edited answer is kept (nowhere)."""
+        return self.last_prompt, self.last_images, lambda text: None
 
     def reset(self) -> None:
         pass
@@ -200,9 +200,10 @@ class ChatLoop:
             raise ConfigError("/edit needs an answer to edit: ask something first")
         text = self.last.text
         spans, room = edit_spans(text, arg)
-        prompt, keep = self.session.answer_context()
-        req = edit_request(self.model, text, spans, prompt=prompt, room=room,
-                           **{k: v for k, v in self.options.items() if k != "max_new_tokens"})
+        prompt, images, keep = self.session.answer_context()
+        options = {k: v for k, v in self.options.items() if k != "max_new_tokens"}
+        req = edit_request(self.model, text, spans, prompt=prompt, room=room, **options,
+                           **({"images": images} if images else {}))
         self.view.begin_answer()
         done, stopped = None, False
         try:

@@ -92,14 +92,16 @@ class ChatSession:
                 events.close()
 
     def answer_context(self):
-        """(the prompt tokens the last answer followed, a function that puts an edited answer in its place)."""
+        """(the prompt the last answer followed, its images, a function that puts an edited answer in its place).
+        With images in the history the prompt is the rendered text, whose markers the images fill."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise ConfigError("the conversation has no answer yet")
 
         def keep(text: str) -> None:
             self.messages[-1] = {"role": "assistant", "content": text}
 
-        return self.prompt_tokens(self.messages[:-1]), keep
+        prompt, images = self.template.prompt(self.model, self.messages[:-1], **self.template_kwargs)
+        return prompt, images, keep
 
     def send(self, content: str, **options):
         for event in self.stream(content, **options):

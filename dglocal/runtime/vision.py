@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ class Vision:
         self._next_key = model.n_vocab
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> embeddings in use
+        self._lock = threading.RLock()  # the server plans requests with images on worker threads
         self._mt = mt = _native().mtmd()
         params = mt.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -176,10 +178,11 @@ class Vision:
 
     def key(self, image: Image) -> int:
         """The image's key: an int past the vocabulary that stands in its positions of a prompt."""
-        if image.digest not in self._keys:
-            self._keys[image.digest] = self._next_key
-            self._next_key += 1
-        return self._keys[image.digest]
+        with self._lock:
+            if image.digest not in self._keys:
+                self._keys[image.digest] = self._next_key
+                self._next_key += 1
+            return self._keys[image.digest]
 
     def tokens(self, image: Image) -> list[int]:
         """BOI, the image's key at each of its soft-token positions, EOI."""
@@ -189,15 +192,16 @@ class Vision:
     def embed(self, image: Image) -> np.ndarray:
         """The image's soft-token embeddings, float32 [n_tokens, n_embd]; while they are referenced, the encoder
         finds them by the image's key."""
-        embd = self._cache.get(image.digest)
-        if embd is None:
-            embd = self._encode(image)
-        self._cache[image.digest] = embd
-        self._cache.move_to_end(image.digest)
-        while len(self._cache) > self.CACHE:
-            self._cache.popitem(last=False)
-        self._live[self.key(image)] = embd
-        return embd
+        with self._lock:  # held while encoding: the same image arriving twice at once is encoded once
+            embd = self._cache.get(image.digest)
+            if embd is None:
+                embd = self._encode(image)
+            self._cache[image.digest] = embd
+            self._cache.move_to_end(image.digest)
+            while len(self._cache) > self.CACHE:
+                self._cache.popitem(last=False)
+            self._live[self.key(image)] = embd
+            return embd
 
     def embedding(self, key: int) -> np.ndarray:
         embd = self._live.get(key)

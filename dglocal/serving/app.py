@@ -343,7 +343,10 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
 
         settings, extras = split_options(options)
         try:  # the one fit rule: the prompt and every canvas max_tokens may take
-            planned = plan(engine.model, prompt, seeds=engine.model.seeds, **settings)
+            if settings.get("images"):  # the tower encodes them: off the event loop, which serves the other requests
+                planned = await asyncio.to_thread(plan, engine.model, prompt, seeds=engine.model.seeds, **settings)
+            else:
+                planned = plan(engine.model, prompt, seeds=engine.model.seeds, **settings)
         except ContextError as e:
             raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except ConfigError as e:
