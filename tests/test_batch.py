@@ -192,3 +192,28 @@ def test_guide_restarts_a_canvas_it_still_objects_to(llama_model):
 
     events = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=once, guide_restarts=2, **opts))
     assert n < events[-1].stats.steps_per_canvas[0] <= 2 * n
+
+
+def test_a_guide_may_watch_the_first_attempt_and_cool_the_restarts(llama_model):
+    """A guide with `first_alone` leaves a block's first attempt exactly as the model alone runs it (its own early
+    stop, nothing re-noised), then restarts the canvas it objects to; `temperatures` is the restarts' schedule."""
+    from dglocal.generation.sampler import temperature
+
+    class Watcher:
+        first_alone, temperatures = True, (0.1, 0.2)
+
+        def __call__(self, draft, accepted):
+            return [0]  # always objects: every attempt it may restart, it does
+
+    opts = dict(EARLY, eos_token_id=(), max_new_tokens=16)
+    alone = [e for e in stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), **opts) if isinstance(e, Step)]
+    steps = [e for e in stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=Watcher(), guide_restarts=1,
+                               **opts) if isinstance(e, Step)]
+    first, rest = steps[:len(alone)], steps[len(alone):]
+    for a, g in zip(alone, first):
+        np.testing.assert_array_equal(a.argmax, g.argmax)
+        assert a.temperature == g.temperature and g.guided is None
+    n = EARLY["max_denoising_steps"]
+    assert len(alone) < n and len(rest) == n  # the model stopped early alone; the restart ran to the cap, flagged
+    assert all(s.guided[0] for s in rest)
+    assert [s.temperature for s in rest] == pytest.approx([temperature(n - i, n, 0.1, 0.2) for i in range(n)])

@@ -69,6 +69,8 @@ class Generation:
     docs/guides.md); a canvas it still objects to at the step cap starts again, up to `guide_restarts` times and
     while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
     guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start).
+    A guide with `first_alone = True` only judges a block's first attempt (nothing re-noised, the model's own
+    early stop); with `temperatures = (t_min, t_max)` its guided attempts use that schedule.
     `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
     `draft`: tokens (-1 free) each canvas starts from instead of noise, the reference's `decoder_input_ids`
     (block b from positions b*C..(b+1)*C). `fillers`: token ids (the end and pad tokens) that may fill free
@@ -159,7 +161,10 @@ class Generation:
             self.canvas = np.where(self.held, self.pinned, self.canvas)
         cfg = self.config
         N = cfg.max_denoising_steps
-        T = temperature(max(N - self.i, 1), N, cfg.t_min, cfg.t_max)  # repair passes past the cap: the last T
+        t_min, t_max = cfg.t_min, cfg.t_max
+        if not self._alone() and getattr(self.guide, "temperatures", None) is not None:
+            t_min, t_max = self.guide.temperatures
+        T = temperature(max(N - self.i, 1), N, t_min, t_max)  # repair passes past the cap: the last T
         if cfg.temperature not in (0.0, 1.0):
             T = float(np.float32(T) * np.float32(cfg.temperature))
         uniforms = self.noise.uniforms(self.C)
@@ -179,6 +184,7 @@ class Generation:
             entropy = np.where(self.held, np.float32(0), entropy)
         accepted = accept_mask(entropy, cfg.entropy_bound)
         flagged = guide_mask(self.guide, argmax, accepted, C)
+        alone = self._alone()  # the guide judges this attempt's result only
         valid = C
         if self.grammar is not None:  # from the first position that breaks the grammar on, re-noised
             self.draft = argmax
@@ -186,18 +192,18 @@ class Generation:
             broken = np.arange(C) >= valid
             flagged = broken if flagged is None else flagged | broken
         objects = flagged is not None and bool(flagged.any())
-        if flagged is not None:
+        if flagged is not None and not alone:
             accepted = accepted & ~flagged  # re-noised instead of kept
         self.canvas = np.where(accepted, sampled, self.noise.tokens(C))  # re-noise everything not accepted
         stop = False
         if self.history is not None:
             stable = self.history.update(argmax)  # updated every step, as the reference
-            stop = stable and is_confident(entropy, cfg.confidence_threshold) and not objects
+            stop = stable and is_confident(entropy, cfg.confidence_threshold) and (alone or not objects)
         self.i += 1
         seconds = time.perf_counter() - self._t0
         self.step_seconds += seconds
         events: list[Event] = [Step(self.block, self.block_steps + self.i, argmax, accepted, call.temperature,
-                                    float(entropy.mean()), stop, seconds, flagged)]
+                                    float(entropy.mean()), stop, seconds, None if alone else flagged)]
         if not stop and self.i < cfg.max_denoising_steps:
             self._next_denoise()
             return events
@@ -211,6 +217,10 @@ class Generation:
             self._begin_canvas()
             return events
         return events + self._end_block(argmax)
+
+    def _alone(self) -> bool:
+        """A guide with `first_alone` set lets each block's first attempt run as the model alone."""
+        return self.attempt == 0 and bool(getattr(self.guide, "first_alone", False))
 
     def _out_of_time(self) -> bool:
         return self.time_limit is not None and time.perf_counter() - self.t_start >= self.time_limit

@@ -227,11 +227,17 @@ class Guide:
     (docs/sudoku.md has the figures); a model that failed from a canvas tends to fail again from what it kept."""
 
     KEEPS = ("fresh", "consistent", "consensus")
+    # The first attempt is the model alone, at its own sampler settings: a hot schedule that solves most puzzles
+    # in a few steps. The guided attempts after it run cooler: re-noising works from confident drafts, and at the
+    # model's hot schedule the same restarts solved far fewer hard puzzles (docs/sudoku.md has both figures).
+    TEMPERATURES = (0.4, 0.8)
 
-    def __init__(self, puzzle: str | Sequence[int], keep: str = "fresh"):
+    def __init__(self, puzzle: str | Sequence[int], keep: str = "fresh", *, first_alone: bool = True,
+                 temperatures: tuple[float, float] | None = TEMPERATURES):
         if keep not in self.KEEPS:
             raise ConfigError(f"keep must be one of {', '.join(self.KEEPS)}, got {keep!r}")
         self.puzzle, self.keep = _as_cells(puzzle), keep
+        self.first_alone, self.temperatures = first_alone, temperatures  # read by the generation loop
         self.previous: list[int] | None = None  # the draft of the attempt before the last
         if keep == "fresh":
             self.restart = None
@@ -256,6 +262,6 @@ class Guide:
                 (self.puzzle[i] or rng.random() >= (0.5 if i in near else share))]
 
 
-def guide_for(puzzle: str | Sequence[int], keep: str = "fresh") -> Guide:
+def guide_for(puzzle: str | Sequence[int], keep: str = "fresh", **options) -> Guide:
     """The Sudoku guide of `puzzle` (see Guide)."""
-    return Guide(puzzle, keep)
+    return Guide(puzzle, keep, **options)
