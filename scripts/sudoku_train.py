@@ -40,7 +40,10 @@ N_STRUCT = len(sc.STRUCTURE_IDS)  # constant prompt prefix, encoded once per bat
 
 # Sampler schedule the checkpoint ships with (the reference defaults, dglocal.generation.config); the training SC
 # temperature follows the same t_min..t_max.
-GENERATION = dict(generation_defaults(), max_new_tokens=sc.CANVAS_LENGTH)
+GENERATION = dict(generation_defaults(), max_new_tokens=sc.CANVAS_LENGTH)  # self-conditioning trains at its t range
+# the sampler schedule written into checkpoints: hotter than the generic default, it solved more puzzles alone in fewer
+# steps (docs/sudoku.md); the Sudoku guide's restarts keep the cooler one
+SAMPLER = dict(t_min=0.7, t_max=1.2)
 
 
 def build_model(args):
@@ -81,7 +84,7 @@ def build_model(args):
     torch.manual_seed(args.seed)
     model = DiffusionGemmaForBlockDiffusion(config)
     model.set_experts_implementation(args.experts)
-    model.generation_config = generation_config()
+    model.generation_config = generation_config(**SAMPLER)
     return model
 
 
