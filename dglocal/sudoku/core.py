@@ -230,7 +230,7 @@ class Guide:
     # The first attempt is the model alone, at its own sampler settings: a hot schedule that solves most puzzles
     # in a few steps. The guided attempts after it run cooler: re-noising works from confident drafts, and at the
     # model's hot schedule the same restarts solved far fewer hard puzzles (docs/sudoku.md has both figures).
-    TEMPERATURES = (0.4, 0.8)
+    TEMPERATURES = (0.3, 0.7)
 
     def __init__(self, puzzle: str | Sequence[int], keep: str = "fresh", *, first_alone: bool = True,
                  temperatures: tuple[float, float] | None = TEMPERATURES):
