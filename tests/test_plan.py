@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from test_cli import DGLOCAL
 
+import tiny
+
 import dglocal
 from dglocal.runtime import plan as planner
 from dglocal.runtime.diagnostics import memory_breakdown
@@ -134,7 +136,7 @@ def test_plan_sets_the_vision_tower_aside_on_the_first_device(tiny_f32_gguf, tin
     alone = planner.search(tiny_f32_gguf, 8 << 30, n_ctx=1024, rpc=device, margin=margin)
     assert alone["vision"] is None and alone["choice"]["n_cpu_moe"] == 0
     need = sum(alone["choice"]["device"].values()) + margin
-    tower = tower_memory(tiny_mmproj, 70)
+    tower = tower_memory(tiny_mmproj, tiny.TEXT["hidden_size"], 70)
     short = planner.search(tiny_f32_gguf, need, n_ctx=1024, rpc=device, margin=margin, mmproj=tiny_mmproj,
                            image_tokens=70)
     assert short["vision"] == tower and short["choice"]["n_cpu_moe"] >= 1, short["choice"]

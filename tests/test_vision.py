@@ -260,7 +260,7 @@ def test_image_command_in_a_real_terminal_and_the_cache_keeps_the_image(tiny_f32
 
 MEASURE = """
 import os, sys
-from dglocal.runtime import native, vision
+from dglocal.runtime import native
 from dglocal.runtime.model import Model
 with Model(sys.argv[1], n_ctx=256, n_threads=1) as m:
     mt = native.mtmd()
@@ -287,7 +287,7 @@ def test_tower_memory_bounds_what_libmtmd_allocates(tiny_f32_gguf, tiny_mmproj, 
     assert r.returncode == 0, r.stderr[-2000:]
     mib = lambda pattern: float(re.search(pattern + r"\s*=?\s*([\d.]+) MiB", r.stderr).group(1))  # noqa: E731
     assert f"flash attention is {'enabled' if flash else 'disabled'}" in r.stderr
-    ours = tower_memory(tiny_mmproj, 256)
+    ours = tower_memory(tiny_mmproj, tiny.TEXT["hidden_size"], 256)
     assert ours["weights"] / 2**20 == pytest.approx(mib(r"load_hparams: model size:"), abs=0.01)
     theirs = mib(r"reserve_compute_meta:\s+CPU compute buffer size")
     bound = (ours["compute_flash"] if flash else ours["compute"]) / 2**20

@@ -202,8 +202,7 @@ class ChatLoop:
         spans, room = edit_spans(text, arg)
         prompt, images, keep = self.session.answer_context()
         options = {k: v for k, v in self.options.items() if k != "max_new_tokens"}
-        req = edit_request(self.model, text, spans, prompt=prompt, room=room, **options,
-                           **({"images": images} if images else {}))
+        req = edit_request(self.model, text, spans, prompt=prompt, room=room, images=images, **options)
         self.view.begin_answer()
         done, stopped = None, False
         try:

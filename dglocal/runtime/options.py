@@ -20,9 +20,12 @@ QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash atten
 SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image budgets of the reference processor; 280 its default
 
 
-def ubatch_for(canvas_length: int, n_seq_max: int) -> int:
-    """The micro-batch a model is loaded with: a canvas per sequence fits one bidirectional pass."""
-    return max(MIN_UBATCH, n_seq_max * canvas_length)
+def ubatch_for(canvas_length: int, n_seq_max: int, *, given: int | None = None,
+               image_tokens: int | None = None) -> int:
+    """The micro-batch a model is loaded with: a canvas per sequence fits one bidirectional pass (or `given`, never
+    below a canvas); with images, an image's block of up to `image_tokens` fits one too (its tokens see each other)."""
+    n_ubatch = max(given or max(MIN_UBATCH, n_seq_max * canvas_length), canvas_length)
+    return max(n_ubatch, image_tokens or 0)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,8 @@ class LoadOptions:
         n_ctx = self.context
         if n_ctx < canvas_length + 1:
             raise ContextError(f"n_ctx {n_ctx} is too small: a canvas alone needs {canvas_length + 1}")
-        n_ubatch = max(self.n_ubatch or ubatch_for(canvas_length, self.n_seq_max), canvas_length)
-        if self.mmproj is not None:  # an image's block is one micro-batch (its tokens see each other)
-            n_ubatch = max(n_ubatch, self.image_tokens)
+        n_ubatch = ubatch_for(canvas_length, self.n_seq_max, given=self.n_ubatch,
+                              image_tokens=self.image_tokens if self.mmproj is not None else None)
         swa_full = self.swa_full
         if swa_full is None:
             swa_full = swa.full_by_default(round_up(n_ctx // self.n_seq_max, CTX_PAD), sliding_window, n_ubatch)

@@ -96,9 +96,8 @@ def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "
     header = read_header(path)
     canvas = checks.model_file(path, header)
     n_layer = int(header.kv["diffusion-gemma.block_count"])  # model_file checked the architecture
-    n_ubatch = ubatch_for(canvas, parallel)  # as run / serve load it (LoadOptions.resolve)
-    if mmproj is not None:
-        n_ubatch = max(n_ubatch, image_tokens)
+    # as run / serve load it (LoadOptions.resolve)
+    n_ubatch = ubatch_for(canvas, parallel, image_tokens=image_tokens if mmproj is not None else None)
     names = device_names(rpc)
     sizes = list(vram) if isinstance(vram, (list, tuple)) else [vram] * len(names)
     if len(sizes) != len(names):
@@ -107,10 +106,9 @@ def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "
     budget = {n: v - m for n, v, m in zip(names, sizes, margins)}
     tower = None
     if mmproj is not None:
-        from .vision import check_mmproj, tower_memory
+        from .vision import tower_memory
 
-        check_mmproj(mmproj, int(header.kv["diffusion-gemma.embedding_length"]))
-        tower = tower_memory(mmproj, image_tokens)
+        tower = tower_memory(mmproj, int(header.kv["diffusion-gemma.embedding_length"]), image_tokens)
         if names:
             budget[names[0]] -= tower["weights"] + tower["compute"]
     split = sizes if len(sizes) > 1 else None

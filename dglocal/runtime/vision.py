@@ -265,20 +265,18 @@ def check_mmproj(path: Path, n_embd: int) -> tuple[int, int]:
     return int(kv.get("clip.vision.patch_size", 16)), int(kv.get("clip.vision.projector.scale_factor", 3))
 
 
-def tower_memory(path, max_tokens: int = 280) -> dict:
-    """What the tower of an mmproj file costs on its device, from the file's shapes (nothing loaded): its weights
-    (exact) and its compute buffer for the largest image of `max_tokens` soft tokens (max_tokens x pooling^2
-    patches), with flash attention and without it (a [patches x patches] f32 score matrix per head). The compute
-    figures are bounds: the live tensors of one layer (the FFN's three [patches x n_ff] and two [patches x n_embd]
-    activations, the im2col'ed patches), larger than the buffer ggml's allocator packs them into."""
-    path = Path(path)
+def tower_memory(path, n_embd: int, max_tokens: int = 280) -> dict:
+    """What the tower of an mmproj file for a model of width `n_embd` (check_mmproj) costs on its device, from the
+    file's shapes (nothing loaded): its weights (exact) and its compute buffer for the largest image of
+    `max_tokens` soft tokens (max_tokens x pooling^2 patches), with flash attention and without it (a
+    [patches x patches] f32 score matrix per head). The compute figures are bounds: the live tensors of one layer
+    (the FFN's three [patches x n_ff] and two [patches x n_embd] activations, the im2col'ed patches), larger than
+    the buffer ggml's allocator packs them into."""
+    patch, pooling = check_mmproj(Path(path), n_embd)
     header = read_header(path)
     kv = header.kv
-    if kv.get("general.architecture") != "clip" or not kv.get("clip.has_vision_encoder"):
-        raise ModelError(f"{path}: not an mmproj file with a vision encoder")
     d, f = int(kv["clip.vision.embedding_length"]), int(kv["clip.vision.feed_forward_length"])
-    heads, patch = int(kv["clip.vision.attention.head_count"]), int(kv.get("clip.vision.patch_size", 16))
-    n = max_tokens * int(kv.get("clip.vision.projector.scale_factor", 3)) ** 2
+    heads, n = int(kv["clip.vision.attention.head_count"]), max_tokens * pooling ** 2
     weights = sum(t.nbytes or 0 for t in header.tensors)
     flash = 4 * n * (4 * f + 2 * d + 3 * patch * patch)
     return {"weights": weights, "compute_flash": flash, "compute": flash + 4 * heads * n * n, "patches": n,

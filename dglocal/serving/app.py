@@ -13,6 +13,7 @@ carries `dglocal` statistics.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -343,10 +344,9 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
 
         settings, extras = split_options(options)
         try:  # the one fit rule: the prompt and every canvas max_tokens may take
-            if settings.get("images"):  # the tower encodes them: off the event loop, which serves the other requests
-                planned = await asyncio.to_thread(plan, engine.model, prompt, seeds=engine.model.seeds, **settings)
-            else:
-                planned = plan(engine.model, prompt, seeds=engine.model.seeds, **settings)
+            planning = functools.partial(plan, engine.model, prompt, seeds=engine.model.seeds, **settings)
+            # images: the tower encodes them, off the event loop, which serves the other requests meanwhile
+            planned = await asyncio.to_thread(planning) if settings.get("images") else planning()
         except ContextError as e:
             raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except ConfigError as e:
