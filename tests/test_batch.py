@@ -11,6 +11,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 import tiny
 from dglocal.generation.events import Completion, Step
 from dglocal.generation.sampler import SeededNoise
+from dglocal.errors import ConfigError
 from dglocal.generation.driver import Driver, run_many, start, stream
 from dglocal.generation.request import derive_seed
 
@@ -194,26 +195,35 @@ def test_guide_restarts_a_canvas_it_still_objects_to(llama_model):
     assert n < events[-1].stats.steps_per_canvas[0] <= 2 * n
 
 
-def test_a_guide_may_watch_the_first_attempt_and_cool_the_restarts(llama_model):
+def test_a_guide_may_watch_the_first_attempt_then_restart_cooler_and_shorter(llama_model):
     """A guide with `first_alone` leaves a block's first attempt exactly as the model alone runs it (its own early
-    stop, nothing re-noised), then restarts the canvas it objects to; `temperatures` is the restarts' schedule."""
+    stop, nothing re-noised), then restarts the canvas it objects to; `temperatures` and `steps` are the restarts'
+    schedule and step cap."""
     from dglocal.generation.sampler import temperature
 
     class Watcher:
-        first_alone, temperatures = True, (0.1, 0.2)
+        first_alone, temperatures, steps = True, (0.1, 0.2), 5
 
         def __call__(self, draft, accepted):
             return [0]  # always objects: every attempt it may restart, it does
 
     opts = dict(EARLY, eos_token_id=(), max_new_tokens=16)
     alone = [e for e in stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), **opts) if isinstance(e, Step)]
-    steps = [e for e in stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=Watcher(), guide_restarts=1,
+    steps = [e for e in stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=Watcher(), guide_restarts=2,
                                **opts) if isinstance(e, Step)]
     first, rest = steps[:len(alone)], steps[len(alone):]
     for a, g in zip(alone, first):
         np.testing.assert_array_equal(a.argmax, g.argmax)
         assert a.temperature == g.temperature and g.guided is None
-    n = EARLY["max_denoising_steps"]
-    assert len(alone) < n and len(rest) == n  # the model stopped early alone; the restart ran to the cap, flagged
-    assert all(s.guided[0] for s in rest)
-    assert [s.temperature for s in rest] == pytest.approx([temperature(n - i, n, 0.1, 0.2) for i in range(n)])
+    assert len(alone) < EARLY["max_denoising_steps"]  # the model stopped early alone
+    n = Watcher.steps  # each restart ran to the guide's cap, flagged, at the guide's schedule over that cap
+    assert len(rest) == 2 * n and all(s.guided[0] for s in rest)
+    assert [s.temperature for s in rest] == pytest.approx([temperature(n - i, n, 0.1, 0.2) for i in range(n)] * 2)
+
+
+def test_a_guide_s_step_cap_is_checked(llama_model):
+    for bad, message in [(0, "must be 1..65536, got 0"), (2.5, "must be an integer, got float"),
+                         (True, "must be an integer, got bool"), (70000, "must be 1..65536, got 70000")]:
+        guide = type("Guide", (), {"steps": bad, "__call__": lambda self, draft, accepted: []})()
+        with pytest.raises(ConfigError, match=message):
+            list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.filters import Filters, sampling
+from .config import MAX_STEPS
 from .events import BlockText, Completion, Event, Stats, Step
 from .grammar import CanvasGrammar, GrammarSpec
 from .request import RequestPlan, reuse
@@ -70,7 +71,8 @@ class Generation:
     while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
     guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start).
     A guide with `first_alone = True` only judges a block's first attempt (nothing re-noised, the model's own
-    early stop); with `temperatures = (t_min, t_max)` its guided attempts use that schedule.
+    early stop); with `temperatures = (t_min, t_max)` its guided attempts use that schedule, with `steps = N` that
+    step cap.
     `grammar`: a GrammarSpec the output must match (dglocal.generation.grammar).
     `draft`: tokens (-1 free) each canvas starts from instead of noise, the reference's `decoder_input_ids`
     (block b from positions b*C..(b+1)*C). `fillers`: token ids (the end and pad tokens) that may fill free
@@ -93,6 +95,7 @@ class Generation:
             raise ConfigError("this model takes no LoRA adapters")
         self.lora = adapters.scales(lora) if adapters is not None else ()  # what the driver sets for its passes
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
+        self.guide_steps = _guide_steps(guide)
         self.time_limit = _time_limit(time_limit)
         self.last: np.ndarray | None = None  # the last draft of a canvas the guide still objected to
         cfg = plan.config
@@ -141,7 +144,7 @@ class Generation:
         """A canvas from fresh noise (the block's first attempt, or a restart the guide asked for)."""
         cfg = self.config
         # a window past the step cap never fills: the same as one of N steps, without its memory
-        window = min(cfg.stability_threshold, cfg.max_denoising_steps) if cfg.early_stop else 0
+        window = min(cfg.stability_threshold, self._cap()) if cfg.early_stop else 0
         self.history = StabilityHistory(window, self.C) if cfg.early_stop else None
         # drawn even when a draft replaces it, as the reference draws its canvas before it looks at its argument
         self.canvas = self.noise.tokens(self.C)
@@ -160,7 +163,7 @@ class Generation:
         if self.held is not None:
             self.canvas = np.where(self.held, self.pinned, self.canvas)
         cfg = self.config
-        N = cfg.max_denoising_steps
+        N = self._cap()
         t_min, t_max = cfg.t_min, cfg.t_max
         if not self._alone() and getattr(self.guide, "temperatures", None) is not None:
             t_min, t_max = self.guide.temperatures
@@ -204,7 +207,7 @@ class Generation:
         self.step_seconds += seconds
         events: list[Event] = [Step(self.block, self.block_steps + self.i, argmax, accepted, call.temperature,
                                     float(entropy.mean()), stop, seconds, None if alone else flagged)]
-        if not stop and self.i < cfg.max_denoising_steps:
+        if not stop and self.i < self._cap():
             self._next_denoise()
             return events
         if valid < C and self.repairs < C:  # breaks the grammar at the cap: its valid prefix pinned, once more
@@ -221,6 +224,10 @@ class Generation:
     def _alone(self) -> bool:
         """A guide with `first_alone` set lets each block's first attempt run as the model alone."""
         return self.attempt == 0 and bool(getattr(self.guide, "first_alone", False))
+
+    def _cap(self) -> int:
+        """The step cap of this attempt: the guide's `steps` for its guided attempts, else the request's."""
+        return self.config.max_denoising_steps if self.guide_steps is None or self._alone() else self.guide_steps
 
     def _out_of_time(self) -> bool:
         return self.time_limit is not None and time.perf_counter() - self.t_start >= self.time_limit
@@ -364,6 +371,15 @@ def constraint_table(constraints, n_positions: int, n_vocab: int, what: str = "c
             raise ConfigError(f"{what} token {t} at position {p} is outside the vocabulary (0..{n_vocab - 1})")
         table[p] = t
     return table
+
+
+def _guide_steps(guide) -> int | None:
+    steps = getattr(guide, "steps", None)
+    if steps is None:
+        return None
+    if _whole(steps, "a guide's steps") < 1 or steps > MAX_STEPS:
+        raise ConfigError(f"a guide's steps must be 1..{MAX_STEPS}, got {steps}")
+    return int(steps)
 
 
 def _whole(value, what: str) -> int:

@@ -31,7 +31,7 @@ EVAL_BATCH = 16  # puzzles per forward in --eval: the model is small, a forward 
 # depend on the machine or the batch, GUIDE_RESTARTS attempts unless it is given a time limit
 TIME_LIMIT = 5.0
 TIMED_RESTARTS = 1023
-GUIDE_RESTARTS = 31
+GUIDE_RESTARTS = 63
 
 
 @dataclass
