@@ -186,7 +186,7 @@ def sudoku_live():
         guided = set(np.flatnonzero(step.guided).tolist()) if step.guided is not None else set()
         interventions[0] += len(guided)
         now = time.perf_counter()
-        if now - drawn[0] >= 1 / RichView.FPS or guided:
+        if now - drawn[0] >= 1 / RichView.FPS:  # re-noised cells show in the frames drawn: guided steps come in runs
             consistent = f" · consistent {81 - len(guided)}/81" if step.guided is not None else ""
             status = Text(f"step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
                           f"entropy {step.mean_entropy:.3f}{consistent}"
