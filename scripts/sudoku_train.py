@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", default=str(HERE / "run" / "pool.txt"), help="training puzzles (sudoku_data.py output)")
     ap.add_argument("--heldout", default=str(HERE / "heldout.txt"))
-    ap.add_argument("--exclude", nargs="*", default=[str(HERE / "heldout_alt.txt"), str(HERE / "hard.txt")],
+    ap.add_argument("--exclude", nargs="*", default=[str(HERE / "heldout_alt.txt"), str(HERE / "hard.txt"),
+                                                 str(HERE / "hard_tune.txt")],
                     help="other held-out sets no training solution may appear in")
     ap.add_argument("--run-dir", default=str(HERE / "run"), help="resumable state lives here")
     ap.add_argument("--checkpoint-dir", default=str(HERE / "checkpoint"))
