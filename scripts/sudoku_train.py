@@ -38,9 +38,8 @@ from dglocal.sudoku import core as sc  # noqa: E402
 HERE = Path(__file__).resolve().parent / "sudoku"
 N_STRUCT = len(sc.STRUCTURE_IDS)  # constant prompt prefix, encoded once per batch at batch size 1
 
-# Sampler schedule the checkpoint ships with (the reference defaults, dglocal.generation.config); the training SC
-# temperature follows the same t_min..t_max.
-GENERATION = dict(generation_defaults(), max_new_tokens=sc.CANVAS_LENGTH)  # self-conditioning trains at its t range
+# The reference defaults (dglocal.generation.config): self-conditioning trains at their t_min..t_max.
+GENERATION = dict(generation_defaults(), max_new_tokens=sc.CANVAS_LENGTH)
 # the sampler schedule written into checkpoints: hotter than the generic default, it solved more puzzles alone in fewer
 # steps (docs/sudoku.md); the Sudoku guide's restarts keep the cooler one
 SAMPLER = dict(t_min=0.7, t_max=1.2)

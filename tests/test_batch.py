@@ -9,9 +9,9 @@ from reference_harness import ReferenceModel, reference_generate
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import tiny
+from dglocal.errors import ConfigError
 from dglocal.generation.events import Completion, Step
 from dglocal.generation.sampler import SeededNoise
-from dglocal.errors import ConfigError
 from dglocal.generation.driver import Driver, run_many, start, stream
 from dglocal.generation.request import derive_seed
 
