@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dglocal.sudoku.core import count_solutions, format_grid, parse_grid, solve
+from dglocal.sudoku.core import count_solutions, format_grid, parse_grid, random_symmetry, solve
 
 HELDOUT_SEED = 1_000_003
 HARD_SEED = 2_000_003  # scripts/sudoku/hard.txt: 100 puzzles of 17-25 givens
@@ -60,31 +60,13 @@ def generate(rng: random.Random, min_givens: int = 30, max_givens: int = 40) -> 
 # --- symmetry augmentation (validity, uniqueness and the givens count are all preserved) ----------
 
 
-def random_symmetry(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random Sudoku symmetry as (cell index map of 81, digit map of 10 with 0 -> 0).
-
-    Digit relabelling, band and stack permutations, row/column permutations inside them, transpose:
-    new[i] = digit_map[old[cell_map[i]]].
-    """
-    def line_perm() -> np.ndarray:
-        bands = rng.permutation(3)
-        return np.concatenate([b * 3 + rng.permutation(3) for b in bands])
-
-    rows, cols = line_perm(), line_perm()
-    cell_map = (rows[:, None] * 9 + cols[None, :]).reshape(81)
-    if rng.random() < 0.5:
-        cell_map = cell_map.reshape(9, 9).T.reshape(81)
-    digit_map = np.concatenate([[0], rng.permutation(9) + 1])
-    return cell_map, digit_map
-
-
 def augment(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Apply one random symmetry per row to a batch of stacked grids: shape (B, K, 81), K grids that
     must move together (e.g. puzzle and solution)."""
     out = np.empty_like(grids)
     for b in range(grids.shape[0]):
-        cell_map, digit_map = random_symmetry(rng)
-        out[b] = digit_map[grids[b][:, cell_map]]
+        cell_map, digit_map = random_symmetry(random.Random(int(rng.integers(1 << 62))))
+        out[b] = np.asarray(digit_map)[grids[b][:, cell_map]]
     return out
 
 

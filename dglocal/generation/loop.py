@@ -24,11 +24,12 @@ from ..runtime.filters import Filters, sampling
 from .config import MAX_STEPS
 from .events import BlockText, Completion, Event, Stats, Step
 from .grammar import CanvasGrammar, GrammarSpec
-from .request import RequestPlan, reuse
+from .request import RequestPlan, common_prefix, reuse
 from .sampler import (
     Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
     trim_eos,
 )
+from .views import View
 
 
 @dataclass
@@ -69,7 +70,9 @@ class Generation:
     pinned in the canvas. `guide(draft, accepted)`: positions an outside rule finds wrong, re-noised (see
     docs/guides.md); a canvas it still objects to at the step cap starts again, up to `guide_restarts` times and
     while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
-    guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start).
+    guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start);
+    where it has a `view(attempt, seed)` method, a View it returns restates the problem from that attempt on
+    (dglocal.generation.views: the prompt is re-encoded, the drafts mapped back).
     A guide with `first_alone = True` only judges a block's first attempt (nothing re-noised, the model's own
     early stop); with `temperatures = (t_min, t_max)` its guided attempts use that schedule, with `steps = N` that
     step cap.
@@ -96,6 +99,11 @@ class Generation:
         self.lora = adapters.scales(lora) if adapters is not None else ()  # what the driver sets for its passes
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
         self.guide_steps = _guide_steps(guide)
+        self.view: View | None = None  # how the current attempt states the problem; None: as the request does
+        self.restating = False  # the pending encode is a view's prompt
+        if getattr(guide, "view", None) is not None and (plan.n_blocks != 1 or grammar is not None):
+            raise ConfigError("a guide's views restate the prompt: they need a generation of one canvas and no "
+                              "grammar")
         self.time_limit = _time_limit(time_limit)
         self.last: np.ndarray | None = None  # the last draft of a canvas the guide still objected to
         cfg = plan.config
@@ -123,8 +131,9 @@ class Generation:
         """The answer to `pending` (None for an encode): the events it produces; `pending` is the next call, or
         None once the Completion is among them."""
         call, self.pending = self.pending, None
-        if isinstance(call, EncodeCall):  # the prompt, or the previous block: the next canvas starts
-            self._begin_block()
+        if isinstance(call, EncodeCall):  # the prompt, the previous block or a view's prompt: a canvas starts
+            self._begin_canvas() if self.restating else self._begin_block()
+            self.restating = False
             return []
         if not isinstance(call, DenoiseCall):
             raise ConfigError("this generation has ended: it needs no more calls")
@@ -153,7 +162,11 @@ class Generation:
             self.canvas = np.where(self.start[b * C:(b + 1) * C] >= 0, self.start[b * C:(b + 1) * C], self.canvas)
         elif self.attempt > 0 and getattr(self.guide, "restart", None) is not None:  # what it keeps of the last
             keep = guide_mask(self.guide.restart, self.last, self.attempt, self.C)
-            self.canvas = np.where(keep, self.last, self.canvas)
+            if self.view is not None:
+                keep, last = self.view.model_mask(keep), self.view.model(self.last)
+            else:
+                last = self.last
+            self.canvas = np.where(keep, last, self.canvas)
         self.draft = None
         self.i = 0
         self._next_denoise()
@@ -186,7 +199,12 @@ class Generation:
             argmax, sampled = np.where(self.held, self.pinned, argmax), np.where(self.held, self.pinned, sampled)
             entropy = np.where(self.held, np.float32(0), entropy)
         accepted = accept_mask(entropy, cfg.entropy_bound)
-        flagged = guide_mask(self.guide, argmax, accepted, C)
+        # the guide, the events and the output see the world's canvas; a view's model holds a permutation of it
+        draft, seen = (argmax, accepted) if self.view is None else (self.view.world(argmax),
+                                                                    self.view.world_mask(accepted))
+        seen_flagged = flagged = guide_mask(self.guide, draft, seen, C)
+        if flagged is not None and self.view is not None:
+            flagged = self.view.model_mask(flagged)
         alone = self._alone()  # the guide judges this attempt's result only
         valid = C
         if self.grammar is not None:  # from the first position that breaks the grammar on, re-noised
@@ -197,6 +215,7 @@ class Generation:
         objects = flagged is not None and bool(flagged.any())
         if flagged is not None and not alone:
             accepted = accepted & ~flagged  # re-noised instead of kept
+            seen = seen & ~seen_flagged
         self.canvas = np.where(accepted, sampled, self.noise.tokens(C))  # re-noise everything not accepted
         stop = False
         if self.history is not None:
@@ -205,8 +224,8 @@ class Generation:
         self.i += 1
         seconds = time.perf_counter() - self._t0
         self.step_seconds += seconds
-        events: list[Event] = [Step(self.block, self.block_steps + self.i, argmax, accepted, call.temperature,
-                                    float(entropy.mean()), stop, seconds, None if alone else flagged)]
+        events: list[Event] = [Step(self.block, self.block_steps + self.i, draft, seen, call.temperature,
+                                    float(entropy.mean()), stop, seconds, None if alone else seen_flagged)]
         if not stop and self.i < self._cap():
             self._next_denoise()
             return events
@@ -216,10 +235,30 @@ class Generation:
         self.block_steps += self.i
         if objects and self.attempt < self.restarts and not self._out_of_time():  # still broken at the step cap
             self.attempt += 1
-            self.last = argmax
-            self._begin_canvas()
+            self.last = draft
+            self._restart()
             return events
-        return events + self._end_block(argmax)
+        return events + self._end_block(draft)
+
+    def _restart(self) -> None:
+        """The next attempt: in the view the guide gives for it (its prompt encoded first), or as the last."""
+        view = self.guide.view(self.attempt, self.config.seed) if getattr(self.guide, "view", None) else None
+        if view is None:
+            self._begin_canvas()
+            return
+        if not isinstance(view, View):
+            raise ConfigError(f"a guide's view(attempt, seed) returns a View or None, got {type(view).__name__}")
+        self.view = view.check(self.C, self.model.n_vocab)
+        if self.fixed is not None:  # pinned positions, where this view's model holds them
+            self.pinned = self.view.model(self.fixed[:self.C])
+            self.held = self.pinned >= 0
+        prompt = [int(t) for t in view.prompt]
+        kept = common_prefix(self.seq.tokens, prompt)  # the sequence's cache is this generation's own
+        kept = self.seq.rewind(kept) if self.seq.n_past > kept else kept
+        if kept == len(prompt):
+            self._begin_canvas()
+            return
+        self.pending, self.restating = EncodeCall(self.seq, prompt[kept:]), True
 
     def _alone(self) -> bool:
         """A guide with `first_alone` set lets each block's first attempt run as the model alone."""

@@ -195,6 +195,23 @@ def decode_canvas(ids: Sequence[int]) -> list[int]:
     return [i - DIGIT_BASE if DIGIT_BASE < i <= DIGIT_BASE + 9 else 0 for i in ids]
 
 
+# --- symmetries -----------------------------------------------------------------------------------
+
+
+def random_symmetry(rng: random.Random) -> tuple[list[int], list[int]]:
+    """A random Sudoku symmetry as (cell map of 81, digit map of 10 with 0 -> 0): new[i] = digit_map[old[cell_map[i]]].
+    Digit relabelling, band and stack permutations, row and column permutations inside them, transpose: each keeps
+    a grid valid, and a puzzle's givens and number of solutions."""
+    def lines() -> list[int]:
+        return [3 * band + i for band in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
+
+    rows, cols = lines(), lines()
+    cell_map = [r * 9 + c for r in rows for c in cols]
+    if rng.random() < 0.5:
+        cell_map = [cell_map[(i % 9) * 9 + i // 9] for i in range(81)]
+    return cell_map, [0] + rng.sample(range(1, 10), 9)
+
+
 # --- the guide: rule-guided re-noising ----------------------------------------------------------
 
 PEERS: tuple[tuple[int, ...], ...] = tuple(
@@ -234,20 +251,44 @@ class Guide:
     # ... and shorter: a guided attempt that has not solved the grid in a few steps rarely does later, and in the
     # same time more short attempts solved more hard puzzles than fewer long ones (docs/sudoku.md)
     STEPS = 16
+    # ... and each pair of them sees the puzzle turned and relabelled another way (a symmetry: the same puzzle to
+    # the rules, not to the model), from the third guided attempt on: a model that keeps failing a puzzle from
+    # fresh noise often solves it at once in another orientation (docs/sudoku.md)
+    VIEW_ATTEMPTS = 2
 
     def __init__(self, puzzle: str | Sequence[int], keep: str = "fresh", *, first_alone: bool = True,
-                 temperatures: tuple[float, float] | None = TEMPERATURES, steps: int | None = STEPS):
+                 temperatures: tuple[float, float] | None = TEMPERATURES, steps: int | None = STEPS,
+                 view_attempts: int | None = VIEW_ATTEMPTS):
         if keep not in self.KEEPS:
             raise ConfigError(f"keep must be one of {', '.join(self.KEEPS)}, got {keep!r}")
-        self.puzzle, self.keep = _as_cells(puzzle), keep
+        if view_attempts is not None and (isinstance(view_attempts, bool) or not isinstance(view_attempts, int)
+                                          or view_attempts < 1):
+            raise ConfigError(f"view_attempts must be a positive integer or None, got {view_attempts!r:.40}")
+        self.puzzle, self.keep, self.view_attempts = _as_cells(puzzle), keep, view_attempts
         # read by the generation loop
         self.first_alone, self.temperatures, self.steps = first_alone, temperatures, steps
         self.previous: list[int] | None = None  # the draft of the attempt before the last
         if keep == "fresh":
             self.restart = None
+        if view_attempts is None:
+            self.view = None
 
     def __call__(self, draft, accepted):
         return rule_breaks(self.puzzle, decode_canvas(draft.tolist()))
+
+    def view(self, attempt: int, seed: int):
+        """A random symmetry of the puzzle for guided attempts 1 + k*n + 1 (k = view_attempts, n >= 1), seeded by
+        the generation's seed and the attempt; None (the attempt keeps the last one's) otherwise."""
+        from dglocal.generation.views import View
+
+        k = self.view_attempts
+        if attempt <= k or (attempt - 1) % k:
+            return None
+        cell_map, digit_map = random_symmetry(random.Random(f"{seed}:{attempt}"))
+        tokens = list(range(VOCAB_SIZE))  # the model's digit digit_map[d] is the puzzle's d
+        for d in range(1, 10):
+            tokens[digit_map[d] + DIGIT_BASE] = d + DIGIT_BASE
+        return View(encode_prompt([digit_map[self.puzzle[j]] for j in cell_map]), cell_map, tokens)
 
     def restart(self, draft, attempt: int) -> list[int]:
         cells = decode_canvas(draft.tolist())
