@@ -227,3 +227,67 @@ def test_a_guide_s_step_cap_is_checked(llama_model):
         guide = type("Guide", (), {"steps": bad, "__call__": lambda self, draft, accepted: []})()
         with pytest.raises(ConfigError, match=message):
             list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))
+
+
+def test_a_guide_s_view_restates_the_problem_and_maps_the_drafts_back(llama_model):
+    """A View from the guide's view(attempt, seed): the restart denoises the view's prompt (re-encoded after the
+    prefix it shares), and the guide, the events and the output see its drafts in the world's positions and tokens.
+    The model's side of that attempt is exactly a plain generation over the view's prompt, flagged where the view
+    holds the world's flagged position, on the same cache with the same noise."""
+    from dglocal.generation.views import View
+
+    rng = np.random.default_rng(5)
+    order, tokens = rng.permutation(C), rng.permutation(V)
+    view = View(PROMPTS[3][:5] + [int(t) for t in rng.integers(10, V, 6)], order, tokens)
+    n, flagged = EARLY["max_denoising_steps"], 3  # the guides always object: every attempt runs n steps
+
+    class Restater:
+        drafts: list = []
+
+        def __call__(self, draft, accepted):
+            self.drafts.append(draft.copy())
+            return [flagged]
+
+        def view(self, attempt, seed):
+            return view if attempt == 1 else None
+
+    opts = dict(EARLY, eos_token_id=(), max_new_tokens=C, guide_restarts=1)
+    seq, guide = llama_model.sequence(), Restater()
+    events = list(stream(llama_model, PROMPTS[3], seq=seq, noise=SeededNoise(V, 9), guide=guide, **opts))
+    assert seq.tokens == list(view.prompt)
+    restated = [e for e in events if isinstance(e, Step)][n:]
+    where = int(np.flatnonzero(order == flagged)[0])
+    plain = list(stream(llama_model, view.prompt, seq=seq, noise=SeededNoise(V, 9), guide=lambda d, a: [where],
+                        **opts))
+    assert plain[-1].stats.prefilled_tokens == 0  # the same cache: nothing encoded again
+    model_side = [e for e in plain if isinstance(e, Step)][n:]
+    assert len(restated) == len(model_side) == n
+    for mine, theirs, seen in zip(restated, model_side, guide.drafts[n:]):
+        np.testing.assert_array_equal(mine.argmax, view.world(theirs.argmax))
+        np.testing.assert_array_equal(seen, mine.argmax)
+        np.testing.assert_array_equal(mine.accepted, view.world_mask(theirs.accepted))
+        np.testing.assert_array_equal(mine.guided, view.world_mask(theirs.guided))
+        assert mine.guided[flagged] and not mine.accepted[flagged]
+    assert events[-1].tokens == view.world(np.asarray(plain[-1].tokens)).tolist()
+    assert not np.array_equal(restated[-1].argmax, model_side[-1].argmax)  # the mapping is not the identity
+
+
+def test_views_are_checked(llama_model):
+    from dglocal.generation.views import View
+
+    for args, message in [(([], range(C), range(V)), "prompt must be a non-empty list"),
+                          (([2], [0] * C, range(V)), "order must be a permutation"),
+                          (([2], range(C), [1.5] * V), "tokens must be a 1-D list of integers")]:
+        with pytest.raises(ConfigError, match=message):
+            View(*args)
+
+    def guide_with(view):
+        return type("Guide", (), {"__call__": lambda self, d, a: [0], "view": lambda self, attempt, seed: view})()
+
+    opts = dict(EARLY, max_new_tokens=C, guide_restarts=1)
+    for view, message in [("turned", "returns a View or None, got str"),
+                          (View([2], range(C + 1), range(V)), f"covers {C + 1} positions, the canvas has {C}")]:
+        with pytest.raises(ConfigError, match=message):
+            list(stream(llama_model, PROMPTS[3], guide=guide_with(view), **opts))
+    with pytest.raises(ConfigError, match="a generation of one canvas"):
+        list(stream(llama_model, PROMPTS[3], guide=guide_with(None), **dict(opts, max_new_tokens=2 * C)))

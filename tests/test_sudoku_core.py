@@ -162,3 +162,24 @@ def test_guide_reads_canvas_ids():
     assert list(guide(ids, np.ones(81, bool))) == []
     ids[1] = ids[0]
     assert 1 in list(guide(ids, np.ones(81, bool)))
+
+
+def test_the_guide_s_views_are_symmetries_of_the_puzzle():
+    """From the third guided attempt on, every second one sees the puzzle turned and relabelled: the view's prompt
+    is a puzzle with one solution, that solution is the world's solution as the view's model holds it, and the
+    view maps it back; views depend on the seed and the attempt, and view_attempts=None turns them off."""
+    puzzle, solution = sc.parse_grid(PUZZLE), sc.parse_grid(SOLUTION)
+    guide = sc.guide_for(puzzle)
+    assert [a for a in range(1, 10) if guide.view(a, 7) is not None] == [3, 5, 7, 9]
+    view = guide.view(3, 7)
+    turned = sc.decode_canvas(view.prompt[1 + 243:1 + 243 + 81])  # the prompt's cells, blanks decode to 0
+    assert view.prompt[:244] == sc.encode_prompt(puzzle)[:244] and turned != puzzle
+    assert sum(map(bool, turned)) == sum(map(bool, puzzle)) and sc.count_solutions(turned) == 1
+    held = view.model(np.array(sc.encode_canvas(solution)))
+    assert sc.check_grid(turned, sc.decode_canvas(held.tolist()))
+    assert sc.decode_canvas(view.world(held).tolist()) == solution
+    assert guide.view(3, 8).prompt != view.prompt and guide.view(5, 7).prompt != view.prompt
+    assert guide.view(3, 7).prompt == view.prompt
+    assert sc.guide_for(puzzle, view_attempts=None).view is None
+    with pytest.raises(ConfigError, match="view_attempts must be a positive integer"):
+        sc.guide_for(puzzle, view_attempts=0)
