@@ -224,10 +224,12 @@ def sudoku_progress(total: int):
         yield lambda: bar.advance(task)
 
 
-def show_sudoku_eval(result, max_steps) -> None:
+def show_sudoku_eval(result, max_steps, guided_steps: int | None = None) -> None:
+    """`max_steps`: the step cap of the model's own attempt; `guided_steps`: that of the guide's restarts."""
     acc = "n/a (no solutions in the file)" if result.blank_acc is None else f"{result.blank_acc:.1%}"
+    cap = f"max {max_steps}" if guided_steps is None else f"max {max_steps} alone, {guided_steps} a guided attempt"
     _console().print(f"{result.n} puzzles: solved {result.solved:.1%}, blank-cell accuracy {acc}, "
-                     f"mean steps {result.steps:.1f} (max {max_steps}), {result.seconds:.0f} s", soft_wrap=True)
+                     f"mean steps {result.steps:.1f} ({cap}), {result.seconds:.0f} s", soft_wrap=True)
 
 
 # -- plan, bench, roofline ------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
                 result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
             if output is not None:
                 write_grids(output, result.results)
-            ui.show_sudoku_eval(result, llm.metadata.get("diffusion.eb_max_steps") if steps is None else steps)
+            ui.show_sudoku_eval(result, llm.metadata.get("diffusion.eb_max_steps") if steps is None else steps,
+                                sc.Guide.STEPS if guide else None)
         elif cells is not None:
             done = _solve_live(llm, cells, options)
             if output is not None:
