@@ -241,12 +241,12 @@ def test_a_guide_s_view_restates_the_problem_and_maps_the_drafts_back(llama_mode
     view = View(PROMPTS[3][:5] + [int(t) for t in rng.integers(10, V, 6)], order, tokens)
     n, flagged = EARLY["max_denoising_steps"], 3  # the guides always object: every attempt runs n steps
 
-    class Restater:
+    class Restater:  # flags everything in the first attempt: the block ends with the second, the least flagged
         drafts: list = []
 
         def __call__(self, draft, accepted):
             self.drafts.append(draft.copy())
-            return [flagged]
+            return range(C) if len(self.drafts) <= n else [flagged]
 
         def view(self, attempt, seed):
             return view if attempt == 1 else None
@@ -257,8 +257,9 @@ def test_a_guide_s_view_restates_the_problem_and_maps_the_drafts_back(llama_mode
     assert seq.tokens == list(view.prompt)
     restated = [e for e in events if isinstance(e, Step)][n:]
     where = int(np.flatnonzero(order == flagged)[0])
-    plain = list(stream(llama_model, view.prompt, seq=seq, noise=SeededNoise(V, 9), guide=lambda d, a: [where],
-                        **opts))
+    calls = []
+    plain = list(stream(llama_model, view.prompt, seq=seq, noise=SeededNoise(V, 9),
+                        guide=lambda d, a: calls.append(1) or (range(C) if len(calls) <= n else [where]), **opts))
     assert plain[-1].stats.prefilled_tokens == 0  # the same cache: nothing encoded again
     model_side = [e for e in plain if isinstance(e, Step)][n:]
     assert len(restated) == len(model_side) == n
@@ -267,7 +268,7 @@ def test_a_guide_s_view_restates_the_problem_and_maps_the_drafts_back(llama_mode
         np.testing.assert_array_equal(seen, mine.argmax)
         np.testing.assert_array_equal(mine.accepted, view.world_mask(theirs.accepted))
         np.testing.assert_array_equal(mine.guided, view.world_mask(theirs.guided))
-        assert mine.guided[flagged] and not mine.accepted[flagged]
+        assert mine.guided[flagged] and not mine.accepted[flagged] and mine.guided.sum() == 1
     assert events[-1].tokens == view.world(np.asarray(plain[-1].tokens)).tolist()
     assert not np.array_equal(restated[-1].argmax, model_side[-1].argmax)  # the mapping is not the identity
 
@@ -291,3 +292,21 @@ def test_views_are_checked(llama_model):
             list(stream(llama_model, PROMPTS[3], guide=guide_with(view), **opts))
     with pytest.raises(ConfigError, match="a generation of one canvas"):
         list(stream(llama_model, PROMPTS[3], guide=guide_with(None), **dict(opts, max_new_tokens=2 * C)))
+
+
+def test_a_block_still_objected_to_ends_with_its_least_flagged_attempt(llama_model):
+    """Out of restarts, the block is the last draft of the attempt the guide flagged the fewest positions of (the
+    earliest of equals), not the last attempt's."""
+    n = EARLY["max_denoising_steps"]
+    flags = [[0, 1, 2], [0], [0, 1], [4]]  # always objects, so every attempt runs n steps
+    drafts = []
+
+    def guide(draft, accepted):
+        drafts.append(draft.copy())
+        return flags[(len(drafts) - 1) // n]
+
+    opts = dict(EARLY, eos_token_id=(), max_new_tokens=16, guide_restarts=3)
+    events = list(stream(llama_model, PROMPTS[3], noise=SeededNoise(V, 9), guide=guide, **opts))
+    assert len(drafts) == 4 * n
+    assert events[-1].tokens == drafts[2 * n - 1][:16].tolist()
+    assert events[-1].tokens != drafts[-1][:16].tolist()  # the last attempt ended elsewhere

@@ -72,7 +72,8 @@ class Generation:
     while `time_limit` seconds (from the start of the generation) are not used up: from fresh noise, or, where the
     guide has a `restart(draft, attempt)` method, from the positions of the last draft it returns (a warm start);
     where it has a `view(attempt, seed)` method, a View it returns restates the problem from that attempt on
-    (dglocal.generation.views: the prompt is re-encoded, the drafts mapped back).
+    (dglocal.generation.views: the prompt is re-encoded, the drafts mapped back). A block the guide still objects
+    to when the restarts run out ends with the attempt it flagged the fewest positions of.
     A guide with `first_alone = True` only judges a block's first attempt (nothing re-noised, the model's own
     early stop); with `temperatures = (t_min, t_max)` its guided attempts use that schedule, with `steps = N` that
     step cap.
@@ -143,6 +144,7 @@ class Generation:
         if self.t_gen is None:
             self.t_gen = time.perf_counter()
         self.block_steps, self.attempt = 0, 0
+        self.best: tuple[int, np.ndarray] | None = None  # (positions flagged, draft) of the block's best attempt
         b, C = self.block, self.C
         self.pinned = None if self.fixed is None else self.fixed[b * C:(b + 1) * C]
         self.held = None if self.pinned is None else self.pinned >= 0
@@ -200,11 +202,10 @@ class Generation:
             entropy = np.where(self.held, np.float32(0), entropy)
         accepted = accept_mask(entropy, cfg.entropy_bound)
         # the guide, the events and the output see the world's canvas; a view's model holds a permutation of it
-        draft, seen = (argmax, accepted) if self.view is None else (self.view.world(argmax),
-                                                                    self.view.world_mask(accepted))
-        seen_flagged = flagged = guide_mask(self.guide, draft, seen, C)
-        if flagged is not None and self.view is not None:
-            flagged = self.view.model_mask(flagged)
+        view = self.view
+        draft = argmax if view is None else view.world(argmax)
+        verdict = guide_mask(self.guide, draft, accepted if view is None else view.world_mask(accepted), C)
+        flagged = verdict if verdict is None or view is None else view.model_mask(verdict)
         alone = self._alone()  # the guide judges this attempt's result only
         valid = C
         if self.grammar is not None:  # from the first position that breaks the grammar on, re-noised
@@ -215,7 +216,6 @@ class Generation:
         objects = flagged is not None and bool(flagged.any())
         if flagged is not None and not alone:
             accepted = accepted & ~flagged  # re-noised instead of kept
-            seen = seen & ~seen_flagged
         self.canvas = np.where(accepted, sampled, self.noise.tokens(C))  # re-noise everything not accepted
         stop = False
         if self.history is not None:
@@ -224,8 +224,9 @@ class Generation:
         self.i += 1
         seconds = time.perf_counter() - self._t0
         self.step_seconds += seconds
-        events: list[Event] = [Step(self.block, self.block_steps + self.i, draft, seen, call.temperature,
-                                    float(entropy.mean()), stop, seconds, None if alone else seen_flagged)]
+        shown = (accepted, flagged) if view is None else (view.world_mask(accepted), view.world_mask(flagged))
+        events: list[Event] = [Step(self.block, self.block_steps + self.i, draft, shown[0], call.temperature,
+                                    float(entropy.mean()), stop, seconds, None if alone else shown[1])]
         if not stop and self.i < self._cap():
             self._next_denoise()
             return events
@@ -233,11 +234,16 @@ class Generation:
             self._repair(argmax, valid)
             return events
         self.block_steps += self.i
-        if objects and self.attempt < self.restarts and not self._out_of_time():  # still broken at the step cap
-            self.attempt += 1
-            self.last = draft
-            self._restart()
-            return events
+        if objects:  # still broken at the step cap
+            n = int(flagged.sum())
+            if self.best is None or n < self.best[0]:
+                self.best = (n, draft)
+            if self.attempt < self.restarts and not self._out_of_time():
+                self.attempt += 1
+                self.last = draft
+                self._restart()
+                return events
+            draft = self.best[1]  # out of attempts: the one the guide objected to least
         return events + self._end_block(draft)
 
     def _restart(self) -> None:
