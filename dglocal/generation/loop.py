@@ -24,7 +24,7 @@ from ..runtime.filters import Filters, sampling
 from .config import MAX_STEPS
 from .events import BlockText, Completion, Event, Stats, Step
 from .grammar import CanvasGrammar, GrammarSpec
-from .request import RequestPlan, common_prefix, reuse
+from .request import RequestPlan, common_prefix, cut_back, reuse
 from .sampler import (
     Noise, SeededNoise, StabilityHistory, accept_mask, find_stop, is_confident, stop_holdback, temperature,
     trim_eos,
@@ -259,8 +259,7 @@ class Generation:
             self.pinned = self.view.model(self.fixed[:self.C])
             self.held = self.pinned >= 0
         prompt = [int(t) for t in view.prompt]
-        kept = common_prefix(self.seq.tokens, prompt)  # the sequence's cache is this generation's own
-        kept = self.seq.rewind(kept) if self.seq.n_past > kept else kept
+        kept = cut_back(self.seq, common_prefix(self.seq.tokens, prompt))  # the cache is this generation's own
         if kept == len(prompt):
             self._begin_canvas()
             return

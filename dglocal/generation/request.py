@@ -120,6 +120,10 @@ def reuse(seq, plan: RequestPlan, lora: tuple = ()) -> int:
     same = getattr(seq, "lora", ()) == lora
     keep = common_prefix(seq.tokens, plan.tokens) if plan.cache_prompt and same else 0
     seq.lora = lora  # what the cache holds from here on is encoded with these scales
-    if seq.n_past > keep:
-        keep = seq.rewind(keep)
-    return keep
+    return cut_back(seq, keep)
+
+
+def cut_back(seq, n: int) -> int:
+    """Cut `seq` back to at most `n` cached tokens; returns how many it holds: n, or fewer where a windowed cache
+    cannot continue from n (Sequence.rewind)."""
+    return seq.rewind(n) if seq.n_past > n else n
