@@ -186,11 +186,13 @@ def test_cli_solves_an_easy_puzzle_with_the_shipped_model(tmp_path):
 def test_cli_reports_a_broken_grid_unsolved(tmp_path):
     """A puzzle with no solution at all (two 5s in a row): whatever the model returns is unsolved, the guide
     restarting it until the time limit is up."""
+    from dglocal.sudoku.race import default_workers
     from dglocal.sudoku.solve import TIMED_RESTARTS
 
     puzzle = "55" + "." * 79
     out = tmp_path / "grid.txt"
-    for guide, cap in ((["--no-guide"], 4), (["--time-limit", "1"], 4 * (1 + TIMED_RESTARTS))):
+    workers = default_workers()  # the steps of every worker count
+    for guide, cap in ((["--no-guide"], 4 * workers), (["--time-limit", "1"], 4 * (1 + TIMED_RESTARTS) * workers)):
         t0 = time.monotonic()
         r = dglocal_cli(puzzle, "--seed", "0", "--steps", "4", "--output", out, *guide)
         assert r.returncode == 0, r.stderr

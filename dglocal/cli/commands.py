@@ -545,6 +545,9 @@ def sudoku(
     batch: Annotated[Optional[int], typer.Option(
         "--batch", help="With --eval: puzzles denoised per forward. Default: 16.", show_default=False)] = None,
     time_limit: TimeLimitOption = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Contexts a puzzle's attempts race on, one thread each; the first solved grid stops the "
+                          "others. Default: one per core (at most 8); 1 with --eval.", show_default=False)] = None,
     lora: LoraOption = None,
     lora_scaled: LoraScaledOption = None,
 ):
@@ -553,7 +556,7 @@ def sudoku(
     adapters = load_options(lora=lora, lora_scaled=lora_scaled).lora
     main(model=_resolve(model), **generation(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
                                              threads=threads, seed=seed, batch=batch, lora=adapters,
-                                             time_limit=time_limit), guide=not no_guide)
+                                             time_limit=time_limit, workers=workers), guide=not no_guide)
 
 
 if __name__ == "__main__":

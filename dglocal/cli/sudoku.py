@@ -4,12 +4,15 @@ input line, or a file evaluated; the solving is dglocal.sudoku's."""
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from dglocal.errors import ConfigError
 from dglocal.runtime.checks import integer
 from dglocal.sudoku import core as sc
-from dglocal.sudoku.solve import EVAL_BATCH, Solved, bad_cells, evaluate, load_model, read_puzzles, solve_stream, write_grids
+from dglocal.sudoku.race import MAX_WORKERS, default_workers
+from dglocal.sudoku.solve import (EVAL_BATCH, Solved, bad_cells, evaluate, load_models, read_puzzles, solve_stream,
+                                 write_grids)
 
 from . import render as ui
 from .views import is_terminal
@@ -18,8 +21,9 @@ from .views import is_terminal
 def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = None, output: Path | None = None,
          steps: int | None = None, threads: int | None = None, seed: int | None = None,
          pin_givens: bool = False, n_ctx: int | None = None, generation: dict | None = None, guide: bool = True,
-         batch: int | None = None, lora=None, time_limit: float | None = None) -> None:
-    """The `dglocal sudoku` command."""
+         batch: int | None = None, lora=None, time_limit: float | None = None, workers: int | None = None) -> None:
+    """The `dglocal sudoku` command. `workers`: contexts a puzzle's attempts race on (sudoku.race); by default one
+    per core for a puzzle, and one for --eval, whose figures must not depend on the machine."""
     if puzzle is not None and eval_file is not None:
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
     if steps is not None and steps <= 0:
@@ -29,17 +33,24 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
     options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
     if time_limit is not None:
         options["time_limit"] = time_limit
-    batch = integer("--batch", batch, 1, 256) if batch is not None else EVAL_BATCH if pairs else 1
+    workers = integer("--workers", workers, 1, MAX_WORKERS) if workers is not None else \
+        1 if pairs else default_workers(threads)
+    if batch is not None and integer("--batch", batch, 1, 256) > 1 and workers > 1:
+        raise ConfigError(f"--batch {batch} with --workers {workers}: racing workers solve one puzzle at a time")
+    batch = batch or (EVAL_BATCH if pairs and workers == 1 else 1)
 
     with ui.status(f"loading {Path(model).name}"):
-        llm = load_model(model, threads=threads, n_ctx=n_ctx, batch=batch, lora=lora)
-    with llm:
+        models = load_models(model, workers, threads=threads, n_ctx=n_ctx, batch=batch, lora=lora)
+    llm = models if workers > 1 else models[0]
+    with ExitStack() as stack:
+        for m in models:
+            stack.enter_context(m)
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:
                 result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
             if output is not None:
                 write_grids(output, result.results)
-            ui.show_sudoku_eval(result, llm.metadata.get("diffusion.eb_max_steps") if steps is None else steps,
+            ui.show_sudoku_eval(result, models[0].metadata.get("diffusion.eb_max_steps") if steps is None else steps,
                                 sc.Guide.STEPS if guide else None)
         elif cells is not None:
             done = _solve_live(llm, cells, options)

@@ -73,12 +73,37 @@ def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, ba
     return model
 
 
+def load_models(path, workers: int, **options) -> list:
+    """`workers` copies of load_model(path, **options), each its own context: a puzzle's attempts race on them
+    (sudoku.race). The model is a few MB, so each holds its own weights."""
+    from dglocal.runtime.checks import integer
+
+    from .race import MAX_WORKERS
+
+    models = []
+    try:
+        for _ in range(integer("workers", workers, 1, MAX_WORKERS)):
+            models.append(load_model(path, **options))
+    except BaseException:
+        for model in models:
+            model.close()
+        raise
+    return models
+
+
 def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed: int | None = None,
                  pin_givens: bool = False, guide: bool = True, time_limit: float | None = TIME_LIMIT,
                  **generation) -> Iterator[Step | Solved]:
     """Denoise one puzzle: every Step (the draft board), then the Solved outcome. `guide`: re-noise cells that
     break a rule (sudoku_core.guide_for) and run to the step cap while any does. `generation`: other
-    GenerationConfig fields (entropy_bound, t_min, ...)."""
+    GenerationConfig fields (entropy_bound, t_min, ...). `model`: the Sudoku model, or a list of them
+    (load_models) on which the attempts race (sudoku.race: the steps shown are the first model's)."""
+    if isinstance(model, (list, tuple)):
+        from .race import race
+
+        yield from race(model, puzzle, steps=steps, seed=seed, pin_givens=pin_givens, guide=guide,
+                        time_limit=time_limit, **generation)
+        return
     t0 = time.perf_counter()
     events = model.stream(sc.encode_prompt(puzzle), **puzzle_options(puzzle, steps=steps, seed=seed,
                                                                      pin_givens=pin_givens, guide=guide,
@@ -148,23 +173,23 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
 def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None, pin_givens: bool = False,
              guide: bool = True, on_result=None, **generation) -> EvalResult:
     """Solve every puzzle, up to model.n_seq_max per forward, and score it as the reference eval does. Puzzle i
-    draws its noise from (seed, i): the grids do not depend on the batch size."""
-    from dglocal.generation.driver import run_many
+    draws its noise from (seed, i): the grids do not depend on the batch size. `model`: the Sudoku model, or a list
+    of them (load_models), on which each puzzle's attempts race, a puzzle at a time."""
     from dglocal.generation.request import derive_seed
 
     t0 = time.perf_counter()
-    base = model.seeds.next() if seed is None else seed
-    specs = [(sc.encode_prompt(p), puzzle_options(p, steps=steps, seed=derive_seed(base, i), pin_givens=pin_givens,
-                                                  guide=guide, **generation)) for i, (p, _) in enumerate(pairs)]
-    results: list[Solved | None] = [None] * len(pairs)
-
-    def done(i, event):
-        if event.kind == "done":
-            results[i] = _solved(pairs[i][0], event, event.stats.total_seconds)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    base = models[0].seeds.next() if seed is None else seed
+    # an evaluation's attempts are counted (GUIDE_RESTARTS), not timed, unless it is given a time limit
+    options = {"time_limit": None, **dict(steps=steps, pin_givens=pin_givens, guide=guide, **generation)}
+    if len(models) == 1:
+        results = _evaluate_batched(models[0], pairs, base, options, on_result)
+    else:
+        results = []
+        for i, (puzzle, _) in enumerate(pairs):
+            results.append(solve(models, puzzle, seed=derive_seed(base, i), **options))
             if on_result is not None:
                 on_result(i, results[i])
-
-    run_many(model, specs, on_event=done)
     blanks = right = 0
     for (puzzle, solution), r in zip(pairs, results):
         if solution is not None:
@@ -176,6 +201,24 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
     has_solutions = any(s is not None for _, s in pairs)
     return EvalResult(n, sum(r.solved for r in results) / n, right / blanks if has_solutions and blanks else None,
                       sum(r.steps for r in results) / n, time.perf_counter() - t0, results)
+
+
+def _evaluate_batched(model, pairs, base: int, options: dict, on_result) -> list[Solved]:
+    from dglocal.generation.driver import run_many
+    from dglocal.generation.request import derive_seed
+
+    specs = [(sc.encode_prompt(p), puzzle_options(p, seed=derive_seed(base, i), **options))
+             for i, (p, _) in enumerate(pairs)]
+    results: list[Solved | None] = [None] * len(pairs)
+
+    def done(i, event):
+        if event.kind == "done":
+            results[i] = _solved(pairs[i][0], event, event.stats.total_seconds)
+            if on_result is not None:
+                on_result(i, results[i])
+
+    run_many(model, specs, on_event=done)
+    return results
 
 
 def write_grids(path, results: Sequence[Solved]) -> None:
