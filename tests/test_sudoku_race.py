@@ -64,6 +64,7 @@ def test_race_solves_what_one_worker_solves(models):
             assert sc.check_grid(puzzle, done.grid) and done.grid in [s.grid for s in solo if s.solved]
 
 
+@pytest.mark.gpu_tier  # contexts racing on one device too
 def test_race_stops_at_the_time_limit_and_for_the_caller(models):
     baseline = threading.active_count()
     t0 = time.monotonic()
