@@ -170,8 +170,9 @@ def sudoku_board(puzzle, cells, accepted=None, bad=(), guided=()):
 
 
 @contextmanager
-def sudoku_live():
-    """Yields draw(puzzle, cells, step): the board redrawn in place on a terminal (at most RichView.FPS a second)."""
+def sudoku_live(workers: int = 1):
+    """Yields draw(puzzle, cells, step): the board redrawn in place on a terminal (at most RichView.FPS a second);
+    with racing `workers`, the first one's board."""
     from rich.console import Group
     from rich.live import Live
     from rich.text import Text
@@ -188,7 +189,8 @@ def sudoku_live():
         now = time.perf_counter()
         if now - drawn[0] >= 1 / RichView.FPS:  # re-noised cells show in the frames drawn: guided steps come in runs
             consistent = f" · consistent {81 - len(guided)}/81" if step.guided is not None else ""
-            status = Text(f"step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
+            worker = f"worker 1 of {workers}: " if workers > 1 else ""
+            status = Text(f"{worker}step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
                           f"entropy {step.mean_entropy:.3f}{consistent}"
                           + (f" · guide re-noised {interventions[0]}" if step.guided is not None else ""), style="dim")
             live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist(), guided=guided), status),

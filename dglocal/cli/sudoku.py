@@ -61,7 +61,7 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
 
 
 def _solve_live(llm, cells, options) -> Solved:
-    with ui.sudoku_live() as draw:
+    with ui.sudoku_live(len(llm) if isinstance(llm, list) else 1) as draw:
         for event in solve_stream(llm, cells, **options):
             if event.kind == "step":
                 draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
