@@ -199,6 +199,7 @@ def test_cli_reports_a_broken_grid_unsolved(tmp_path):
         verdict = VERDICT.search(r.stdout)
         assert verdict and verdict.group(1).startswith("unsolved") and int(verdict.group(3)) <= cap, r.stdout
         assert int(verdict.group(2)) < 81  # how close it got: the cells keeping every rule
+        assert ("a longer --time-limit (it had 1 s) gives it more attempts" in r.stdout) == ("--time-limit" in guide)
         assert not sc.check_grid(puzzle, out.read_text().strip().replace("0", "."))
     assert time.monotonic() - t0 < 60
 

@@ -190,8 +190,8 @@ def sudoku_live(workers: int = 1):
         if now - drawn[0] >= 1 / RichView.FPS:  # re-noised cells show in the frames drawn: guided steps come in runs
             consistent = f" · consistent {81 - len(guided)}/81" if step.guided is not None else ""
             worker = f"worker 1 of {workers}: " if workers > 1 else ""
-            status = Text(f"{worker}step {step.step} · T {step.temperature:.2f} · accepted {int(step.accepted.sum())}/81 · "
-                          f"entropy {step.mean_entropy:.3f}{consistent}"
+            status = Text(f"{worker}step {step.step} · T {step.temperature:.2f} · "
+                          f"accepted {int(step.accepted.sum())}/81 · entropy {step.mean_entropy:.3f}{consistent}"
                           + (f" · guide re-noised {interventions[0]}" if step.guided is not None else ""), style="dim")
             live.update(Group(sudoku_board(puzzle, cells, step.accepted.tolist(), guided=guided), status),
                         refresh=True)
@@ -201,8 +201,8 @@ def sudoku_live(workers: int = 1):
         yield draw
 
 
-def show_sudoku(result, bad=()) -> None:
-    """The final board and its verdict: solved only if check_grid passed."""
+def show_sudoku(result, bad=(), hint: str | None = None) -> None:
+    """The final board and its verdict: solved only if check_grid passed; `hint` follows an unsolved one."""
     from rich.text import Text
 
     console = _console()
@@ -213,6 +213,8 @@ def show_sudoku(result, bad=()) -> None:
     else:
         console.print(Text(f"unsolved: {81 - len(bad)}/81 cells consistent ({len(bad)} break a rule)",
                            style="bold red") + detail, soft_wrap=True)
+        if hint:
+            console.print(Text(hint, style="dim"), soft_wrap=True)
 
 
 @contextmanager

@@ -11,8 +11,8 @@ from dglocal.errors import ConfigError
 from dglocal.runtime.checks import integer
 from dglocal.sudoku import core as sc
 from dglocal.sudoku.race import MAX_WORKERS, default_workers
-from dglocal.sudoku.solve import (EVAL_BATCH, Solved, bad_cells, evaluate, load_models, read_puzzles, solve_stream,
-                                 write_grids)
+from dglocal.sudoku.solve import (EVAL_BATCH, TIME_LIMIT, Solved, bad_cells, evaluate, load_models, read_puzzles,
+                                 solve_stream, write_grids)
 
 from . import render as ui
 from .views import is_terminal
@@ -65,7 +65,9 @@ def _solve_live(llm, cells, options) -> Solved:
         for event in solve_stream(llm, cells, **options):
             if event.kind == "step":
                 draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
-    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid))
+    timed = options.get("guide", True) and options.get("time_limit", TIME_LIMIT) is not None
+    hint = f"a longer --time-limit (it had {event.seconds:.0f} s) gives it more attempts" if timed else None
+    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid), hint=hint)
     return event
 
 
