@@ -11,7 +11,7 @@ from test_sudoku import HELDOUT, VERDICT, dglocal_cli
 
 from dglocal import sudoku
 from dglocal.convert.hub import DEFAULT_MODEL
-from dglocal.errors import ConfigError
+from dglocal.errors import ConfigError, ModelError
 from dglocal.sudoku import core as sc
 from dglocal.sudoku.race import race, worker_seed
 
@@ -88,6 +88,8 @@ def test_race_misuse_is_a_clear_error(models):
         sudoku.solve(models, UNSOLVABLE, seed=0, entropy_bound=-1.0)
     with pytest.raises(ConfigError, match="workers must be in 1..8, got 0"):
         sudoku.load_models(DEFAULT_MODEL, 0)
+    with pytest.raises(ModelError, match="no such file"):
+        sudoku.load_models(DEFAULT_MODEL.with_name("missing.gguf"), 2)
     assert threading.active_count() >= 1 and sudoku.solve(models, puzzles(HELDOUT, 1)[0], seed=1).solved
 
 
