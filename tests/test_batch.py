@@ -3,6 +3,8 @@ scheduler (joins, leaves, cancellation), determinism across batch sizes, and rul
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from reference_harness import ReferenceModel, reference_generate
@@ -226,6 +228,17 @@ def test_a_guide_s_step_cap_is_checked(llama_model):
                          (True, "must be an integer, got bool"), (70000, "must be 1..65536, got 70000")]:
         guide = type("Guide", (), {"steps": bad, "__call__": lambda self, draft, accepted: []})()
         with pytest.raises(ConfigError, match=message):
+            list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))
+
+
+def test_a_guide_s_temperatures_are_checked(llama_model):
+    for bad, message in [((0.7, 0.3), "t_max > t_min >= 0, got t_min=0.7 and t_max=0.3"),
+                         ((0.5, 0.5), "t_max > t_min >= 0, got t_min=0.5 and t_max=0.5"),
+                         ((-0.1, 0.3), "t_max > t_min >= 0, got t_min=-0.1"),
+                         ((0.1, float("nan")), "t_max > t_min >= 0"), ((0.1, 0.2, 0.3), "a pair"),
+                         (0.5, "a pair"), (("a", 1.0), "a pair"), ((True, 1.0), "a pair")]:
+        guide = type("Guide", (), {"temperatures": bad, "__call__": lambda self, draft, accepted: []})()
+        with pytest.raises(ConfigError, match=re.escape(message)):
             list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))
 
 

@@ -99,7 +99,7 @@ class Generation:
             raise ConfigError("this model takes no LoRA adapters")
         self.lora = adapters.scales(lora) if adapters is not None else ()  # what the driver sets for its passes
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
-        self.guide_steps = _guide_steps(guide)
+        self.guide_steps, self.guide_temperatures = _guide_steps(guide), _guide_temperatures(guide)
         self.view: View | None = None  # how the current attempt states the problem; None: as the request does
         self.restating = False  # the pending encode is a view's prompt
         if getattr(guide, "view", None) is not None and (plan.n_blocks != 1 or grammar is not None):
@@ -180,8 +180,8 @@ class Generation:
         cfg = self.config
         N = self._cap()
         t_min, t_max = cfg.t_min, cfg.t_max
-        if not self._alone() and getattr(self.guide, "temperatures", None) is not None:
-            t_min, t_max = self.guide.temperatures
+        if not self._alone() and self.guide_temperatures is not None:
+            t_min, t_max = self.guide_temperatures
         T = temperature(max(N - self.i, 1), N, t_min, t_max)  # repair passes past the cap: the last T
         if cfg.temperature not in (0.0, 1.0):
             T = float(np.float32(T) * np.float32(cfg.temperature))
@@ -424,6 +424,21 @@ def _guide_steps(guide) -> int | None:
     if _whole(steps, "a guide's steps") < 1 or steps > MAX_STEPS:
         raise ConfigError(f"a guide's steps must be 1..{MAX_STEPS}, got {steps}")
     return int(steps)
+
+
+def _guide_temperatures(guide) -> tuple[float, float] | None:
+    """A guide's (t_min, t_max), checked as the request's own schedule is: t_max > t_min >= 0."""
+    pair = getattr(guide, "temperatures", None)
+    if pair is None:
+        return None
+    try:
+        t_min, t_max = (float(t) for t in pair if not isinstance(t, (bool, str, bytes)))
+    except (TypeError, ValueError):
+        raise ConfigError(f"a guide's temperatures must be a pair (t_min, t_max), got {pair!r:.60}") from None
+    if not (0 <= t_min < t_max < float("inf")):
+        raise ConfigError(f"a guide's temperatures must have t_max > t_min >= 0, got t_min={t_min} and "
+                          f"t_max={t_max}")
+    return t_min, t_max
 
 
 def _whole(value, what: str) -> int:
