@@ -3,9 +3,9 @@ own noise (and so its own views of the puzzle); the first grid that keeps every 
 
 Why workers and not threads or a batch: the Sudoku model's step is compute-bound on one core (a forward of 16
 canvases costs about 16 of one) and its matrices are too small to split (two threads on one context: 1.3x the
-steps a second), while two contexts on two cores make 2.0x. On hard puzzles the odds of an attempt depend on
-the view far more than on the noise, so more attempts at once, each seeing the puzzle its own way, are what a
-time budget buys (docs/sudoku.md)."""
+steps a second), while two contexts on two cores make 1.6-1.8x in a race (scripts/sudoku_workers.py). On hard
+puzzles the odds of an attempt depend on the view far more than on the noise, so more attempts at once, each
+seeing the puzzle its own way, are what a time budget buys (docs/sudoku.md)."""
 
 from __future__ import annotations
 
