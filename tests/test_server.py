@@ -66,6 +66,9 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.load(e), dict(e.headers)
 
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -236,7 +239,9 @@ def test_queue_full_gives_503_and_a_dropped_client_frees_its_slot(tiny_f32_gguf)
         with ThreadPoolExecutor(3) as pool:  # the slot is busy: one request waits, the next is refused
             waits = pool.submit(s.post, "/v1/chat/completions", json.dumps(
                 {"messages": [{"role": "user", "content": "a"}], "max_tokens": 16, "max_denoising_steps": 2}))
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60  # until it waits: a loaded machine may take a while to send it
+            while "dglocal_queue_length 1.0" not in s.metrics() and time.monotonic() < deadline:
+                time.sleep(0.05)
             code, reply, headers = s.post("/v1/chat/completions", json.dumps(
                 {"messages": [{"role": "user", "content": "b"}], "max_tokens": 16}))
             assert code == 503 and headers.get("retry-after") == "1" and reply["error"]["type"] == "server_error"
