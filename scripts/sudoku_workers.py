@@ -41,8 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
     cores = default_workers()
-    puzzles = [sc.parse_grid(line.split()[0]) for line in (ROOT / "sudoku" / "hard.txt").read_text().splitlines()]
-    puzzles = puzzles[: args.n]
+    puzzles = [puzzle for puzzle, _ in sudoku.read_puzzles(ROOT / "sudoku" / "hard.txt")[: args.n]]
     ways = {
         "1 context, 1 thread": (sudoku.load_model(GGUF), one_by_one),
         f"1 context, {cores} threads": (sudoku.load_model(GGUF, threads=cores), one_by_one),

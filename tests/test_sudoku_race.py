@@ -30,7 +30,7 @@ def models():
 
 
 def puzzles(path, n):
-    return [sc.parse_grid(line.split()[0]) for line in path.read_text().splitlines()[:n]]
+    return [puzzle for puzzle, _ in sudoku.read_puzzles(path)[:n]]
 
 
 def test_race_without_restarts_is_the_closer_of_the_solo_runs(models):
@@ -82,6 +82,7 @@ def test_race_stops_at_the_time_limit_and_for_the_caller(models):
 
 
 def test_race_misuse_is_a_clear_error(models):
+    baseline = threading.active_count()
     with pytest.raises(ConfigError, match="at least one model"):
         list(race([], UNSOLVABLE))
     with pytest.raises(ConfigError, match="entropy_bound"):  # raised by the workers, re-raised here
@@ -90,7 +91,8 @@ def test_race_misuse_is_a_clear_error(models):
         sudoku.load_models(DEFAULT_MODEL, 0)
     with pytest.raises(ModelError, match="no such file"):
         sudoku.load_models(DEFAULT_MODEL.with_name("missing.gguf"), 2)
-    assert threading.active_count() >= 1 and sudoku.solve(models, puzzles(HELDOUT, 1)[0], seed=1).solved
+    assert threading.active_count() == baseline  # no worker left behind by the errors
+    assert sudoku.solve(models, puzzles(HELDOUT, 1)[0], seed=1).solved
 
 
 def test_cli_workers(tmp_path):
