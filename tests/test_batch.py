@@ -232,14 +232,24 @@ def test_a_guide_s_step_cap_is_checked(llama_model):
 
 
 def test_a_guide_s_temperatures_are_checked(llama_model):
-    for bad, message in [((0.7, 0.3), "t_max > t_min >= 0, got t_min=0.7 and t_max=0.3"),
-                         ((0.5, 0.5), "t_max > t_min >= 0, got t_min=0.5 and t_max=0.5"),
-                         ((-0.1, 0.3), "t_max > t_min >= 0, got t_min=-0.1"),
-                         ((0.1, float("nan")), "t_max > t_min >= 0"), ((0.1, 0.2, 0.3), "a pair"),
-                         (0.5, "a pair"), (("a", 1.0), "a pair"), ((True, 1.0), "a pair")]:
+    """As the request's own schedule (config.check_schedule), with the request's temperature factor on it, before
+    the first pass."""
+    for bad, options, message in [
+            ((0.7, 0.3), {}, "a guide's t_max must be > t_min, got t_max=0.3 and t_min=0.7"),
+            ((0.5, 0.5), {}, "a guide's t_max must be > t_min, got t_max=0.5 and t_min=0.5"),
+            ((-0.1, 0.3), {}, "a guide's temperatures must be in [0.0001, 10000] (the logits are divided by them), "
+                              "got t_min=-0.1 and t_max=0.3"),
+            ((0.0, 0.3), {}, "a guide's temperatures must be in [0.0001, 10000]"),
+            ((0.3, 1e9), {}, "a guide's temperatures must be in [0.0001, 10000]"),
+            ((0.005, 0.5), {"temperature": 0.015}, "temperature 0.015 puts a guide's schedule 0.005..0.5 outside "
+                                                   "[0.0001, 10000]"),
+            ((0.1, float("nan")), {}, "a guide's temperatures must be finite, got t_min=0.1 and t_max=nan"),
+            ((0.1, float("inf")), {}, "must be finite"), ((0.1, 0.2, 0.3), {}, "a pair"), (0.5, {}, "a pair"),
+            (("a", 1.0), {}, "a pair"), ((True, 1.0), {}, "a pair")]:
         guide = type("Guide", (), {"temperatures": bad, "__call__": lambda self, draft, accepted: []})()
+        events = stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16, **options))
         with pytest.raises(ConfigError, match=re.escape(message)):
-            list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))
+            next(events)  # checked before any pass: no step comes first
 
 
 def test_a_guide_s_view_restates_the_problem_and_maps_the_drafts_back(llama_model):

@@ -75,8 +75,8 @@ class GenerationConfig:
         _number("entropy_bound", self.entropy_bound, low=0.0, strict=True)
         _number("t_min", self.t_min, low=0.0)
         _number("t_max", self.t_max, low=0.0)
-        if self.t_max <= self.t_min:  # the reference rejects a flat schedule too
-            raise ConfigError(f"t_max must be > t_min, got t_max={self.t_max} and t_min={self.t_min}")
+        _number("temperature", self.temperature, low=0.0)
+        check_schedule(self.t_min, self.t_max, self.temperature)
         if self.stability_threshold is not None and (
             not _is_int(self.stability_threshold) or self.stability_threshold < 0
         ):
@@ -87,14 +87,6 @@ class GenerationConfig:
             _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ConfigError(f"seed must be an integer in 0..2**64-1 (or -1: random), got {self.seed!r}")
-        if self.t_min < MIN_TEMPERATURE or self.t_max > MAX_TEMPERATURE:
-            raise ConfigError(f"temperatures must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the logits are "
-                              f"divided by them), got t_min={self.t_min} and t_max={self.t_max}")
-        _number("temperature", self.temperature, low=0.0)
-        if self.temperature > 0 and (self.temperature * self.t_min < MIN_TEMPERATURE
-                                     or self.temperature * self.t_max > MAX_TEMPERATURE):
-            raise ConfigError(f"temperature {self.temperature} puts the schedule {self.t_min}..{self.t_max} outside "
-                              f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
         sampling(self.top_k, self.top_p, self.min_p)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -121,6 +113,20 @@ class GenerationConfig:
         values.update({k: None if isinstance(v, str) and v == "off" else v
                        for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def check_schedule(t_min: float, t_max: float, temperature: float, whose: str = "") -> None:
+    """A denoising schedule t_min..t_max (numbers already): falling, as the reference wants (a flat one too is
+    refused), and within what the logits can be divided by, also times the sampling `temperature` factor.
+    `whose`: "a guide's " for a guide's own schedule (dglocal.generation.loop), "" for the request's."""
+    bounds = f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+    if t_max <= t_min:
+        raise ConfigError(f"{whose}t_max must be > t_min, got t_max={t_max} and t_min={t_min}")
+    if t_min < MIN_TEMPERATURE or t_max > MAX_TEMPERATURE:
+        raise ConfigError(f"{whose}temperatures must be in {bounds} (the logits are divided by them), got "
+                          f"t_min={t_min} and t_max={t_max}")
+    if temperature > 0 and (temperature * t_min < MIN_TEMPERATURE or temperature * t_max > MAX_TEMPERATURE):
+        raise ConfigError(f"temperature {temperature} puts {whose or 'the '}schedule {t_min}..{t_max} outside {bounds}")
 
 
 def _check_names(overrides) -> None:

@@ -12,6 +12,7 @@ generation dropped half-way leaves its sequence holding the prompt and the commi
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.filters import Filters, sampling
-from .config import MAX_STEPS
+from .config import MAX_STEPS, GenerationConfig, check_schedule
 from .events import BlockText, Completion, Event, Stats, Step
 from .grammar import CanvasGrammar, GrammarSpec
 from .request import RequestPlan, common_prefix, cut_back, reuse
@@ -99,7 +100,7 @@ class Generation:
             raise ConfigError("this model takes no LoRA adapters")
         self.lora = adapters.scales(lora) if adapters is not None else ()  # what the driver sets for its passes
         self.guide, self.restarts = guide, guide_restarts if guide is not None else 0
-        self.guide_steps, self.guide_temperatures = _guide_steps(guide), _guide_temperatures(guide)
+        self.guide_steps, self.guide_temperatures = _guide_steps(guide), _guide_temperatures(guide, self.config)
         self.view: View | None = None  # how the current attempt states the problem; None: as the request does
         self.restating = False  # the pending encode is a view's prompt
         if getattr(guide, "view", None) is not None and (plan.n_blocks != 1 or grammar is not None):
@@ -426,8 +427,9 @@ def _guide_steps(guide) -> int | None:
     return int(steps)
 
 
-def _guide_temperatures(guide) -> tuple[float, float] | None:
-    """A guide's (t_min, t_max), checked as the request's own schedule is: t_max > t_min >= 0."""
+def _guide_temperatures(guide, config: GenerationConfig) -> tuple[float, float] | None:
+    """A guide's (t_min, t_max), checked as the request's own schedule is (config.check_schedule), with the
+    request's temperature factor on it."""
     pair = getattr(guide, "temperatures", None)
     if pair is None:
         return None
@@ -435,9 +437,9 @@ def _guide_temperatures(guide) -> tuple[float, float] | None:
         t_min, t_max = (float(t) for t in pair if not isinstance(t, (bool, str, bytes)))
     except (TypeError, ValueError):
         raise ConfigError(f"a guide's temperatures must be a pair (t_min, t_max), got {pair!r:.60}") from None
-    if not (0 <= t_min < t_max < float("inf")):
-        raise ConfigError(f"a guide's temperatures must have t_max > t_min >= 0, got t_min={t_min} and "
-                          f"t_max={t_max}")
+    if not (math.isfinite(t_min) and math.isfinite(t_max)):
+        raise ConfigError(f"a guide's temperatures must be finite, got t_min={t_min} and t_max={t_max}")
+    check_schedule(t_min, t_max, config.temperature, "a guide's ")
     return t_min, t_max
 
 
