@@ -2,6 +2,7 @@
 
     nice -n 19 python scripts/sudoku_train.py --threads 1 --minutes 100          # CPU, resumes if a run exists
     python scripts/sudoku_train.py --device cuda --minutes 30 --batch 512        # GPU
+    bash scripts/sudoku_gpu.sh prep | device | finish                            # a lent GPU (see that script)
 
 Per batch: symmetry-augmented puzzles from the pool, t ~ U(0,1) per example, each canvas token replaced
 by a uniformly random token (whole vocabulary, as the sampler's canvas) with probability t, cross-entropy
@@ -247,10 +248,13 @@ def evaluate(model, pairs, batch: int = 64, seed: int = 0, **gen_overrides) -> d
 # --- state -------------------------------------------------------------------------------------------
 
 
-def lr_at(examples: int, args) -> float:
+def lr_at(examples: int, args, seconds: float = 0.0) -> float:
     warm = args.warmup_from + args.warmup_examples
     if examples < warm:
         return args.lr * (examples - args.warmup_from + args.batch) / args.warmup_examples
+    if args.decay_minutes:  # a machine of unknown speed: the cosine runs over this invocation's wall time
+        frac = min(seconds / (args.decay_minutes * 60), 1.0)
+        return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1 + math.cos(math.pi * frac))
     # --anneal-from starts the cosine late: a resumed run at a constant LR can then cool down over its last stretch
     start = max(warm, args.anneal_from)
     if examples < start:
@@ -292,6 +296,8 @@ def main(argv=None) -> int:
                     "restart from --init-from: the examples the checkpoint had seen)")
     ap.add_argument("--horizon", type=int, default=20_000_000, help="examples over which the LR decays (cosine)")
     ap.add_argument("--anneal-from", type=int, default=0, help="examples at which the cosine decay starts (0: after warmup)")
+    ap.add_argument("--decay-minutes", type=float, default=0.0, help="the cosine decay over this invocation's first "
+                    "minutes of wall time instead of --horizon examples (a device whose speed is not known)")
     ap.add_argument("--sc-prob", type=float, default=0.5, help="fraction of batches trained with self-conditioning")
     ap.add_argument("--draft-prob", type=float, default=0.0, help="fraction of batches whose noised positions "
                     "partly hold the model's own guesses (training on its own mistakes)")
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", default=str(HERE / "run" / "pool.txt"), help="training puzzles (sudoku_data.py output)")
     ap.add_argument("--heldout", default=str(HERE / "heldout.txt"))
     ap.add_argument("--exclude", nargs="*", default=[str(HERE / "heldout_alt.txt"), str(HERE / "hard.txt"),
-                                                 str(HERE / "hard_tune.txt")],
+                                                 str(HERE / "hard_tune.txt"), str(HERE / "famous.txt")],
                     help="other held-out sets no training solution may appear in")
     ap.add_argument("--run-dir", default=str(HERE / "run"), help="resumable state lives here")
     ap.add_argument("--checkpoint-dir", default=str(HERE / "checkpoint"))
@@ -382,7 +388,7 @@ def main(argv=None) -> int:
             break
 
         for group in opt.param_groups:
-            group["lr"] = lr_at(progress["examples"], args)
+            group["lr"] = lr_at(progress["examples"], args, elapsed)
         batch = make_batch(pool, args.batch, nprng, device)
         use_sc = nprng.random() < args.sc_prob
         use_draft = args.draft_prob > 0 and nprng.random() < args.draft_prob

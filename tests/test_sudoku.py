@@ -293,3 +293,23 @@ def test_the_guide_fixes_drafts_the_model_alone_leaves_broken():
     # the guide's first attempt is the model alone: the same grid in the same steps where that was solved
     for a, g in zip(alone.results, guided.results):
         assert (g.grid, g.steps) == (a.grid, a.steps) if a.solved else g.steps > a.steps
+
+
+def test_training_lr_decays_over_wall_time_with_decay_minutes():
+    """sudoku_train's --decay-minutes (a lent GPU's run, scripts/sudoku_gpu.sh): the warm-up is counted in examples
+    as before, then the cosine runs from --lr to --lr-min over the invocation's wall time and stays at --lr-min."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from sudoku_train import lr_at
+
+    args = type("Args", (), dict(lr=1e-3, lr_min=1e-5, batch=512, warmup_from=793_728, warmup_examples=100_000,
+                                 anneal_from=0, horizon=20_000_000, decay_minutes=7.0))()
+    assert lr_at(793_728, args, 0.0) == pytest.approx(1e-3 * 512 / 100_000)  # warming up, whatever the time
+    done = 793_728 + 100_000
+    assert lr_at(done, args, 0.0) == pytest.approx(1e-3)
+    assert lr_at(done, args, 210.0) == pytest.approx((1e-3 + 1e-5) / 2)  # half of 7 minutes
+    assert lr_at(done, args, 420.0) == pytest.approx(1e-5)
+    assert lr_at(done + 10**7, args, 900.0) == pytest.approx(1e-5)
+    args.decay_minutes = 0.0  # by examples, as before: the same point in time changes nothing
+    assert lr_at(done, args, 210.0) == lr_at(done, args, 0.0) == pytest.approx(1e-3)
