@@ -278,5 +278,8 @@ def test_sudoku_served_with_no_model():
         assert grid == solution and sc.check_grid(puzzle, grid), r.choices[0].message.content
         code, reply, _ = s.post("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
         assert code == 400 and "Sudoku puzzle" in reply["error"]["message"]
+        code, reply, _ = s.post("/v1/chat/completions",
+                                json.dumps({"messages": [{"role": "user", "content": "55" + "." * 79}]}))
+        assert code == 400 and "its givens break a rule (5 twice in row 1)" in reply["error"]["message"], reply
     finally:
         s.stop()

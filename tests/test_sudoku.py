@@ -184,12 +184,13 @@ def test_cli_solves_an_easy_puzzle_with_the_shipped_model(tmp_path):
 
 
 def test_cli_reports_a_broken_grid_unsolved(tmp_path):
-    """A puzzle with no solution at all (two 5s in a row): whatever the model returns is unsolved, the guide
-    restarting it until the time limit is up."""
+    """A puzzle with no solution whose givens keep every rule (row 1 needs a 9 where column 9 has one): whatever
+    the model returns is unsolved, the guide restarting it until the time limit is up, and the verdict says so."""
     from dglocal.sudoku.race import default_workers
     from dglocal.sudoku.solve import TIMED_RESTARTS
 
-    puzzle = "55" + "." * 79
+    puzzle = "12345678." + "........9" + "." * 63
+    assert sc.is_consistent(sc.parse_grid(puzzle)) and sc.count_solutions(puzzle) == 0
     out = tmp_path / "grid.txt"
     workers = default_workers()  # the steps of every worker count
     for guide, cap in ((["--no-guide"], 4 * workers), (["--time-limit", "1"], 4 * (1 + TIMED_RESTARTS) * workers)):
@@ -249,14 +250,17 @@ def test_cli_eval_numbers_agree_with_the_output_file(tmp_path):
 
 
 def test_run_without_a_model_takes_a_puzzle_per_line():
-    """`dglocal run` with no MODEL: the shipped Sudoku model, one puzzle per input line, bad lines reported."""
+    """`dglocal run` with no MODEL: the shipped Sudoku model, one puzzle per input line, bad lines reported (one
+    that is not a puzzle, one whose givens break a rule)."""
     puzzle, _ = easy_puzzle()
     env = {k: v for k, v in os.environ.items() if k != "DGLOCAL_DEBUG"}
-    r = subprocess.run([*DGLOCAL, "run", "--seed", "0"], input=f"{puzzle}\nbad\n\n{puzzle}\n", capture_output=True,
-                       text=True, env=env, timeout=600)
+    r = subprocess.run([*DGLOCAL, "run", "--seed", "0"], input=f"{puzzle}\nbad\n\n{'55' + '.' * 79}\n{puzzle}\n",
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert [m.group(1) for m in VERDICT.finditer(r.stdout)] == ["solved", "solved"], r.stdout
-    assert r.stderr.strip().splitlines() == ["error: a Sudoku puzzle has 81 cells, got 3 characters: 'bad'"]
+    assert r.stderr.strip().splitlines() == ["error: a Sudoku puzzle has 81 cells, got 3 characters: 'bad'",
+                                             "error: the puzzle has no solution: its givens break a rule (5 twice in "
+                                             "row 1)"]
 
 
 # -- batching and the guide --------------------------------------------------------------------------------------
@@ -313,3 +317,28 @@ def test_training_lr_decays_over_wall_time_with_decay_minutes():
     assert lr_at(done + 10**7, args, 900.0) == pytest.approx(1e-5)
     args.decay_minutes = 0.0  # by examples, as before: the same point in time changes nothing
     assert lr_at(done, args, 210.0) == lr_at(done, args, 0.0) == pytest.approx(1e-3)
+
+
+def test_givens_that_break_a_rule_are_refused_before_any_work(tmp_path, model):
+    """No grid solves such a puzzle, and the guide, which checks only the cells that are not given, would find
+    nothing to re-noise: a puzzle, a line of `dglocal run`, a line of an --eval file and the API all say which rule
+    the givens break."""
+    from dglocal.errors import ConfigError
+    from dglocal.sudoku import solve
+
+    message = "the puzzle has no solution: its givens break a rule (5 twice in row 1)"
+    out = tmp_path / "grid.txt"
+    r = dglocal_cli("55" + "." * 79, "--output", out)
+    assert (r.returncode, r.stderr.strip(), out.exists()) == (1, f"error: {message}", False)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("# a comment\n" + "." * 81 + "\n" + "." * 9 + "5" + "." * 8 + "5" + "." * 62 + "\n")
+    r = dglocal_cli("--eval", bad)
+    assert (r.returncode, r.stderr.strip()) == (1, f"error: {bad}:3: the puzzle has no solution: its givens break "
+                                                   f"a rule (5 twice in column 1)")
+    for p in (sc.parse_grid("55" + "." * 79), [0] * 9 + [0, 7] + [0] * 8 + [7] + [0] * 61):
+        with pytest.raises(ConfigError, match="its givens break a rule"):
+            solve(model, p)
+        with pytest.raises(ConfigError, match="its givens break a rule"):
+            solve([model], p)
+    assert sc.first_conflict(sc.parse_grid("." * 10 + "7" + "." * 9 + "7" + "." * 60)) == "7 twice in box 1"
+    assert sc.first_conflict(sc.parse_grid("." * 81)) is None

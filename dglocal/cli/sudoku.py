@@ -28,7 +28,7 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
     if steps is not None and steps <= 0:
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
-    cells = sc.parse_grid(puzzle) if puzzle is not None else None  # bad input fails before the slow load
+    cells = _puzzle(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
     options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
     if time_limit is not None:
@@ -60,13 +60,21 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
             _solve_lines(llm, options, output)
 
 
+def _puzzle(text: str) -> list[int]:
+    cells = sc.parse_grid(text)
+    sc.check_givens(cells)
+    return cells
+
+
 def _solve_live(llm, cells, options) -> Solved:
     with ui.sudoku_live(len(llm) if isinstance(llm, list) else 1) as draw:
         for event in solve_stream(llm, cells, **options):
             if event.kind == "step":
                 draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
-    timed = options.get("guide", True) and options.get("time_limit", TIME_LIMIT) is not None
-    hint = f"a longer --time-limit (it had {event.seconds:.0f} s) gives it more attempts" if timed else None
+    limit = options.get("time_limit", TIME_LIMIT) if options.get("guide", True) else None
+    # only when the time ran out: an attempt cap reached first is no matter of time
+    ran_out = limit is not None and event.seconds >= limit
+    hint = f"a longer --time-limit (it had {limit:g} s) gives it more attempts" if ran_out else None
     ui.show_sudoku(event, bad_cells(event.puzzle, event.grid), hint=hint)
     return event
 
@@ -88,7 +96,7 @@ def _solve_lines(llm, options, output) -> None:
         if not text:
             continue
         try:
-            cells = sc.parse_grid(text)
+            cells = _puzzle(text)
         except ConfigError as e:
             ui.print_error(str(e))
             continue

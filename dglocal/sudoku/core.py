@@ -114,13 +114,30 @@ def check_grid(puzzle: str | Sequence[int], grid: str | Sequence[int]) -> bool:
     return all(len({g[i] for i in unit}) == 9 for unit in UNITS)
 
 
+def first_conflict(cells: Sequence[int]) -> str | None:
+    """The first digit a grid repeats in a row, column or box, in words ("5 twice in row 1"); None if it repeats
+    none (blanks allowed)."""
+    for k, unit in enumerate(UNITS):
+        seen = set()
+        for d in (cells[i] for i in unit):
+            if d in seen:
+                return f"{d} twice in {('row', 'column', 'box')[k // 9]} {k % 9 + 1}"
+            if d:
+                seen.add(d)
+    return None
+
+
 def is_consistent(cells: Sequence[int]) -> bool:
     """No digit repeats in a row, column or box (blanks allowed)."""
-    for unit in UNITS:
-        seen = [c for c in (cells[i] for i in unit) if c]
-        if len(seen) != len(set(seen)):
-            return False
-    return True
+    return first_conflict(cells) is None
+
+
+def check_givens(puzzle: str | Sequence[int]) -> None:
+    """ConfigError if the givens already break a rule: no grid solves such a puzzle, and the guide, which only
+    checks the cells that are not given, would find nothing to re-noise."""
+    conflict = first_conflict(_as_cells(puzzle))
+    if conflict is not None:
+        raise ConfigError(f"the puzzle has no solution: its givens break a rule ({conflict})")
 
 
 # --- solver: bitmask candidates, most-constrained cell first ------------------------------------

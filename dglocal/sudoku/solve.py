@@ -101,6 +101,7 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
     if isinstance(model, (list, tuple)):
         from .race import race
 
+        sc.check_givens(puzzle)  # here, not in each worker
         yield from race(model, puzzle, steps=steps, seed=seed, pin_givens=pin_givens, guide=guide,
                         time_limit=time_limit, **generation)
         return
@@ -121,7 +122,8 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
 def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=None,
                    keep: str = "fresh", **generation) -> dict:
     """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: GUIDE_RESTARTS of them);
-    `keep`: what a restart keeps of the last attempt (sudoku.core.Guide)."""
+    `keep`: what a restart keeps of the last attempt (sudoku.core.Guide). ConfigError for givens that break a rule."""
+    sc.check_givens(puzzle)
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
@@ -163,6 +165,7 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
             raise ConfigError(f"{path}:{number}: expected `puzzle [solution]`, got {len(fields)} fields")
         try:
             pairs.append((sc.parse_grid(fields[0]), sc.parse_grid(fields[1]) if len(fields) > 1 else None))
+            sc.check_givens(pairs[-1][0])
         except ConfigError as e:
             raise ConfigError(f"{path}:{number}: {e}") from None
     if not pairs:
