@@ -184,12 +184,13 @@ def test_cli_solves_an_easy_puzzle_with_the_shipped_model(tmp_path):
 
 
 def test_cli_reports_a_broken_grid_unsolved(tmp_path):
-    """A puzzle with no solution whose givens keep every rule (row 1 needs a 9 where column 9 has one): whatever
-    the model returns is unsolved, the guide restarting it until the time limit is up, and the verdict says so."""
+    """A puzzle with no solution whose givens keep every rule (row 1 needs a 9 where column 9 has one; 20 givens):
+    whatever the model returns is unsolved, the guide restarting it until the time limit is up, and the verdict
+    says so."""
     from dglocal.sudoku.race import default_workers
     from dglocal.sudoku.solve import TIMED_RESTARTS
 
-    puzzle = "12345678." + "........9" + "." * 63
+    puzzle = "12345678.........9...........2......9.7...6..53..4..9...1........5..........9...."
     assert sc.is_consistent(sc.parse_grid(puzzle)) and sc.count_solutions(puzzle) == 0
     out = tmp_path / "grid.txt"
     workers = default_workers()  # the steps of every worker count
@@ -342,3 +343,27 @@ def test_givens_that_break_a_rule_are_refused_before_any_work(tmp_path, model):
             solve([model], p)
     assert sc.first_conflict(sc.parse_grid("." * 10 + "7" + "." * 9 + "7" + "." * 60)) == "7 twice in box 1"
     assert sc.first_conflict(sc.parse_grid("." * 81)) is None
+
+
+def test_an_unsolved_puzzle_with_few_givens_says_what_the_model_was_trained_on(tmp_path):
+    """Below 17 givens (the fewest a puzzle with one solution can have) the model was never trained: the verdict
+    says so instead of asking for more time."""
+    pairs = heldout(1)
+    solution = pairs[0][1]
+    puzzle = solution[:3] + "." * 78  # 3 givens of a real grid: many solutions, any one is solved
+    r = dglocal_cli(puzzle, "--seed", "0", "--time-limit", "0.5")
+    assert r.returncode == 0, r.stderr
+    verdict = VERDICT.search(r.stdout)
+    hint = ("the model was trained on puzzles of 17 givens or more (the fewest a puzzle with one solution can "
+            "have); this one has 3")
+    assert verdict and (hint in " ".join(r.stdout.split())) == verdict.group(1).startswith("unsolved"), r.stdout
+    assert "a longer --time-limit" not in r.stdout
+    from dglocal.cli.sudoku import _hint
+    from dglocal.sudoku.solve import Solved
+
+    few, enough = sc.parse_grid(puzzle), sc.parse_grid(pairs[0][0])
+    unsolved = lambda p, seconds: Solved(p, [0] * 81, False, 100, seconds)  # noqa: E731
+    assert _hint(unsolved(few, 5.0), {}) == hint
+    assert _hint(unsolved(enough, 5.0), {}) == "a longer --time-limit (it had 5 s) gives it more attempts"
+    assert _hint(unsolved(enough, 0.4), {"time_limit": 0.5}) is None  # stopped before the time ran out
+    assert _hint(unsolved(enough, 9.0), {"guide": False}) is None  # the model alone: time is not what it lacks

@@ -18,7 +18,7 @@ from dglocal.sudoku.race import race, worker_seed
 pytestmark = pytest.mark.backend
 
 HARD = HELDOUT.parent / "hard.txt"
-UNSOLVABLE = list(range(1, 9)) + [0] * 9 + [9] + [0] * 63  # row 1 needs a 9 where column 9 has one
+UNSOLVABLE = sc.parse_grid("12345678.........9...........2......9.7...6..53..4..9...1........5..........9....")  # row 1 needs a 9 where column 9 has one
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ from dglocal import sudoku
 from dglocal.sudoku import core as sc
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell without job control starts us with it ignored
 models = sudoku.load_models(sys.argv[1], 2)
-events = sudoku.solve_stream(models, list(range(1, 9)) + [0] * 9 + [9] + [0] * 63, seed=0, steps=4, time_limit=120.0)
+events = sudoku.solve_stream(models, sc.parse_grid(sys.argv[3]), seed=0, steps=4, time_limit=120.0)
 try:
     for n, event in enumerate(events):
         if n == 2:
@@ -137,8 +137,8 @@ def test_ctrl_c_stops_every_worker(tmp_path):
 
     child = tmp_path / "child.py"
     child.write_text(INTERRUPT_CHILD)
-    p = subprocess.Popen([sys.executable, str(child), str(DEFAULT_MODEL), HELDOUT.read_text().split()[0]],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, str(child), str(DEFAULT_MODEL), HELDOUT.read_text().split()[0],
+                          sc.format_grid(UNSOLVABLE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "started", p.stderr.read()
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)

@@ -71,12 +71,21 @@ def _solve_live(llm, cells, options) -> Solved:
         for event in solve_stream(llm, cells, **options):
             if event.kind == "step":
                 draw(cells, sc.decode_canvas(event.argmax.tolist()), event)
+    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid), hint=_hint(event, options))
+    return event
+
+
+def _hint(event: Solved, options) -> str | None:
+    """What to try after an unsolved puzzle (show_sudoku prints it only then)."""
+    givens = sum(1 for c in event.puzzle if c)
+    if givens < sc.MIN_GIVENS:  # more time rarely helps: such grids are far from what the model learned
+        return (f"the model was trained on puzzles of {sc.MIN_GIVENS} givens or more (the fewest a puzzle with one "
+                f"solution can have); this one has {givens}")
     limit = options.get("time_limit", TIME_LIMIT) if options.get("guide", True) else None
     # only when the time ran out: an attempt cap reached first is no matter of time
-    ran_out = limit is not None and event.seconds >= limit
-    hint = f"a longer --time-limit (it had {limit:g} s) gives it more attempts" if ran_out else None
-    ui.show_sudoku(event, bad_cells(event.puzzle, event.grid), hint=hint)
-    return event
+    if limit is not None and event.seconds >= limit:
+        return f"a longer --time-limit (it had {limit:g} s) gives it more attempts"
+    return None
 
 
 def _solve_lines(llm, options, output) -> None:

@@ -30,6 +30,7 @@ ROW_BASE, COL_BASE, BOX_BASE = 14, 23, 32  # <rK>, <cK>, <bK> (K = 1..9) are BAS
 VOCAB_SIZE = 41
 
 PROMPT_LENGTH = 1 + 4 * 81 + 1
+MIN_GIVENS = 17  # the fewest givens a puzzle with one solution can have; the model was trained on 17 and more
 CANVAS_LENGTH = 81
 
 TOKENS = (
