@@ -19,6 +19,8 @@ import pytest
 from test_cli import DGLOCAL, program_env
 from test_sudoku import easy_puzzle
 
+from dglocal.convert.hub import DEFAULT_MODEL
+
 pytestmark = pytest.mark.backend
 
 SMALL = dict(max_tokens=24, extra_body={"max_denoising_steps": 4})
@@ -281,5 +283,11 @@ def test_sudoku_served_with_no_model():
         code, reply, _ = s.post("/v1/chat/completions",
                                 json.dumps({"messages": [{"role": "user", "content": "55" + "." * 79}]}))
         assert code == 400 and "its givens break a rule (5 twice in row 1)" in reply["error"]["message"], reply
+    finally:
+        s.stop()
+    s = Server(str(DEFAULT_MODEL), "-np", "1")  # named as MODEL: served as the built-in one, not as a chat model
+    try:
+        r = s.client().chat.completions.create(model="sudoku", messages=[{"role": "user", "content": puzzle}], seed=0)
+        assert "".join(r.choices[0].message.content.split()) == solution, r.choices[0].message.content
     finally:
         s.stop()

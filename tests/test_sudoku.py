@@ -264,6 +264,24 @@ def test_run_without_a_model_takes_a_puzzle_per_line():
                                              "row 1)"]
 
 
+
+def test_run_given_a_sudoku_model_treats_it_as_the_built_in_one(tmp_path):
+    """`dglocal run MODEL` with a Sudoku GGUF (a retrained one, say) solves puzzles on the board, as with no MODEL;
+    it used to chat with it, answering a puzzle with digits of no grid."""
+    puzzle, solution = easy_puzzle()
+    own = tmp_path / "my-sudoku.gguf"
+    shutil.copy(DEFAULT_MODEL, own)
+    env = {k: v for k, v in os.environ.items() if k != "DGLOCAL_DEBUG"}
+    r = subprocess.run([*DGLOCAL, "run", str(own), "-p", puzzle, "--seed", "0"], capture_output=True, text=True,
+                       env=env, stdin=subprocess.DEVNULL, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert [m.group(1) for m in VERDICT.finditer(r.stdout)] == ["solved"], r.stdout
+    schema = tmp_path / "schema.json"
+    schema.write_text("{}")
+    r = subprocess.run([*DGLOCAL, "run", str(own), "-p", puzzle, "--json-schema", str(schema)], capture_output=True,
+                       text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
+    assert r.returncode == 1 and "do not apply to the Sudoku model" in r.stderr, r.stderr
+
 # -- batching and the guide --------------------------------------------------------------------------------------
 
 @pytest.mark.slow

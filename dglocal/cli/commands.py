@@ -184,22 +184,25 @@ def run(
     from dglocal.cli.views import is_terminal, make_view
     from dglocal.generation.config import GenerationConfig
     from dglocal.runtime.gguf import read_header
+    from dglocal.sudoku.solve import is_sudoku_model
 
     settings = {**args.generation(), **generation(
         max_new_tokens=max_new_tokens, stability_threshold="off" if no_early_stop else stability,
         confidence_threshold=confidence)}
     path = _resolve(model, args.quant)
-    GenerationConfig.from_metadata(read_header(path).kv, **settings)  # bad options fail before the slow load
+    kv = read_header(path).kv
+    GenerationConfig.from_metadata(kv, **settings)  # bad options fail before the slow load
+    sudoku = model is None or is_sudoku_model(kv)
     spec = output_grammar(json_schema, grammar)
-    if model is not None and time_limit is not None:
-        raise ConfigError("--time-limit applies to the built-in Sudoku model (its guided restarts)")
-    if model is None and (spec is not None or draft is not None or image or args.mmproj):
+    if not sudoku and time_limit is not None:
+        raise ConfigError("--time-limit applies to the Sudoku model (its guided restarts)")
+    if sudoku and (spec is not None or draft is not None or image or args.mmproj):
         raise ConfigError("--json-schema, --grammar, --draft, --mmproj and --image do not apply to the Sudoku "
                           "model: it answers the 81 cells")
     if image and args.mmproj is None:
         raise ConfigError("--image needs the model's vision tower: --mmproj FILE")
     draft_text = read_text_file(draft, "--draft") if draft is not None else None
-    if model is None:  # the built-in Sudoku model: a puzzle per message (or the -p puzzle), drawn as a board
+    if sudoku:  # a Sudoku model (the built-in one by default): a puzzle per message (or the -p puzzle), a board
         if max_new_tokens is not None:
             raise ConfigError("-n does not apply to the Sudoku model: it always answers the 81 cells")
         sudoku_main = _plugin("sudoku", "dglocal.cli.sudoku").main
@@ -433,25 +436,27 @@ def serve(
     from dglocal.runtime.diagnostics import weights_where
     from dglocal.runtime.gguf import read_header
     from dglocal.serving.app import serve as run_server
-    from dglocal.sudoku.solve import load_model as load_sudoku
+    from dglocal.sudoku.solve import is_sudoku_model, load_model as load_sudoku
 
     integer("--parallel", parallel, 1, 256)
     integer("--port", port, 1, 65535)
     path = _resolve(model, args.quant)
     defaults = args.generation()  # the requests' defaults
-    GenerationConfig.from_metadata(read_header(path).kv, **defaults)  # bad defaults fail before the load
+    kv = read_header(path).kv
+    GenerationConfig.from_metadata(kv, **defaults)  # bad defaults fail before the load
+    sudoku = model is None or is_sudoku_model(kv)
     opts = args.load(parallel=parallel)
-    if args.fit and model is not None:
+    if args.fit and not sudoku:
         opts = fit(path, opts)
     with ui.status(f"loading {path.name}"):
-        llm = load_sudoku(path, threads=args.threads, batch=parallel, lora=opts.lora) if model is None else \
+        llm = load_sudoku(path, threads=args.threads, batch=parallel, lora=opts.lora) if sudoku else \
             dglocal.load(path, seed=args.seed, **vars(opts))
     with llm:
         model_id = "sudoku" if model is None else alias or path.name.removesuffix(".gguf")
         ui.print_status(f"dglocal serve: {model_id} on http://{host}:{port}/v1 · {parallel} slot(s) · weights on "
                         f"{weights_where(llm.model)}")
         run_server(llm, model_id=model_id, host=host, port=port, parallel=parallel, api_key=api_key,
-                   defaults=defaults, sudoku=model is None, queue_size=queue, image_files=image_files)
+                   defaults=defaults, sudoku=sudoku, queue_size=queue, image_files=image_files)
 
 
 @app.command()

@@ -73,6 +73,13 @@ def load_model(path, *, threads: int | None = None, n_ctx: int | None = None, ba
     return model
 
 
+def is_sudoku_model(kv) -> bool:
+    """Whether GGUF metadata (a header's kv) is a Sudoku model's: its vocabulary and canvas. `dglocal run` and
+    `serve` given one as MODEL treat it as they treat the built-in one (a puzzle a message), not as a chat model."""
+    return list(kv.get("tokenizer.ggml.tokens", ())) == sc.TOKENS and \
+        kv.get("diffusion.canvas_length") == sc.CANVAS_LENGTH
+
+
 def load_models(path, workers: int, **options) -> list:
     """`workers` copies of load_model(path, **options), each its own context: a puzzle's attempts race on them
     (sudoku.race). The model is a few MB, so each holds its own weights."""
