@@ -385,3 +385,14 @@ def test_an_unsolved_puzzle_with_few_givens_says_what_the_model_was_trained_on(t
     assert _hint(unsolved(enough, 5.0), {}) == "a longer --time-limit (it had 5 s) gives it more attempts"
     assert _hint(unsolved(enough, 0.4), {"time_limit": 0.5}) is None  # stopped before the time ran out
     assert _hint(unsolved(enough, 9.0), {"guide": False}) is None  # the model alone: time is not what it lacks
+
+
+def test_a_bad_output_path_fails_before_the_work(tmp_path):
+    """The grids are written at the end: a folder that is not there, or a folder given as the file, is an error
+    before the model loads, not after a long evaluation."""
+    for out, message in ((tmp_path / "missing" / "grids.txt", f"no such folder {tmp_path / 'missing'}"),
+                         (tmp_path, "a folder, not a file")):
+        t0 = time.monotonic()
+        r = dglocal_cli("--eval", HELDOUT, "--output", out)
+        assert (r.returncode, r.stderr.strip()) == (1, f"error: --output {out}: {message}"), r.stderr
+        assert r.stdout == "" and time.monotonic() - t0 < 60

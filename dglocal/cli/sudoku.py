@@ -3,6 +3,7 @@ input line, or a file evaluated; the solving is dglocal.sudoku's."""
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,6 +31,8 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
     cells = _puzzle(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
+    if output is not None:
+        _check_output(Path(output))
     options = dict(steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, **(generation or {}))
     if time_limit is not None:
         options["time_limit"] = time_limit
@@ -48,16 +51,26 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:
                 result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
-            if output is not None:
-                write_grids(output, result.results)
             ui.show_sudoku_eval(result, models[0].metadata.get("diffusion.eb_max_steps") if steps is None else steps,
                                 sc.Guide.STEPS if guide else None)
+            if output is not None:  # after the figures: a failed write loses the file, not the evaluation
+                write_grids(output, result.results)
         elif cells is not None:
             done = _solve_live(llm, cells, options)
             if output is not None:
                 write_grids(output, [done])
         else:
             _solve_lines(llm, options, output)
+
+
+def _check_output(path: Path) -> None:
+    """A bad --output fails before the work, not after it: the grids are written at the end."""
+    if path.is_dir():
+        raise ConfigError(f"--output {path}: a folder, not a file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {path}: no such folder {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--output {path}: the folder {path.parent} is not writable")
 
 
 def _puzzle(text: str) -> list[int]:
