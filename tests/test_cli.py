@@ -246,6 +246,27 @@ def test_piped_chat_is_plain_text(tiny_f32_gguf):
     assert "error: steps needs a number, got 'x'" in out.stderr
 
 
+
+def test_sampling_flags_are_the_set_commands(tiny_f32_gguf):
+    """--temp, --top-k, --top-p and --min-p (llama.cpp's spellings) set what /set temp, top-k, top-p and min-p set:
+    the same seed gives the same answer either way, and not the answer without them."""
+    common = ["--seed", "5", "-n", "24", "--steps", "8"]
+    flags = piped("run", tiny_f32_gguf, *common, "--temp", "2.5", "--top-k", "4", "--top-p", "0.9", "--min-p",
+                  "0.01", input="hello\n")
+    typed = piped("run", tiny_f32_gguf, *common, input="/set temp 2.5\n/set top-k 4\n/set top-p 0.9\n"
+                                                       "/set min-p 0.01\nhello\n")
+    plain = piped("run", tiny_f32_gguf, *common, input="hello\n")
+    assert flags.returncode == typed.returncode == plain.returncode == 0, flags.stderr + typed.stderr
+    answer = flags.stdout.strip()
+    assert answer and typed.stdout.strip().endswith(answer), (flags.stdout, typed.stdout)
+    assert ["temperature = 2.5", "top_k = 4", "top_p = 0.9", "min_p = 0.01"] == typed.stdout.splitlines()[:4]
+    assert plain.stdout.strip() != answer
+    for flag, value, message in (("--temp", "-1", "temperature must be a number >= 0.0, got -1.0"),
+                                 ("--top-p", "2", "top_p must be a number in (0, 1], got 2.0"),
+                                 ("--min-p", "nan", "min_p must be a number in [0, 1], got nan")):
+        out = piped("run", tiny_f32_gguf, flag, value, "-p", "hi")
+        assert (out.returncode, out.stderr.strip()) == (1, f"error: {message}"), out.stderr
+
 def test_one_shot_with_a_schema_or_a_grammar_prints_what_it_allows(tiny_f32_gguf, tmp_path):
     import jsonschema
 
@@ -436,7 +457,8 @@ def test_every_option_is_documented():
                     assert flag in shown, f"dglocal {name} --help does not show {flag}"
     run_flags = {f for p in group.commands["run"].params for f in getattr(p, "opts", [])}
     assert {"-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-t", "--threads", "--seed", "-p", "--prompt", "-n",
-            "--steps", "--entropy-bound", "--t-min", "--t-max", "--stability", "--confidence", "--quant",
+            "--steps", "--entropy-bound", "--t-min", "--t-max", "--temp", "--top-k", "--top-p", "--min-p",
+            "--stability", "--confidence", "--quant",
             "--rpc", "-ot", "--override-tensor", "--n-cpu-moe", "--cache-type", "--fit"} <= run_flags
 
 

@@ -17,16 +17,16 @@ from dglocal.runtime.vision import MARKER, load_image
 # CLI spellings accepted by /set, besides the GenerationConfig field names themselves
 SET_ALIASES = {
     "n": "max_new_tokens", "steps": "max_denoising_steps", "stability": "stability_threshold",
-    "confidence": "confidence_threshold",
+    "confidence": "confidence_threshold", "temp": "temperature",
 }
-INT_FIELDS = {"max_new_tokens", "max_denoising_steps", "stability_threshold", "seed"}
-FLOAT_FIELDS = {"entropy_bound", "t_min", "t_max", "confidence_threshold"}
+INT_FIELDS = {"max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "top_k"}
+FLOAT_FIELDS = {"entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p", "min_p"}
 
 COMMANDS = [
     ("/reset", "forget the conversation and empty the cache"),
     ("/stats", "statistics of the last answer"),
     ("/set", "show the generation settings; /set <param> <value> changes one: a name /set shows, or steps, "
-             "n, stability, confidence, t-min, t-max, entropy-bound (e.g. /set steps 16)"),
+             "n, stability, confidence, t-min, t-max, entropy-bound, temp, top-k, top-p, min-p (e.g. /set steps 16)"),
     ("/edit", "re-noise part of the last answer, the rest kept: /edit 2-3 (lines), /edit /REGEX/ (its matches), "
               "/edit /REGEX/ +8 (room for 8 more tokens in each)"),
     ("/image", "attach an image to the next message: /image PATH (needs --mmproj)"),

@@ -35,6 +35,18 @@ TMinOption = Annotated[Optional[float], typer.Option(
     "--t-min", help="Temperature at the last step. Default: from the model.", show_default=False)]
 TMaxOption = Annotated[Optional[float], typer.Option(
     "--t-max", help="Temperature at the first step. Default: from the model.", show_default=False)]
+# the sampling truncations, as llama.cpp spells them (docs/sampler.md)
+TempOption = Annotated[Optional[float], typer.Option(
+    "--temp", help="A factor on the t-min..t-max schedule; 0: each position's most likely token. Default: 1.",
+    show_default=False)]
+TopKOption = Annotated[Optional[int], typer.Option(
+    "--top-k", help="Keep each position's k most likely tokens; 0: off. Default: off.", show_default=False)]
+TopPOption = Annotated[Optional[float], typer.Option(
+    "--top-p", help="Keep the most likely tokens whose probabilities sum to at least p; 1: off. Default: off.",
+    show_default=False)]
+MinPOption = Annotated[Optional[float], typer.Option(
+    "--min-p", help="Keep the tokens at least p times as likely as the most likely one; 0: off. Default: off.",
+    show_default=False)]
 
 # weight placement and the cache, as llama.cpp spells them
 RpcOption = Annotated[Optional[str], typer.Option(
@@ -94,6 +106,7 @@ MODEL_OPTIONS = [
     ("quant", QuantOption, "Q4_K_M"), ("ctx_size", CtxOption, None), ("n_gpu_layers", NglOption, -1),
     ("threads", ThreadsOption, None), ("seed", SeedOption, None), ("steps", StepsOption, None),
     ("entropy_bound", EntropyOption, None), ("t_min", TMinOption, None), ("t_max", TMaxOption, None),
+    ("temp", TempOption, None), ("top_k", TopKOption, None), ("top_p", TopPOption, None), ("min_p", MinPOption, None),
     ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
     ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
     ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None), ("lora", LoraOption, None),
@@ -121,7 +134,8 @@ class ModelArgs:
     def generation(self) -> dict:
         v = self.values
         return generation(max_denoising_steps=v["steps"], entropy_bound=v["entropy_bound"], t_min=v["t_min"],
-                          t_max=v["t_max"])
+                          t_max=v["t_max"], temperature=v["temp"], top_k=v["top_k"], top_p=v["top_p"],
+                          min_p=v["min_p"])
 
 
 def model_options(command):
