@@ -342,6 +342,7 @@ def test_givens_that_break_a_rule_are_refused_before_any_work(tmp_path, model):
     """No grid solves such a puzzle, and the guide, which checks only the cells that are not given, would find
     nothing to re-noise: a puzzle, a line of `dglocal run`, a line of an --eval file and the API all say which rule
     the givens break."""
+    from dglocal import sudoku
     from dglocal.errors import ConfigError
     from dglocal.sudoku import solve
 
@@ -360,6 +361,18 @@ def test_givens_that_break_a_rule_are_refused_before_any_work(tmp_path, model):
         with pytest.raises(ConfigError, match="its givens break a rule"):
             solve([model], p)
     assert sc.first_conflict(sc.parse_grid("." * 10 + "7" + "." * 9 + "7" + "." * 60)) == "7 twice in box 1"
+    # puzzles that are not 81 cells of 0-9, from Python: named, before any work (they used to raise IndexError or
+    # TypeError, or run with a digit token shifted into the prompt)
+    for bad, named in (([0] * 80, "has 81 cells, got 80"), ([0] * 80 + [10], "cell 81 must be an integer 0-9"),
+                       ([-1] + [0] * 80, "cell 1 must be an integer 0-9 (0: a blank), got -1"),
+                       ([0.5] * 81, "got 0.5"), (["1"] * 81, "got '1'"), ([True] * 81, "got True"),
+                       (None, "is 81 cells (a string, or integers 0-9), got NoneType"), ("abc", "got 3 characters")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            solve(model, bad)
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            sudoku.evaluate(model, [(sc.parse_grid(HELDOUT.read_text().split()[0]), None), (bad, None)])
+    assert solve(model, np.array(sc.parse_grid(heldout(1)[0][0]), dtype=np.int64), time_limit=0.5).puzzle == \
+        sc.parse_grid(heldout(1)[0][0])  # numpy integers are integers
     assert sc.first_conflict(sc.parse_grid("." * 81)) is None
 
 

@@ -75,7 +75,7 @@ def _check_output(path: Path) -> None:
 
 def _puzzle(text: str) -> list[int]:
     cells = sc.parse_grid(text)
-    sc.check_givens(cells)
+    sc.check_puzzle(cells)
     return cells
 
 

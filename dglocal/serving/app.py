@@ -116,7 +116,7 @@ class SudokuFrontend(Frontend):
 
         try:
             cells = sc.parse_grid("".join(prompt.split()))
-            sc.check_givens(cells)
+            sc.check_puzzle(cells)
         except ConfigError as e:
             raise ApiError(400, f"send a Sudoku puzzle: {e}", param="messages") from None
         return sc.encode_prompt(cells), puzzle_options(cells, time_limit=TIME_LIMIT)

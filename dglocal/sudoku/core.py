@@ -15,6 +15,7 @@ canvas cell i and from prompt cell i: rotary positions only encode distances, an
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Sequence
 
@@ -133,12 +134,28 @@ def is_consistent(cells: Sequence[int]) -> bool:
     return first_conflict(cells) is None
 
 
-def check_givens(puzzle: str | Sequence[int]) -> None:
-    """ConfigError if the givens already break a rule: no grid solves such a puzzle, and the guide, which only
-    checks the cells that are not given, would find nothing to re-noise."""
-    conflict = first_conflict(_as_cells(puzzle))
+def check_puzzle(puzzle: str | Sequence[int]) -> list[int]:
+    """A puzzle as 81 checked cells: a string as parse_grid reads it, else 81 integers 0-9 (0 a blank). ConfigError
+    names what is wrong, also when the givens already break a rule: no grid solves such a puzzle, and the guide,
+    which checks only the cells that are not given, would find nothing to re-noise."""
+    if isinstance(puzzle, str):
+        cells = parse_grid(puzzle)
+    else:
+        try:
+            cells = list(puzzle)
+        except TypeError:
+            raise ConfigError(f"a Sudoku puzzle is 81 cells (a string, or integers 0-9), got "
+                              f"{type(puzzle).__name__}") from None
+        if len(cells) != 81:
+            raise ConfigError(f"a Sudoku puzzle has 81 cells, got {len(cells)}")
+        for i, c in enumerate(cells):
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c <= 9:
+                raise ConfigError(f"Sudoku cell {i + 1} must be an integer 0-9 (0: a blank), got {c!r:.20}")
+        cells = [int(c) for c in cells]
+    conflict = first_conflict(cells)
     if conflict is not None:
         raise ConfigError(f"the puzzle has no solution: its givens break a rule ({conflict})")
+    return cells
 
 
 # --- solver: bitmask candidates, most-constrained cell first ------------------------------------

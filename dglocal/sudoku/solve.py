@@ -105,10 +105,10 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
     break a rule (sudoku_core.guide_for) and run to the step cap while any does. `generation`: other
     GenerationConfig fields (entropy_bound, t_min, ...). `model`: the Sudoku model, or a list of them
     (load_models) on which the attempts race (sudoku.race: the steps shown are the first model's)."""
+    puzzle = sc.check_puzzle(puzzle)  # here, before any work (and not in each worker of a race)
     if isinstance(model, (list, tuple)):
         from .race import race
 
-        sc.check_givens(puzzle)  # here, not in each worker
         yield from race(model, puzzle, steps=steps, seed=seed, pin_givens=pin_givens, guide=guide,
                         time_limit=time_limit, **generation)
         return
@@ -130,7 +130,7 @@ def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=Tru
                    keep: str = "fresh", **generation) -> dict:
     """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: GUIDE_RESTARTS of them);
     `keep`: what a restart keeps of the last attempt (sudoku.core.Guide). ConfigError for givens that break a rule."""
-    sc.check_givens(puzzle)
+    puzzle = sc.check_puzzle(puzzle)
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
@@ -172,7 +172,7 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
             raise ConfigError(f"{path}:{number}: expected `puzzle [solution]`, got {len(fields)} fields")
         try:
             pairs.append((sc.parse_grid(fields[0]), sc.parse_grid(fields[1]) if len(fields) > 1 else None))
-            sc.check_givens(pairs[-1][0])
+            sc.check_puzzle(pairs[-1][0])
         except ConfigError as e:
             raise ConfigError(f"{path}:{number}: {e}") from None
     if not pairs:
@@ -188,6 +188,7 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
     from dglocal.generation.request import derive_seed
 
     t0 = time.perf_counter()
+    pairs = [(sc.check_puzzle(p), s) for p, s in pairs]  # every puzzle, before any work
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     base = models[0].seeds.next() if seed is None else seed
     # an evaluation's attempts are counted (GUIDE_RESTARTS), not timed, unless it is given a time limit
