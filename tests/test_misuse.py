@@ -451,3 +451,21 @@ for name, path in json.loads({json.dumps({k: str(v) for k, v in files.items()})!
     assert set(outcome) == set(cases), r.stdout
     loaded = sorted(name for name, what in outcome.items() if what == "loaded")
     assert not loaded, f"loaded although llama.cpp asserts on them: {loaded}\n{r.stdout}"
+
+
+def test_a_chat_message_or_stop_strings_of_the_wrong_type_are_config_errors(tiny_f32_gguf):
+    """A chat message that is not text used to join the history as it was (None rendered by the template), and
+    stop=5 raised a bare TypeError; both are ConfigErrors naming the value, and the session goes on."""
+    import dglocal
+
+    with dglocal.load(tiny_f32_gguf, n_ctx=512, n_threads=1) as llm:
+        session = llm.chat()
+        for bad in (None, 5, ["hi"], b"hi"):
+            with pytest.raises(ConfigError, match=f"a chat message is text \\(a str\\), got {type(bad).__name__}"):
+                session.send(bad, max_new_tokens=4)
+        assert session.messages == []
+        for bad in (5, 1.5, True):
+            with pytest.raises(ConfigError, match=f"stop must be a string or a list of strings, got {bad!r}"):
+                llm.generate("hi", stop=bad, max_new_tokens=4)
+        session.send("hi", max_new_tokens=4, seed=1)
+        assert [m["role"] for m in session.messages] == ["user", "assistant"]

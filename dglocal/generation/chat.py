@@ -72,6 +72,8 @@ class ChatSession:
     def stream(self, content: str, *, images: Sequence = (), **options) -> Iterator[Event]:
         """One user turn (with `images`: paths, bytes or PIL images, placed before the text); the reply joins the
         history when the turn completes (not when it is broken off)."""
+        if not isinstance(content, str):
+            raise ConfigError(f"a chat message is text (a str), got {type(content).__name__}: {content!r:.40}")
         with self.exclusive.hold("a chat turn") if self.exclusive is not None else nullcontext():
             if images:
                 from ..runtime.vision import load_image

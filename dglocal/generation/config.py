@@ -54,7 +54,10 @@ class GenerationConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if isinstance(self.stop, str):
             set_("stop", (self.stop,))
-        set_("stop", tuple(self.stop or ()))
+        try:
+            set_("stop", tuple(self.stop or ()))
+        except TypeError:
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r:.40}") from None
         if _is_int(self.seed) and self.seed == -1:  # llama.cpp's convention: -1 is a random seed
             set_("seed", None)
         if isinstance(self.eos_token_id, int):
