@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -469,3 +470,13 @@ def test_a_chat_message_or_stop_strings_of_the_wrong_type_are_config_errors(tiny
                 llm.generate("hi", stop=bad, max_new_tokens=4)
         session.send("hi", max_new_tokens=4, seed=1)
         assert [m["role"] for m in session.messages] == ["user", "assistant"]
+        for bad, message in ((5, "messages are a list of {'role': ..., 'content': ...} dicts, got 5"),
+                             ([{}], "a message needs a 'role' (a str) and a 'content', got {}"),
+                             (["hi"], "messages are a list of")):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                llm.chat(messages=bad)
+        # a message the template cannot read: a ConfigError (a 400 from the server), not the template's TypeError
+        odd = llm.chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                                                     "tool_calls": 5}])
+        with pytest.raises(ConfigError, match="the chat template cannot render these messages: TypeError"):
+            odd.send("hi", max_new_tokens=4)

@@ -34,9 +34,15 @@ class ChatTemplate:
         return cls(source) if source else None
 
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
+        import jinja2
+
         # BOS comes from the tokenizer (add_special), not from the template's bos_token
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    **{"bos_token": "", **kwargs})
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        **{"bos_token": "", **kwargs})
+        # the messages are the caller's: one the template cannot read (tool_calls that are not a list, say)
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+            raise ConfigError(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
     def tokens(self, model, messages: Sequence[dict], **kwargs) -> list[int]:
         return model.tokenize(self.render(messages, **kwargs), add_special=True, parse_special=True)
@@ -62,7 +68,7 @@ class ChatSession:
         self.model, self.options, self.seeds = model, options, seeds
         self.template_kwargs = dict(template_kwargs or {})  # enable_thinking=True, say
         self.exclusive = exclusive  # the LLM's: turns take the model like its other generations
-        self.initial = [dict(m) for m in messages or ()]
+        self.initial = _messages(messages)
         self.messages = [dict(m) for m in self.initial]
         self.seq = model.sequence()
 
@@ -122,3 +128,16 @@ class ChatSession:
             raise BackendError("the model is closed")
         if not getattr(self.seq, "live", True):
             self.seq = self.model.sequence()
+
+
+def _messages(messages) -> list[dict]:
+    """A chat's initial messages, copied: a list of {"role": str, "content": ...} dicts; ConfigError otherwise."""
+    try:
+        items = [dict(m) for m in messages or ()]
+    except (TypeError, ValueError):
+        raise ConfigError(f"messages are a list of {{'role': ..., 'content': ...}} dicts, got "
+                          f"{messages!r:.60}") from None
+    for m in items:
+        if not isinstance(m.get("role"), str) or "content" not in m:
+            raise ConfigError(f"a message needs a 'role' (a str) and a 'content', got {m!r:.60}")
+    return items
