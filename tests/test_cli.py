@@ -559,3 +559,10 @@ def test_chat_edit_renoises_lines_or_matches_of_the_last_answer(small_model):
     assert changed, "the edit reports its changes"
     # the history now holds the edited answer, whose text outside the matches is unchanged
     assert loop.session.messages[-1] == {"role": "assistant", "content": loop.last.text}
+
+
+def test_bench_names_a_bad_batch_itself(tiny_f32_gguf):
+    """--batch multiplies the context; a bad one used to be reported as n_ctx 0."""
+    for value in ("0", "-2", "100000"):
+        out = piped("bench", tiny_f32_gguf, "--batch", value, "--steps", "2")
+        assert (out.returncode, out.stderr.strip()) == (1, f"error: --batch must be in 1..256, got {value}")

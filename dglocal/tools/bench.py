@@ -150,8 +150,9 @@ def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: in
     from dglocal import load
     from dglocal.convert import info
     from dglocal.runtime import native
-    from dglocal.runtime.checks import CTX_PAD, round_up
+    from dglocal.runtime.checks import CTX_PAD, MAX_SEQ, integer, round_up
 
+    integer("--batch", batch, 1, MAX_SEQ)  # before n_ctx * batch, which would be blamed on n_ctx
     canvases = run_options.get("canvases", 1)
     prompt = run_options.get("prompt_tokens", 64)
     ar = run_options.get("ar_tokens", 64)
