@@ -233,6 +233,28 @@ def rpc_servers():
             p.wait(timeout=10)
 
 
+def test_rpc_server_says_why_it_cannot_listen(rpc_servers, monkeypatch):
+    """A port in use, an address not this machine's (192.0.2.1, a documentation address: only bound, never sent
+    to), a host that does not resolve (no name is looked up: the resolver is replaced): said, and exit 1 at once.
+    llama.cpp's server only stops, and the message guessed the port was in use."""
+    from dglocal.errors import ConfigError
+    from dglocal.runtime import placement
+
+    taken = rpc_servers[0].split(":")[1]
+    for host, port, message in (("127.0.0.1", taken, f"cannot listen on 127.0.0.1:{taken}: Address already in use"),
+                                ("192.0.2.1", "50999", "cannot listen on 192.0.2.1:50999: Cannot assign "
+                                                       "requested address")):
+        r = subprocess.run([sys.executable, "-m", "dglocal.cli", "rpc-server", "--host", host, "--port", port],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr
+
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(ConfigError, match=r"--host nowhere: not a host name or address this machine can resolve"):
+        placement._check_bindable("nowhere", 50999)
+
 PLACEMENTS = {
     "all layers on one server": dict(n_gpu_layers=-1, servers=1),
     "split across two servers": dict(n_gpu_layers=-1, servers=2),
