@@ -480,3 +480,17 @@ def test_a_chat_message_or_stop_strings_of_the_wrong_type_are_config_errors(tiny
                                                                      "tool_calls": 5}])
         with pytest.raises(ConfigError, match="the chat template cannot render these messages: TypeError"):
             odd.send("hi", max_new_tokens=4)
+
+
+def test_serve_says_it_cannot_listen_before_it_loads(tiny_f32_gguf):
+    """A port in use used to be uvicorn's log line and exit 3, after the model loaded (minutes for a large one)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*DGLOCAL, "serve", str(tiny_f32_gguf), "--port", str(port)], capture_output=True,
+                           text=True, env=program_env(), timeout=120)
+    assert (r.returncode, r.stderr.strip()) == (1, f"error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "dglocal serve:" not in r.stdout + r.stderr  # said before the load, which ends in that line

@@ -238,7 +238,7 @@ def test_rpc_server_says_why_it_cannot_listen(rpc_servers, monkeypatch):
     to), a host that does not resolve (no name is looked up: the resolver is replaced): said, and exit 1 at once.
     llama.cpp's server only stops, and the message guessed the port was in use."""
     from dglocal.errors import ConfigError
-    from dglocal.runtime import placement
+    from dglocal.runtime import checks
 
     taken = rpc_servers[0].split(":")[1]
     for host, port, message in (("127.0.0.1", taken, f"cannot listen on 127.0.0.1:{taken}: Address already in use"),
@@ -253,7 +253,7 @@ def test_rpc_server_says_why_it_cannot_listen(rpc_servers, monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", unknown)
     with pytest.raises(ConfigError, match=r"--host nowhere: not a host name or address this machine can resolve"):
-        placement._check_bindable("nowhere", 50999)
+        checks.listenable("nowhere", 50999)
 
 PLACEMENTS = {
     "all layers on one server": dict(n_gpu_layers=-1, servers=1),

@@ -432,7 +432,7 @@ def serve(
     import dglocal
     from dglocal.cli import render as ui
     from dglocal.generation.config import GenerationConfig
-    from dglocal.runtime.checks import integer
+    from dglocal.runtime.checks import integer, listenable
     from dglocal.runtime.diagnostics import weights_where
     from dglocal.runtime.gguf import read_header
     from dglocal.serving.app import serve as run_server
@@ -440,6 +440,7 @@ def serve(
 
     integer("--parallel", parallel, 1, 256)
     integer("--port", port, 1, 65535)
+    listenable(host, port)  # before the load, which may take minutes
     path = _resolve(model, args.quant)
     defaults = args.generation()  # the requests' defaults
     kv = read_header(path).kv

@@ -20,6 +20,26 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # below, logits / T overflows f32 
 INTEGER_TYPES = {"I8", "I16", "I32", "I64", "F64"}  # valid GGUF tensor types that no llama.cpp weight uses
 
 
+def listenable(host: str, port: int) -> None:
+    """ConfigError naming why a server could not listen on host:port (in use, not this machine's address, not a
+    name that resolves), said before the slow part: llama.cpp's RPC server only stops without a reason, and
+    uvicorn would say it after the model loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: not a host name or address this machine can resolve ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # as uvicorn and ggml's RPC server bind: a port whose last connections are still closing is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 

@@ -216,23 +216,6 @@ def placement(rpc: list[str] | None = None, tensor_overrides: list[str] | None =
     return out
 
 
-def _check_bindable(host: str, port: int) -> None:
-    """ConfigError naming why the server could not listen on host:port, said before llama.cpp tries: its server
-    only stops, without a reason, and the port may then be in use, or the host not this machine's."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"--host {host}: not a host name or address this machine can resolve ({e})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        try:
-            probe.bind(address)
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-
 def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str | None = None) -> None:
     """Run llama.cpp's RPC server (ggml_backend_rpc_start_server) in this process until it is killed."""
     import os
@@ -243,7 +226,7 @@ def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str |
         raise ModelError(f"--port must be in 1..65535, got {port}")
     if threads is not None:
         checks.integer("--threads", threads, 1, checks.MAX_THREADS)
-    _check_bindable(host, port)
+    checks.listenable(host, port)
     nat.init()
     start = nat.reg_proc(nat.ggml_backend_reg_by_name(b"RPC"), "ggml_backend_rpc_start_server", nat.rpc_start_server_t)
     if start is None:
