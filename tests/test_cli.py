@@ -267,6 +267,16 @@ def test_sampling_flags_are_the_set_commands(tiny_f32_gguf):
         out = piped("run", tiny_f32_gguf, flag, value, "-p", "hi")
         assert (out.returncode, out.stderr.strip()) == (1, f"error: {message}"), out.stderr
 
+
+def test_a_line_that_is_not_utf8_is_said_and_the_chat_goes_on(tiny_f32_gguf):
+    """Bytes the pipe cannot decode reached the tokenizer as surrogates: 'error: UnicodeEncodeError: ...'."""
+    r = subprocess.run([*DGLOCAL, "run", str(tiny_f32_gguf), *SMALL, "--steps", "4", "-n", "8"],
+                       input=b"\x00\x01\xff\nhello\n", capture_output=True, env=program_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.decode().strip().splitlines() == [
+        "error: the line is not UTF-8 text (an undecodable byte at character 3)"]
+    assert r.stdout.strip()  # the next line was answered
+
 def test_one_shot_with_a_schema_or_a_grammar_prints_what_it_allows(tiny_f32_gguf, tmp_path):
     import jsonschema
 

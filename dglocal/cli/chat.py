@@ -109,6 +109,11 @@ class ChatLoop:
         text = line.strip()
         if not text:
             return True
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the terminal or pipe could not decode, kept as surrogates
+            self.view.error(f"the line is not UTF-8 text (an undecodable byte at character {e.start + 1})")
+            return True
         if text.startswith("/"):
             return self.command(text)
         try:
