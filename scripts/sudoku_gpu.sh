@@ -2,7 +2,7 @@
 # The Sudoku model's training on a lent GPU, in one device call: minutes there instead of hours on two CPU cores.
 #
 #   1. here:        bash scripts/sudoku_gpu.sh prep
-#      -> .sudoku-gpu/ (git-ignored through .git/info/exclude, ~16 MiB): wheels of this machine's transformers (the
+#      -> .sudoku-gpu/ (git-ignored through .git/info/exclude, ~20 MiB): wheels of this machine's transformers (the
 #         reference version; the device's is older), gguf (absent there) and regex (transformers checks its
 #         version), and pool.txt, the training puzzles: $POOL (default scripts/sudoku/run4/pool.txt, run 4's pool)
 #         and .sudoku-gpu/hard_*.txt (more puzzles of 17-24 givens, `scripts/sudoku_data.py --min-givens 17
