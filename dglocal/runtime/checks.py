@@ -26,8 +26,11 @@ def listenable(host: str, port: int) -> None:
     uvicorn would say it after the model loaded."""
     import socket
 
+    # the family the servers pick (uvicorn; ggml's RPC server is IPv4): "localhost" is 127.0.0.1 even where ::1 is
+    # listed first, or not configured at all
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError(f"--host {host}: not a host name or address this machine can resolve ({e})") from None
     family, kind, proto, _, address = infos[0]
