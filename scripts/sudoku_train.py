@@ -254,12 +254,12 @@ def lr_at(examples: int, args, seconds: float = 0.0) -> float:
         return args.lr * (examples - args.warmup_from + args.batch) / args.warmup_examples
     if args.decay_minutes:  # a machine of unknown speed: the cosine runs over this invocation's wall time
         frac = min(seconds / (args.decay_minutes * 60), 1.0)
-        return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1 + math.cos(math.pi * frac))
-    # --anneal-from starts the cosine late: a resumed run at a constant LR can then cool down over its last stretch
-    start = max(warm, args.anneal_from)
-    if examples < start:
-        return args.lr
-    frac = min((examples - start) / max(args.horizon - start, 1), 1.0)
+    else:
+        # --anneal-from starts the cosine late: a resumed run at a constant LR can cool down over its last stretch
+        start = max(warm, args.anneal_from)
+        if examples < start:
+            return args.lr
+        frac = min((examples - start) / max(args.horizon - start, 1), 1.0)
     return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1 + math.cos(math.pi * frac))
 
 

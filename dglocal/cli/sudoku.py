@@ -29,7 +29,7 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
     if steps is not None and steps <= 0:
         raise ConfigError(f"--steps must be a positive integer, got {steps}")
-    cells = _puzzle(puzzle) if puzzle is not None else None  # bad input fails before the slow load
+    cells = sc.check_puzzle(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
     if output is not None:
         _check_output(Path(output))
@@ -73,12 +73,6 @@ def _check_output(path: Path) -> None:
         raise ConfigError(f"--output {path}: the folder {path.parent} is not writable")
 
 
-def _puzzle(text: str) -> list[int]:
-    cells = sc.parse_grid(text)
-    sc.check_puzzle(cells)
-    return cells
-
-
 def _solve_live(llm, cells, options) -> Solved:
     with ui.sudoku_live(len(llm) if isinstance(llm, list) else 1) as draw:
         for event in solve_stream(llm, cells, **options):
@@ -118,7 +112,7 @@ def _solve_lines(llm, options, output) -> None:
         if not text:
             continue
         try:
-            cells = _puzzle(text)
+            cells = sc.check_puzzle(text)
         except ConfigError as e:
             ui.print_error(str(e))
             continue

@@ -115,8 +115,7 @@ class SudokuFrontend(Frontend):
         from dglocal.sudoku.solve import TIME_LIMIT, puzzle_options
 
         try:
-            cells = sc.parse_grid("".join(prompt.split()))
-            sc.check_puzzle(cells)
+            cells = sc.check_puzzle("".join(prompt.split()))
         except ConfigError as e:
             raise ApiError(400, f"send a Sudoku puzzle: {e}", param="messages") from None
         return sc.encode_prompt(cells), puzzle_options(cells, time_limit=TIME_LIMIT)

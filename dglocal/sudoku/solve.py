@@ -105,7 +105,7 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
     break a rule (sudoku_core.guide_for) and run to the step cap while any does. `generation`: other
     GenerationConfig fields (entropy_bound, t_min, ...). `model`: the Sudoku model, or a list of them
     (load_models) on which the attempts race (sudoku.race: the steps shown are the first model's)."""
-    puzzle = sc.check_puzzle(puzzle)  # here, before any work (and not in each worker of a race)
+    puzzle = sc.check_puzzle(puzzle)  # before any work: a race raises it here, before its threads start
     if isinstance(model, (list, tuple)):
         from .race import race
 
@@ -171,8 +171,7 @@ def read_puzzles(path) -> list[tuple[list[int], list[int] | None]]:
         if len(fields) > 2:
             raise ConfigError(f"{path}:{number}: expected `puzzle [solution]`, got {len(fields)} fields")
         try:
-            pairs.append((sc.parse_grid(fields[0]), sc.parse_grid(fields[1]) if len(fields) > 1 else None))
-            sc.check_puzzle(pairs[-1][0])
+            pairs.append((sc.check_puzzle(fields[0]), sc.parse_grid(fields[1]) if len(fields) > 1 else None))
         except ConfigError as e:
             raise ConfigError(f"{path}:{number}: {e}") from None
     if not pairs:
@@ -192,7 +191,7 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     base = models[0].seeds.next() if seed is None else seed
     # an evaluation's attempts are counted (GUIDE_RESTARTS), not timed, unless it is given a time limit
-    options = {"time_limit": None, **dict(steps=steps, pin_givens=pin_givens, guide=guide, **generation)}
+    options = {"time_limit": None, "steps": steps, "pin_givens": pin_givens, "guide": guide, **generation}
     if len(models) == 1:
         results = _evaluate_batched(models[0], pairs, base, options, on_result)
     else:
