@@ -130,6 +130,9 @@ class ReferenceSequence:
         self.tokens += tokens
         self._snapshots.append((self.n_past, copy.deepcopy(self.cache)))
 
+    def release(self) -> None:
+        """Model's sequences are leases; the reference's are independent caches: nothing to give back."""
+
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.n_past:
             raise ValueError(f"truncate({n}) with {self.n_past} cached tokens")

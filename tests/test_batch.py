@@ -51,16 +51,16 @@ def test_batched_logits_equal_single_and_reference(batched, llama_model, tiny_mo
              [(s, canvas(10 + i), 0.7, None, i != B - 1) for i, s in enumerate(seqs)]]
     got = [batched.denoise_batch(reqs, return_logits=True) for reqs in steps]
     for i, p in enumerate(PROMPTS[:B]):
-        single = llama_model.sequence()
-        single.prefill(p)
-        ref = ReferenceModel(tiny_model).sequence()
-        ref.prefill(p)
-        for step, reqs in enumerate(steps):
-            _, cv, T, _, sc = reqs[i]
-            alone = single.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits
-            want = ref.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits * np.float32(T)
-            np.testing.assert_allclose(got[step][i].logits, alone, atol=1e-4, rtol=0)
-            np.testing.assert_allclose(got[step][i].logits, want, atol=1e-4, rtol=0)
+        with llama_model.sequence() as single:
+            single.prefill(p)
+            ref = ReferenceModel(tiny_model).sequence()
+            ref.prefill(p)
+            for step, reqs in enumerate(steps):
+                _, cv, T, _, sc = reqs[i]
+                alone = single.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits
+                want = ref.denoise(cv, temperature=T, self_condition=sc, return_logits=True).logits * np.float32(T)
+                np.testing.assert_allclose(got[step][i].logits, alone, atol=1e-4, rtol=0)
+                np.testing.assert_allclose(got[step][i].logits, want, atol=1e-4, rtol=0)
     assert [s.n_past for s in seqs] == [len(p) for p in PROMPTS[:B]]  # every cache untouched
 
 
@@ -124,7 +124,7 @@ def test_join_leave_and_cancel_leave_the_others_unchanged(batched):
     for name, p, seed in [("a", PROMPTS[0], 1), ("c", PROMPTS[2], 3)]:
         alone = [e for e in stream(batched, p, seq=batched.sequence(4), noise=SeededNoise(V, seed), **opts)][-1]
         assert out[name].tokens == alone.tokens and out[name].stats.steps_per_canvas == alone.stats.steps_per_canvas
-    assert batched._sequences[1].n_past == len(PROMPTS[1])  # the cancelled one holds its prompt, no canvas
+    assert doomed.gen.seq.n_past == len(PROMPTS[1])  # the cancelled one holds its prompt, no canvas
 
 
 # -- rule-guided re-noising ------------------------------------------------------------------------------------
@@ -151,8 +151,9 @@ def test_a_guide_re_noises_and_holds_off_the_early_stop(llama_model):
 
 
 def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_model):
-    """Model.encode_batch: the prompts of three sequences in one llama_decode call; every cache then holds what a
-    prefill of its own gives (same denoise logits after it)."""
+    """Model.encode_batch: the commits of three sequences (a canvas each) in one llama_decode call, their prompts
+    of different lengths one call each (llama.cpp would cut them into equal pieces of each sequence, other
+    micro-batches than alone); every cache then holds what a prefill of its own gives (same denoise logits)."""
     from dglocal.runtime import native
 
     calls = []
@@ -163,19 +164,22 @@ def test_prefill_and_commit_of_several_sequences_in_one_decode(batched, llama_mo
         return real(fn, *args)
 
     seqs = [batched.sequence(i) for i in range(3)]
+    commits = [canvas(20 + i).tolist() for i in range(3)]
     batched.model.native = counting
     try:
         batched.encode_batch([(s, p) for s, p in zip(seqs, PROMPTS[1:4])])
+        assert calls.count(native.llama_decode) == 3
+        batched.encode_batch([(s, c) for s, c in zip(seqs, commits)])
+        assert calls.count(native.llama_decode) == 4
     finally:
         del batched.model.native
-    assert calls.count(native.llama_decode) == 1
-    assert [s.tokens for s in seqs] == PROMPTS[1:4]
+    assert [s.tokens for s in seqs] == [p + c for p, c in zip(PROMPTS[1:4], commits)]
     got = batched.denoise_batch([(s, canvas(i), 1.0, None, False) for i, s in enumerate(seqs)], return_logits=True)
     for i, p in enumerate(PROMPTS[1:4]):
-        single = llama_model.sequence()
-        single.prefill(p)
-        want = single.denoise(canvas(i), temperature=1.0, self_condition=False, return_logits=True).logits
-        np.testing.assert_allclose(got[i].logits, want, atol=1e-4, rtol=0)
+        with llama_model.sequence() as single:
+            single.prefill(p + commits[i])
+            want = single.denoise(canvas(i), temperature=1.0, self_condition=False, return_logits=True).logits
+        np.testing.assert_array_equal(got[i].logits, want)
 
 
 def test_guide_restarts_a_canvas_it_still_objects_to(llama_model):

@@ -303,6 +303,52 @@ def test_one_shot_with_a_schema_or_a_grammar_prints_what_it_allows(tiny_f32_gguf
         assert out.returncode == 1 and len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
 
 
+def _limit_memory():  # the child: a read without a bound fails in seconds, not after the machine's memory
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
+def test_option_files_are_read_within_a_bound(tiny_f32_gguf, tmp_path):
+    """--grammar, --json-schema and --draft read /dev/zero until memory ran out; now at most 16 MiB of any file."""
+    def run(*args):
+        return subprocess.run([*DGLOCAL, "run", str(tiny_f32_gguf), "-p", "hi", *map(str, args)],
+                              capture_output=True, text=True, env=program_env(), timeout=120,
+                              stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
+
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    for option in ("--grammar", "--json-schema", "--draft"):
+        out = run(option, "/dev/zero")
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert out.stderr.splitlines() == [f"error: {option} /dev/zero: more than 16 MiB, the most it reads"]
+        out = run(option, tmp_path)
+        assert out.returncode == 1 and out.stderr.splitlines() == [
+            f"error: {option} {tmp_path}: cannot read it (Is a directory)"], out.stderr
+        out = run(option, tmp_path / "latin1.txt")
+        assert out.returncode == 1 and "latin1.txt: not UTF-8 text (byte 3 is 0xe9)" in out.stderr, out.stderr
+    piped_schema = subprocess.run([*DGLOCAL, "run", str(tiny_f32_gguf), *SMALL, "--steps", "4", "-n", "32", "-p", "hi",
+                                   "--json-schema", "/dev/stdin"], input='{"enum": ["yes", "no"]}',
+                                  capture_output=True, text=True, env=program_env(), timeout=300)
+    assert piped_schema.returncode == 0 and piped_schema.stdout in ('"yes"\n', '"no"\n'), piped_schema
+
+
+def test_a_grammar_no_answer_can_match_is_an_error(tiny_f32_gguf, tmp_path):
+    """They printed nothing and exited 0 (the engine's mask allowed the end alone), or crashed (5,000 rules)."""
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(5000)) + 'r5000 ::= "b"\n'
+    cases = [("loop.lark", 'start: a\na: ("x" | "y") a\n', "the Lark grammar has no finite instance: 'a'"),
+             ("empty.lark", "start: /[^\\x00-\\x{10FFFF}]/\n", "no text matches the Lark grammar"),
+             ("long.lark", 'start: "ab"{300}\n', "the Lark grammar cannot end within max_tokens (64)"),
+             ("deep.gbnf", chain, "the GBNF grammar nests more than 500 rules deep"),
+             ("big.json", '{"type": "string", "maxLength": 1' + "0" * 400 + "}", "/maxLength is an integer of")]
+    for name, text, words in cases:
+        (tmp_path / name).write_text(text)
+        option = "--json-schema" if name.endswith(".json") else "--grammar"
+        out = piped("run", tiny_f32_gguf, *SMALL, "--steps", "4", "-n", "64", "-p", "hi", option, tmp_path / name)
+        lines = out.stderr.splitlines()
+        assert out.returncode == 1 and out.stdout == "" and len(lines) == 1, (name, out.returncode, out.stderr[-2000:])
+        assert lines[0].startswith(f"error: {tmp_path / name}: ") and words in lines[0], (name, lines)
+
+
 @pytest.mark.slow
 def test_model_from_an_offline_hf_cache(tiny_f32_gguf, tmp_path):
     """An HF repo id holding GGUFs, picked with --quant, found in the hub cache with HF_HUB_OFFLINE=1."""

@@ -162,6 +162,35 @@ def test_bad_adapters_are_clear_errors(tiny_f32_gguf, adapters, tmp_path):
             m.generate([2, 3], lora={0: 1.0}, max_new_tokens=4)
 
 
+def with_alpha(src, dst, alpha: float):
+    """A copy of the adapter GGUF `src` whose adapter.lora.alpha (a float32 after its key) is `alpha`."""
+    import struct
+
+    from dglocal.runtime.gguf import read_header
+
+    data = bytearray(src.read_bytes())
+    at = data.index(b"adapter.lora.alpha") + len(b"adapter.lora.alpha")
+    assert struct.unpack_from("<I", data, at)[0] == 6  # GGUFValueType.FLOAT32
+    struct.pack_into("<f", data, at + 4, alpha)
+    dst.write_bytes(bytes(data))
+    assert np.float32(read_header(dst).kv["adapter.lora.alpha"]).tobytes() == np.float32(alpha).tobytes()
+    return dst
+
+
+def test_an_adapter_with_an_alpha_that_ruins_every_token_is_refused(tiny_f32_gguf, adapters, tmp_path):
+    """llama.cpp multiplies by alpha / rank as it finds it: a NaN alpha loaded, and every token came out garbage."""
+    import re
+
+    src = adapters["attn"][1]
+    for alpha, shown in [(float("nan"), "nan"), (float("inf"), "inf"), (-2.0, "-2"), (1e30, r"1e\+30")]:
+        bad = with_alpha(src, tmp_path / "bad.gguf", alpha)
+        with pytest.raises(ModelError, match=rf"LoRA adapter {re.escape(str(bad))}: adapter\.lora\.alpha is {shown}; "
+                                             r"it must be a number in 0\.\.1e\+06"):
+            dglocal.load(tiny_f32_gguf, n_ctx=256, lora=str(bad))
+    with dglocal.load(tiny_f32_gguf, n_ctx=256, lora=str(with_alpha(src, tmp_path / "ok.gguf", 8.0))) as m:
+        assert m.adapters.info()[0]["path"] == str(tmp_path / "ok.gguf")
+
+
 def test_unsupported_peft_adapters_are_refused(tiny_model, tmp_path):
     import json
 

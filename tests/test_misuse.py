@@ -181,7 +181,7 @@ def test_fuzzed_request_bodies_get_200_or_an_openai_4xx(server):
                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
     values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         st.text(max_size=6), inner, max_size=3), max_leaves=6)
-    names = st.sampled_from(sorted(schema.ACCEPTED | set(schema.REFUSED) | {"bogus"}))
+    names = st.sampled_from(sorted(schema.ALL | set(schema.REFUSED) | {"bogus"}))
     bodies = st.dictionaries(names, values, max_size=6)
 
     @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -296,7 +296,7 @@ def test_docs_list_every_request_field_as_supported_or_refused():
     table = table.split("\n## ")[0]
     listed = {name for row in table.splitlines() if row.startswith("| `")
               for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
-    fields = schema.ACCEPTED | set(schema.REFUSED) | set(schema.INFILL) | set(schema.EDIT)
+    fields = schema.ALL | set(schema.REFUSED)
     assert fields <= listed, sorted(fields - listed)
     assert listed - fields <= {"image_url", "input_audio", "tool", "name", "tool_calls", "include_usage",
                                "include_drafts", "system", "user", "assistant", "developer", "type", "text"}, \

@@ -69,15 +69,23 @@ m.close()  # twice is fine
     assert len(lines) == 11 and all(line == "BackendError the model is closed" for line in lines), lines
 
 
-def test_replaced_sequence_is_an_error(tiny_f32_gguf):
+def test_a_held_sequence_is_never_taken_and_a_released_one_is_an_error(tiny_f32_gguf):
+    """Before, a second model.sequence() emptied the first one's cache under it."""
     import dglocal
-    from dglocal.errors import BackendError
+    from dglocal.errors import BackendError, ConfigError
 
     with dglocal.load(tiny_f32_gguf, n_ctx=256) as m:
         old = m.sequence()
-        m.sequence()
-        with pytest.raises(BackendError, match="replaced by a newer model.sequence"):
+        old.prefill([2])
+        for take in (m.sequence, lambda: m.sequence(0), lambda: m.model.sequence()):
+            with pytest.raises(ConfigError, match="held"):
+                take()
+        assert old.tokens == [2] and old.live
+        old.release()
+        new = m.sequence()
+        with pytest.raises(BackendError, match="sequence 0 was released"):
             old.prefill([2])
+        assert new.tokens == [] and new.live
 
 
 def test_token_ids_out_of_range_are_errors(tiny_f32_gguf):
@@ -183,7 +191,7 @@ def test_non_causal_context_and_other_seq_ids_are_errors(tiny_f32_gguf):
     """A context created non-causal reached a GGML_ASSERT in the graph; seq ids other than 0 in a one-sequence
     context must be refused by llama.cpp's batch checks and by llama_dg_denoise."""
     r = child(f"""
-import numpy as np, dglocal
+import numpy as np, weakref, dglocal
 from dglocal.runtime import native as nat
 from dglocal.runtime.model import Sequence
 m = dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=64)
@@ -196,7 +204,7 @@ try:
 except dglocal.ConfigError as e:
     print(e)
 s = Sequence(m.model, 1)  # past the Python check, to reach llama.cpp's
-m.model._sequences[1] = s
+m.model._sequences[1] = weakref.ref(s)
 for call in [lambda: s.prefill([3, 4]), lambda: s.denoise(np.zeros(16, np.int32), temperature=1.0)]:
     try:
         call()

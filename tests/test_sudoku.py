@@ -282,6 +282,19 @@ def test_run_given_a_sudoku_model_treats_it_as_the_built_in_one(tmp_path):
                        text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
     assert r.returncode == 1 and "do not apply to the Sudoku model" in r.stderr, r.stderr
 
+def test_run_refuses_think_and_takes_seed_minus_one_with_the_sudoku_model():
+    """`dglocal run --think` with the Sudoku model (which has no chat template) is refused by name before the load,
+    not ignored; `--seed -1` is a random seed there, as with a chat model."""
+    from test_cli import piped
+
+    puzzle, solution = easy_puzzle()
+    for flag in ("--think", "--hide-thinking"):
+        r = piped("run", "-p", puzzle, flag)
+        assert r.returncode == 1 and flag in r.stderr and "Sudoku model" in r.stderr, r.stderr
+    r = piped("run", "-p", puzzle, "--seed", "-1")
+    assert r.returncode == 0 and [m.group(1) for m in VERDICT.finditer(r.stdout)] == ["solved"], r.stderr
+
+
 # -- batching and the guide --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -297,6 +310,32 @@ def test_eval_grids_do_not_depend_on_the_batch(tmp_path):
         assert p.returncode == 0, err
     one, many = (tmp_path / "b1.txt").read_bytes(), (tmp_path / "b32.txt").read_bytes()
     assert one == many and len(one.splitlines()) == 64
+
+
+def attempt_lengths(schedule) -> list[int]:
+    """The steps of each attempt, from each step's (guided, temperature): an attempt's schedule cools from its top,
+    so a step hotter than the last, or the first the guide judges, starts the next one."""
+    lengths, last = [], None
+    for guided, temp in schedule:
+        if last is None or (guided is None) != (last[0] is None) or temp >= last[1]:
+            lengths.append(0)
+        lengths[-1] += 1
+        last = (guided, temp)
+    return lengths
+
+
+def test_the_step_cap_bounds_every_attempt():
+    """--steps (solve_stream's steps) caps the guide's restarts too, which are shorter by default (Guide.STEPS): a
+    cap of 3 made 16-step restarts. Without a cap, restarts run Guide.STEPS."""
+    from dglocal import sudoku
+
+    unsolvable = sc.parse_grid("12345678.........9...........2......9.7...6..53..4..9...1........5..........9....")
+    with sudoku.load_model(DEFAULT_MODEL) as m:
+        for steps, cap in ((3, 3), (None, sc.Guide.STEPS)):
+            shown = [(e.guided, e.temperature) for e in sudoku.solve_stream(m, unsolvable, steps=steps, seed=0,
+                                                                            time_limit=1.0) if e.kind == "step"]
+            attempts = attempt_lengths(shown)
+            assert len(attempts) > 2 and max(attempts[1:-1]) == cap, attempts  # the last may be cut by the time
 
 
 @pytest.mark.slow

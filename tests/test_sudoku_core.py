@@ -110,6 +110,15 @@ def test_token_format():
     assert sc.decode_canvas([sc.SEP_ID, sc.PAD_ID, sc.DIGIT_BASE + 9]) == [0, 0, 9]
 
 
+def test_decode_prompt_reads_back_the_puzzle():
+    """The server judges a grid against the givens its prompt holds (serving.sudoku's finish_reason)."""
+    prompt = sc.encode_prompt(PUZZLE)
+    assert sc.decode_prompt(prompt) == sc.parse_grid(PUZZLE)
+    for bad in (prompt[:-1], [sc.PAD_ID] + prompt[1:], prompt[:-1] + [sc.PAD_ID]):
+        with pytest.raises(ConfigError, match="not a Sudoku prompt"):
+            sc.decode_prompt(bad)
+
+
 def test_box_of():
     assert [sc.box_of(i) for i in (0, 8, 30, 80)] == [0, 2, 4, 8]
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from test_sudoku import HELDOUT, VERDICT, dglocal_cli
+from test_sudoku import HELDOUT, VERDICT, dglocal_cli, easy_puzzle
 
 from dglocal import sudoku
 from dglocal.convert.hub import DEFAULT_MODEL
@@ -147,3 +147,104 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     lines = out.split()
     assert p.returncode == 0 and lines[0] == "interrupted" and float(lines[1]) < 5, (out, err)
     assert lines[2:] == ["solved", "True"], (out, err)
+
+
+SEED_CHILD = """
+import sys, threading
+from dglocal import sudoku
+from dglocal.errors import ConfigError
+from dglocal.sudoku import core as sc
+from dglocal.sudoku.race import race
+models = sudoku.load_models(sys.argv[1], 2)
+puzzle = sc.parse_grid(sys.argv[2])
+baseline = threading.active_count()
+print('race', list(race(models, puzzle, seed=-1))[-1].solved, flush=True)
+print('eval', sudoku.evaluate(models, [(puzzle, None)], seed=-1).solved, flush=True)
+try:
+    list(race(models, puzzle, seed=-5))
+except ConfigError as e:
+    print('refused', e, flush=True)
+import dglocal.sudoku.race as race_module
+def failing_seed(seed, worker):  # a worker that fails before its first step, whatever the reason
+    if worker:
+        raise RuntimeError(f'worker {worker} failed to start')
+    return seed
+race_module.worker_seed = failing_seed
+try:
+    list(race(models, puzzle, seed=0))
+except RuntimeError as e:
+    print('ended', e, flush=True)
+print('threads', threading.active_count() - baseline, flush=True)
+"""
+
+
+def test_seed_minus_one_is_a_random_seed_and_a_worker_s_error_ends_the_race(tmp_path):
+    """llama.cpp's -1 (a random seed, as `dglocal run --seed -1`): a race and an evaluation draw one and finish; it
+    hung, worker 1's derive_seed(-1, 1) raising outside the worker's try, so its end never reached the caller. Any
+    other negative seed is a clear error before a thread starts, and a worker failing before its first step ends
+    the race with its error. A child process: a hang fails by the timeout."""
+    import subprocess
+    import sys
+
+    child = tmp_path / "child.py"
+    child.write_text(SEED_CHILD)
+    puzzle, _ = easy_puzzle()  # solved whatever the seed
+    r = subprocess.run([sys.executable, str(child), str(DEFAULT_MODEL), puzzle], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["race True", "eval 1.0",
+                                     "refused seed must be in 0..18446744073709551615, got -5",
+                                     "ended worker 1 failed to start", "threads 0"], r.stdout
+
+
+def test_cli_seed_minus_one_is_a_random_seed(tmp_path):
+    """`dglocal sudoku PUZZLE --seed -1` with racing workers solves (it hung for ever); `--seed -2` is refused before
+    the model loads."""
+    import subprocess
+
+    from test_cli import DGLOCAL, program_env
+
+    puzzle, solution = easy_puzzle()
+    out = tmp_path / "grid.txt"
+
+    def run(*args):  # a hang fails by the timeout
+        return subprocess.run([*DGLOCAL, "sudoku", puzzle, *args], capture_output=True, text=True, env=program_env(),
+                              stdin=subprocess.DEVNULL, timeout=120)
+
+    r = run("--seed", "-1", "--workers", "2", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert VERDICT.search(r.stdout).group(1) == "solved", r.stdout
+    assert out.read_text().strip() == solution
+    r = run("--seed", "-2", "--workers", "2")
+    assert r.returncode == 1 and r.stderr.strip() == "error: seed must be in 0..18446744073709551615, got -2", r.stderr
+
+
+def test_workers_do_not_share_native_errors(models):
+    """What llama.cpp logs while one worker's call fails is that worker's error message, not another's: the log
+    was one deque for the process, so a worker failing at the same time reported (and cleared) the first one's
+    errors. Worker 0 makes a real failing call (a model file that is not there) on its model's native thread;
+    worker 1, none of whose calls failed, then finds no errors, and worker 0 still finds its own."""
+    from dglocal.runtime import native as nat
+
+    seen: dict[str, str] = {}
+
+    def worker0():
+        missing = str(DEFAULT_MODEL.with_name("no-such-model.gguf")).encode()
+        assert not models[0].native(nat.llama_model_load_from_file, missing, nat.llama_model_default_params())
+        done.set()
+        read.wait(30)
+        seen["worker 0"] = nat.last_errors()
+
+    def worker1():
+        done.wait(30)
+        seen["worker 1"] = nat.last_errors()
+        read.set()
+
+    done, read = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=worker0), threading.Thread(target=worker1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen["worker 1"] == "", seen
+    assert "no-such-model.gguf" in seen["worker 0"], seen

@@ -9,7 +9,7 @@ from contextlib import closing
 
 from dglocal.errors import ConfigError, DglocalError
 from dglocal.generation.config import GenerationConfig
-from dglocal.generation.channels import StreamSplitter
+from dglocal.generation.channels import StreamSplitter, split
 from dglocal.generation.editing import edit_request
 from dglocal.generation.events import BlockText, Completion
 from dglocal.runtime.vision import MARKER, load_image
@@ -53,6 +53,9 @@ class RawSession:
 
     def reset(self) -> None:
         pass
+
+    def stream_prompt(self, prompt, **options):
+        return self.model.stream(prompt, **options)
 
     @property
     def seq(self):
@@ -193,25 +196,30 @@ class ChatLoop:
         if not path:
             raise ConfigError("/image takes a path: /image cat.png")
         image = load_image(path.strip().strip("'\""))
+        n_tokens = vision.n_tokens(image)  # one the tower cannot place is refused now, not with every later message
         self.images.append(image)
         if announce:
             w, h = image.size
-            self.view.notice(f"image attached: {w}x{h}, {vision.n_tokens(image)} tokens; it goes with your next "
-                             "message")
+            self.view.notice(f"image attached: {w}x{h}, {n_tokens} tokens; it goes with your next message")
 
     def edit(self, arg: str) -> Completion | None:
         """/edit: the last answer's lines or pattern matches re-noised and denoised in place, drawn as an answer."""
         if self.last is None:
             raise ConfigError("/edit needs an answer to edit: ask something first")
         text = self.last.text
-        spans, room = edit_spans(text, arg)
+        shown = split(text, tools=False).content  # the answer as drawn: its lines, not the thinking before them
+        hidden = len(text) - len(shown) if text.endswith(shown) else 0
+        spans, room = edit_spans(text[hidden:], arg)
+        spans = [(a + hidden, b + hidden) for a, b in spans]
         prompt, images, keep = self.session.answer_context()
         options = {k: v for k, v in self.options.items() if k != "max_new_tokens"}
         req = edit_request(self.model, text, spans, prompt=prompt, room=room, images=images, **options)
         self.view.begin_answer()
         done, stopped = None, False
         try:
-            with closing(self.model.stream(req.prompt, **req.options)) as events:
+            # on the conversation's own sequence: its history is the edit's prompt, cached, and stays so for the
+            # next turn
+            with closing(self.session.stream_prompt(req.prompt, **req.options)) as events:
                 for event in events:
                     if event.kind == "step":
                         self.view.step(event)

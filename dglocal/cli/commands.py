@@ -19,13 +19,16 @@ from typing import Annotated, Optional
 import typer
 
 from dglocal.convert.hub import resolve_model
-from dglocal.errors import ConfigError, DglocalError
+from dglocal.errors import ConfigError, DglocalError, os_error_text
 
 from .options import (
     CacheTypeOption, CpuMoeOption, ImageTokensOption, LoraOption, LoraScaledOption, MmprojOption, ModelArgs, NglOption, OverrideOption,
-    PrecisionOption, QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, fit, generation,
-    load_options, model_options,
+    PrecisionOption, QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, api_key_option,
+    fit, generation, image_dir_option, load_options, model_options,
 )
+
+MAX_FILE_BYTES = 16 * 2**20  # --grammar, --json-schema, --draft: the most read of one
+
 
 class _App(typer.Typer):
     """typer takes no repeated two-value option: llama.cpp's `--lora-scaled FILE SCALE` arrives as FILE=SCALE."""
@@ -191,11 +194,14 @@ def run(
         confidence_threshold=confidence)}
     path = _resolve(model, args.quant)
     kv = read_header(path).kv
-    GenerationConfig.from_metadata(kv, **settings)  # bad options fail before the slow load
+    config = GenerationConfig.from_metadata(kv, **settings)  # bad options fail before the slow load
     sudoku = model is None or is_sudoku_model(kv)
     spec = output_grammar(json_schema, grammar)
     if not sudoku and time_limit is not None:
         raise ConfigError("--time-limit applies to the Sudoku model (its guided restarts)")
+    if sudoku and (think or hide_thinking):
+        raise ConfigError(f"{'--think' if think else '--hide-thinking'} does not apply to the Sudoku model: it has no "
+                          "chat template and never thinks")
     if sudoku and (spec is not None or draft is not None or image or args.mmproj):
         raise ConfigError("--json-schema, --grammar, --draft, --mmproj and --image do not apply to the Sudoku "
                           "model: it answers the 81 cells")
@@ -215,6 +221,8 @@ def run(
     with ui.status(f"loading {path.name}"):
         llm = dglocal.load(path, seed=args.seed, **vars(opts))
     with llm:
+        if spec is not None:  # what needs the vocabulary: a first token, an end within -n tokens
+            check_grammar_file(llm.model, spec, json_schema or grammar, config.max_new_tokens)
         interactive = is_terminal()
         view = make_view(llm, interactive=interactive)
         chat = ChatLoop(llm, view, grammar=spec, draft=draft_text, show_thinking=not hide_thinking,
@@ -232,11 +240,20 @@ def run(
         chat.run()
 
 
-def read_text_file(path: Path, option: str) -> str:
+def read_text_file(path: Path, option: str, limit: int = MAX_FILE_BYTES) -> str:
+    """`path`'s text, at most `limit` bytes of it read (a device such as /dev/zero, a pipe, a huge file: an error,
+    not all of memory)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{option} {path}: cannot read it ({e})") from None
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot read it ({os_error_text(e)})") from None
+    if len(data) > limit:
+        raise ConfigError(f"{option} {path}: more than {limit // 2**20} MiB, the most it reads")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{option} {path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
 
 
 def output_grammar(json_schema: Path | None, grammar: Path | None):
@@ -248,10 +265,7 @@ def output_grammar(json_schema: Path | None, grammar: Path | None):
     path = json_schema or grammar
     if path is None:
         return None
-    try:
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
+    source = read_text_file(path, "--json-schema" if json_schema is not None else "--grammar")
     kind = "json_schema" if json_schema is not None else "gbnf" if "::=" in source else "lark"
     spec = GrammarSpec(kind, source)
     try:
@@ -259,6 +273,17 @@ def output_grammar(json_schema: Path | None, grammar: Path | None):
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return spec
+
+
+def check_grammar_file(model, spec, path: Path, max_new_tokens: int) -> None:
+    """The checks of an output grammar that need the model's vocabulary (dglocal.generation.grammar.CanvasGrammar),
+    once, before the first answer: an error names the file."""
+    from dglocal.generation.grammar import CanvasGrammar
+
+    try:
+        CanvasGrammar(model, spec, model.eos_ids, max_tokens=max_new_tokens)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 @app.command("convert")
@@ -440,6 +465,10 @@ def serve(
 
     integer("--parallel", parallel, 1, 256)
     integer("--port", port, 1, 65535)
+    if queue is not None:  # 0 would answer every request 503
+        integer("--queue", queue, 1, 1_000_000)
+    api_key = api_key_option(api_key)
+    image_files = image_dir_option(image_files, args.mmproj)
     listenable(host, port)  # before the load, which may take minutes
     path = _resolve(model, args.quant)
     defaults = args.generation()  # the requests' defaults

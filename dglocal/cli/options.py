@@ -175,6 +175,35 @@ def _scaled(value: str) -> tuple[str, float]:
         raise ConfigError(f"--lora-scaled takes FILE SCALE, got {value!r}") from None
 
 
+def api_key_option(key: str | None) -> str | None:
+    """--api-key, checked: a key any HTTP client can send in its Authorization header (printable ASCII, no space at
+    either end), and not empty (which would turn authentication off without a word)."""
+    if key is None:
+        return None
+    if not key.strip():
+        raise ConfigError("--api-key is empty: give a key, or leave the option out to serve without one")
+    for i, c in enumerate(key):
+        if not " " <= c <= "~":
+            raise ConfigError(f"--api-key has {c!r} (U+{ord(c):04X}) at character {i + 1}: a key is printable ASCII, "
+                              "what an HTTP client can send in a header")
+    if key != key.strip():
+        raise ConfigError("--api-key starts or ends with a space, which HTTP drops from a header: remove it")
+    return key
+
+
+def image_dir_option(path: Path | None, mmproj: Path | None) -> Path | None:
+    """--image-files, checked before the model loads: an existing directory, and a vision tower to use it."""
+    if path is None:
+        return None
+    if mmproj is None:
+        raise ConfigError("--image-files lets requests name image files: it needs the vision tower, --mmproj FILE")
+    if not path.exists():
+        raise ConfigError(f"--image-files {path}: no such directory")
+    if not path.is_dir():
+        raise ConfigError(f"--image-files {path}: not a directory (images are named relative to a directory)")
+    return path
+
+
 def generation(**settings) -> dict:
     """GenerationConfig overrides from the command line: the options given."""
     return {k: v for k, v in settings.items() if v is not None}

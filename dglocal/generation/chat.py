@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from ..errors import BackendError, ConfigError, ModelError
 from .driver import stream
 from .events import Event
+from .grammar import MAX_JSON_DEPTH, check_depth
 
 
 class ChatTemplate:
@@ -36,12 +37,16 @@ class ChatTemplate:
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
         import jinja2
 
+        # the template's macros recurse on nested values: bounded before it runs (a deep one overflowed it)
+        check_depth(list(messages), MAX_JSON_DEPTH, "messages")
+        if kwargs.get("tools") is not None:
+            check_depth(kwargs["tools"], MAX_JSON_DEPTH, "tools")
         # BOS comes from the tokenizer (add_special), not from the template's bos_token
         try:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                         **{"bos_token": "", **kwargs})
         # the messages are the caller's: one the template cannot read (tool_calls that are not a list, say)
-        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, RecursionError) as e:
             raise ConfigError(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
 
     def tokens(self, model, messages: Sequence[dict], **kwargs) -> list[int]:
@@ -61,7 +66,7 @@ class ChatSession:
     """Multi-turn chat over one sequence. `seeds`: where turns without a seed draw theirs."""
 
     def __init__(self, model, messages: Sequence[dict] | None = None, *, seeds=None, exclusive=None,
-                 template_kwargs: dict | None = None, **options):
+                 template_kwargs: dict | None = None, owner=None, **options):
         self.template = ChatTemplate.of(model)
         if self.template is None:
             raise ModelError("this model has no tokenizer.chat_template")
@@ -70,7 +75,10 @@ class ChatSession:
         self.exclusive = exclusive  # the LLM's: turns take the model like its other generations
         self.initial = _messages(messages)
         self.messages = [dict(m) for m in self.initial]
-        self.seq = model.sequence()
+        # its sequence is leased when a turn first needs it, with the model held (never from under a running
+        # generation): through the LLM that made it (`owner`: it may release an idle user's), else a free one
+        self.owner = owner if owner is not None else model if callable(getattr(model, "lease", None)) else None
+        self.seq = None
 
     def prompt_tokens(self, messages: Sequence[dict]) -> list[int]:
         return self.template.tokens(self.model, messages, **self.template_kwargs)
@@ -99,6 +107,17 @@ class ChatSession:
             finally:
                 events.close()
 
+    def stream_prompt(self, prompt, **options) -> Iterator[Event]:
+        """A generation after `prompt` (text or ids; `images=` with its markers) on this chat's own sequence,
+        outside the history: an edit of the last answer, whose prompt is the history before it (cached)."""
+        with self.exclusive.hold("a chat edit") if self.exclusive is not None else nullcontext():
+            self._ensure_sequence()
+            events = stream(self.model, prompt, seq=self.seq, seeds=self.seeds, **{**self.options, **options})
+            try:
+                yield from events
+            finally:
+                events.close()
+
     def answer_context(self):
         """(the prompt the last answer followed, its images, a function that puts an edited answer in its place).
         With images in the history the prompt is the rendered text, whose markers the images fill."""
@@ -118,16 +137,21 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (back to the initial messages) and empty the cache."""
-        self.messages = [dict(m) for m in self.initial]
-        self._ensure_sequence()
-        self.seq.truncate(0)
+        with self.exclusive.hold("reset") if self.exclusive is not None else nullcontext():
+            self.messages = [dict(m) for m in self.initial]
+            if self.seq is not None and getattr(self.seq, "live", True):
+                self.seq.truncate(0)
+            else:  # released meanwhile (another user of the model took it): nothing of it is cached
+                self.seq = None
 
     def _ensure_sequence(self) -> None:
-        # a model has one cache: if something else took it over, start a fresh sequence (full re-prefill)
+        # released (another user of the model needed one, or the model closed): a fresh lease, a full re-prefill
         if getattr(self.model, "closed", False):
             raise BackendError("the model is closed")
-        if not getattr(self.seq, "live", True):
-            self.seq = self.model.sequence()
+        if self.owner is not None:
+            self.owner.used(self)
+        if self.seq is None or not getattr(self.seq, "live", True):
+            self.seq = self.owner.lease(self) if self.owner is not None else self.model.sequence()
 
 
 def _messages(messages) -> list[dict]:

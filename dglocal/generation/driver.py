@@ -2,7 +2,8 @@
 (`Model.encode_batch`) and every pending canvas through one batched decoder pass (`Model.denoise_batch`), so N
 active generations cost one forward per step instead of N. A single `stream` is the same driver with one member.
 A generation that finishes leaves; a new one joins at the next tick; one that is cancelled is dropped (its
-sequence keeps the prompt and the committed blocks).
+sequence keeps the prompt and the committed blocks). A batched call that fails is retried member by member
+(`encode_batch` is all or nothing), so one bad member ends only its own generation.
 
     completions = generate_many(model, prompts, seed=0, max_new_tokens=64)
 """
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DglocalError
 from .events import Completion, Event
-from .grammar import grammar_options
+from .grammar import CanvasGrammar, GrammarSpec, grammar_options
 from .loop import DenoiseCall, EncodeCall, Generation, split_options
-from .request import SeedSource, derive_seed, plan
+from .request import RequestPlan, SeedSource, derive_seed, plan
 
 
 @dataclass(eq=False)
@@ -36,6 +37,8 @@ class Driver:
     model: object
     jobs: list[Job] = field(default_factory=list)
     turn: int = 0  # whose LoRA scales the next tick serves, when generations differ in them
+    scales: tuple | None = None  # the LoRA scales served now
+    holding: list = field(default_factory=list)  # the jobs whose canvases keep `scales` until they end
 
     def add(self, gen: Generation, on_event: Callable = lambda e: None, tag=None) -> Job:
         job = Job(gen, on_event, tag)
@@ -56,33 +59,42 @@ class Driver:
             self._encode(encodes)
         denoising = [j for j in serving if not j.done and isinstance(j.gen.pending, DenoiseCall)]
         if denoising:
-            results = self.model.denoise_batch([j.gen.pending.request() for j in denoising])
-            for job, result in zip(denoising, results):
-                self._take(job, result)
+            self._denoise(denoising)
         ended = [j for j in self.jobs if j.done]
         self.jobs = [j for j in self.jobs if not j.done]
         return ended
 
     def _lora_turn(self) -> list[Job]:
-        """The jobs of this tick: all of them, or, where their LoRA scales differ, those sharing the scales of
-        the job whose turn it is (turns rotate, so none waits for ever); the model is set to those scales."""
+        """The jobs of this tick: all of them, or, where their LoRA scales differ, those sharing one set of
+        scales. A set holds until the canvases that were running when it was chosen have ended (a switch makes
+        llama.cpp reserve its graphs again: once a canvas, not once a step); then the turn passes to the next job
+        (turns rotate, so none waits for ever). The model is set to the scales served."""
         if not self.jobs:
             return []
-        self.turn %= len(self.jobs)
-        scales = self.jobs[self.turn].gen.lora
-        self.turn += 1
-        serving = [j for j in self.jobs if j.gen.lora == scales]
-        if scales:
-            self.model.adapters.apply(self.model, scales)
+        live = [j for j in self.holding if j in self.jobs and _mid_canvas(j)]
+        if self.scales is None or not live or not any(j.gen.lora == self.scales for j in self.jobs):
+            self.turn %= len(self.jobs)
+            self.scales = self.jobs[self.turn].gen.lora
+            self.turn += 1
+            live = [j for j in self.jobs if j.gen.lora == self.scales]
+        self.holding = live
+        serving = [j for j in self.jobs if j.gen.lora == self.scales]
+        if self.scales:
+            self.model.adapters.apply(self.model, self.scales)
         return serving
 
     def _encode(self, jobs: list[Job]) -> None:
+        calls = [(j.gen.pending.seq, j.gen.pending.tokens) for j in jobs]
+        held = [len(seq.tokens) for seq, _ in calls]
         try:
-            self.model.encode_batch([(j.gen.pending.seq, j.gen.pending.tokens) for j in jobs])
+            self.model.encode_batch(calls)
         except DglocalError:  # one of them does not fit its context, say: run them one by one, each its own fate
-            for job in jobs:
+            for job, call, n in zip(jobs, calls, held):
                 try:
-                    self.model.encode_batch([(job.gen.pending.seq, job.gen.pending.tokens)])
+                    if len(call[0].tokens) != n:  # encode_batch could not take its part back: never encode twice
+                        raise DglocalError(f"the failed batch left sequence {call[0].seq_id} at "
+                                           f"{len(call[0].tokens)} tokens instead of {n}")
+                    self.model.encode_batch([call])
                 except Exception as e:  # noqa: BLE001
                     job.done, job.error = True, e
                 else:
@@ -90,6 +102,23 @@ class Driver:
             return
         for job in jobs:
             self._take(job, None)
+
+    def _denoise(self, jobs: list[Job]) -> None:
+        try:
+            results = self.model.denoise_batch([j.gen.pending.request() for j in jobs])
+        except DglocalError:  # one bad canvas (its filters, its room in the cache): each alone, its own fate
+            if len(jobs) == 1:
+                raise
+            for job in jobs:
+                try:
+                    result = self.model.denoise_batch([job.gen.pending.request()])[0]
+                except Exception as e:  # noqa: BLE001
+                    job.done, job.error = True, e
+                else:
+                    self._take(job, result)
+            return
+        for job, result in zip(jobs, results):
+            self._take(job, result)
 
     def _take(self, job: Job, result) -> None:
         try:
@@ -102,29 +131,69 @@ class Driver:
         job.done = job.gen.pending is None
 
 
-def start(model, prompt, seq, **options) -> Generation:
-    """A Generation of `prompt` on `seq`: options are the plan's (GenerationConfig fields, `seeds` for a None
-    seed, cache_prompt) and Generation's own (noise, constraints, guide, guide_restarts, grammar, with the
-    shorthands json_schema= and regex=)."""
+def _mid_canvas(job: Job) -> bool:
+    """Its next pass continues a canvas (self-conditioned on the last): not its first step, not an encode."""
+    call = job.gen.pending
+    return isinstance(call, DenoiseCall) and call.self_condition
+
+
+@dataclass
+class Prepared:
+    """A request made ready for any sequence: its plan (prompt tokens, images encoded, settings, seed) and
+    Generation's own options with the grammar compiled. Preparing touches no cache: it may run on any thread."""
+
+    plan: RequestPlan
+    own: dict
+
+
+def prepare(model, prompt, **options) -> Prepared:
+    """The one preparation of a request, for the Python API, the chat and the server: options are the plan's
+    (GenerationConfig fields, `seeds` for a None seed, cache_prompt, images) and Generation's own (noise,
+    constraints, guide, guide_restarts, grammar, with the shorthands json_schema= and regex=). A grammar the
+    engine cannot use is a ConfigError whose `param` is "grammar"."""
     settings, own = split_options(grammar_options(options))
-    return Generation(model, plan(model, prompt, **settings), seq, **own)
+    request_plan = plan(model, prompt, **settings)
+    if isinstance(own.get("grammar"), GrammarSpec):
+        try:
+            own["grammar"] = CanvasGrammar(model, own["grammar"], request_plan.eos_ids,
+                                           max_tokens=request_plan.config.max_new_tokens)
+        except ConfigError as e:
+            e.param = "grammar"
+            raise
+    return Prepared(request_plan, own)
+
+
+def attach(model, prepared: Prepared, seq) -> Generation:
+    """The prepared request on `seq` (held by the caller): what the cache shares with the prompt is kept, the
+    first call is pending. A Prepared is attached once (its grammar follows one generation)."""
+    return Generation(model, prepared.plan, seq, **prepared.own)
+
+
+def start(model, prompt, seq, **options) -> Generation:
+    """A Generation of `prompt` on `seq`: prepare, then attach."""
+    return attach(model, prepare(model, prompt, **options), seq)
 
 
 def stream(model, prompt, *, seq=None, **options) -> Iterator[Event]:
     """Generate after `prompt` (text or token ids) on `seq` (default: a fresh sequence of `model`): yields every
     Step, a BlockText per block and the Completion. Only what follows the longest common prefix with what `seq`
     holds is encoded. Options: see `start`."""
-    gen = start(model, prompt, seq if seq is not None else model.sequence(), **options)
-    driver, events = Driver(model), deque()
-    job = driver.add(gen, events.append)
-    while True:
-        while events:
-            yield events.popleft()
-        if job.done:
-            break
-        driver.tick()
-    if job.error is not None:
-        raise job.error
+    own = model.sequence() if seq is None else None  # a lease of its own, given back however the stream ends
+    try:
+        gen = start(model, prompt, seq if own is None else own, **options)
+        driver, events = Driver(model), deque()
+        job = driver.add(gen, events.append)
+        while True:
+            while events:
+                yield events.popleft()
+            if job.done:
+                break
+            driver.tick()
+        if job.error is not None:
+            raise job.error
+    finally:
+        if own is not None:
+            own.release()
 
 
 def generate(model, prompt, **options) -> Completion:
@@ -134,12 +203,33 @@ def generate(model, prompt, **options) -> Completion:
     return event
 
 
-def run_many(model, specs: Sequence[tuple[object, dict]], *, on_event: Callable | None = None) -> list[Completion]:
-    """Generate for every (prompt, options) in `specs`, up to model.n_seq_max at a time, each on its own
-    sequence; returns the Completions in input order. on_event(index, event) sees every event."""
+def run_many(model, specs: Sequence[tuple[object, dict]], *, on_event: Callable | None = None,
+             sequences: Sequence | None = None) -> list[Completion]:
+    """Generate for every (prompt, options) in `specs`, as many at a time as there are `sequences` (default: the
+    model's free ones, leased for the call), each on its own; returns the Completions in input order.
+    on_event(index, event) sees every event."""
     results: list[Completion | None] = [None] * len(specs)
     waiting = deque(range(len(specs)))
-    free = deque(range(model.n_seq_max))
+    leased = sequences is None
+    if leased:
+        sequences = lease_free(model, len(specs))
+    try:
+        _run_many(model, specs, on_event, results, waiting, deque(sequences))
+    finally:
+        for seq in sequences if leased else ():
+            seq.release()
+    return results
+
+
+def lease_free(model, n: int) -> list:
+    """Up to n of the model's free sequences (at least one: ConfigError when every one is held)."""
+    out = [model.sequence()]
+    while len(out) < n and len(model.held()) < model.n_seq_max:
+        out.append(model.sequence())
+    return out
+
+
+def _run_many(model, specs, on_event, results, waiting, free) -> None:
     driver = Driver(model)
 
     def collector(i):
@@ -152,23 +242,24 @@ def run_many(model, specs: Sequence[tuple[object, dict]], *, on_event: Callable 
 
     while waiting or driver.jobs:
         while waiting and free:
-            i, seq_id = waiting.popleft(), free.popleft()
+            i, seq = waiting.popleft(), free.popleft()
             prompt, options = specs[i]
-            driver.add(start(model, prompt, model.sequence(seq_id), **options), collector(i), tag=seq_id)
+            seq.rewind(0)  # an earlier generation's cache: this one shares nothing with it
+            driver.add(start(model, prompt, seq, **options), collector(i), tag=seq)
         for job in driver.tick():
             free.append(job.tag)
             if job.error is not None:
                 for other in list(driver.jobs):
                     driver.cancel(other)
                 raise job.error
-    return results
 
 
 def generate_many(model, prompts: Sequence, *, seed: int | None = None, seeds: SeedSource | None = None,
-                  **options) -> list[Completion]:
+                  sequences: Sequence | None = None, **options) -> list[Completion]:
     """`generate` for every prompt, batched: prompt i draws its noise from (seed, i), so its result is the same
     whatever the batch size or the other prompts. Without a seed, the run's seed is drawn from `seeds`."""
     if isinstance(prompts, (str, bytes)):
         raise ConfigError("generate_many takes a list of prompts")
     base = (seeds or SeedSource()).next() if seed is None else seed
-    return run_many(model, [(p, dict(options, seed=derive_seed(base, i))) for i, p in enumerate(prompts)])
+    return run_many(model, [(p, dict(options, seed=derive_seed(base, i))) for i, p in enumerate(prompts)],
+                    sequences=sequences)

@@ -153,6 +153,15 @@ class Request:
             at = end
         return Edited("".join(pieces) + self.text[at:], changes, completion)
 
+    def generated(self, completion: Completion) -> int:
+        """The tokens the model wrote: each free region's, up to its first end or pad token (the pinned text and
+        the fillers are not the completion's)."""
+        close, tokens, n = set(self.options["fillers"]), completion.tokens, 0
+        for a, b in self.layout.regions:
+            region = tokens[a:b]
+            n += next((i for i, t in enumerate(region) if t in close), len(region))
+        return n
+
 
 def edit_request(model, text: str, spans, *, prompt=None, room: int = 0, **options) -> Request:
     """Re-noise the character `spans` of `text` and denoise them with everything else pinned. `prompt`: what comes

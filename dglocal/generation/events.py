@@ -4,6 +4,7 @@ dispatch on it (`handlers[event.kind](event)`) instead of testing classes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -78,6 +79,6 @@ class Completion(Event):
     def content(self) -> str:
         return split(self.text, tools=True).content
 
-    @property
+    @cached_property  # once: each call's id stays what a tool reply was built from
     def tool_calls(self) -> list:
         return split(self.text, tools=True).tool_calls

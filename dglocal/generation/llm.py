@@ -10,11 +10,12 @@ The runtime Model's own attributes and methods (tokenize, sequence, n_ctx, ...) 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 
 from ..errors import ConfigError
 from .chat import ChatSession
-from .driver import generate_many, stream
+from .driver import generate_many, lease_free, stream
 from .editing import edit_request, infill_request
 from .request import SeedSource
 
@@ -48,6 +49,7 @@ class LLM:
         self.seeds = SeedSource(seed)
         self.exclusive = Exclusive()  # the model has one cache: generations take turns on it
         self._seq = None  # the sequence stream() reuses across calls (its prompt cache)
+        self._users: list = []  # weak references to whoever holds one of the model's sequences, idle longest first
 
     def __getattr__(self, name):
         if name == "model":  # not set yet (a failed __init__): no recursion
@@ -74,8 +76,42 @@ class LLM:
     def _stream(self, prompt, options):
         self.model.check_open()
         if self._seq is None or not self._seq.live:
-            self._seq = self.model.sequence()
+            self._seq = self.lease(self)
+        self.used(self)
         return stream(self.model, prompt, seq=self._seq, seeds=self.seeds, **options)
+
+    def sequence(self, seq_id: int | None = None):
+        """A lease on one of the model's sequences (runtime Model.sequence), yours until you release it: where
+        none is free (or `seq_id` is not), an idle session or chat of this LLM gives its own back (it re-encodes
+        its history when it next runs); sequences others hold are never taken."""
+        self.model.check_open()
+        with self.exclusive.hold("sequence"):
+            return self.lease(None, seq_id)
+
+    def lease(self, user, seq_id: int | None = None):
+        """A sequence for `user` (this LLM's own session or one of its chats, None for a caller of sequence());
+        the model is held by the caller: a free one, else the one whose user has been idle longest is released
+        (that user re-encodes its history when it next runs). Nobody's sequence is taken while it generates."""
+        if user is not None:
+            self.used(user)
+        mine = self._held_by(weakref.ref(user)) if user is not None else None
+        while True:
+            try:
+                return self.model.sequence(seq_id)
+            except ConfigError:
+                idle = next((seq for seq in map(self._held_by, self._users) if seq is not None and seq.live and
+                             seq is not mine and seq_id in (None, seq.seq_id)), None)
+                if idle is None:
+                    raise
+                idle.release()
+
+    def used(self, user) -> None:
+        """`user` ran last (the longest idle is released first)."""
+        self._users = [r for r in self._users if r() is not None and r() is not user] + [weakref.ref(user)]
+
+    def _held_by(self, ref):
+        user = ref() if ref is not None else None
+        return None if user is None else user._seq if user is self else getattr(user, "seq", None)
 
     def generate(self, prompt, **options):
         """Run `stream` to the end: a Completion with text, tokens, finish_reason and stats. `draft=` (text or
@@ -102,12 +138,19 @@ class LLM:
         from (seed, i): its result does not depend on the batch. A list of Completions."""
         self.model.check_open()
         with self.exclusive.hold("generate_many"):
-            return generate_many(self.model, prompts, seed=seed, seeds=self.seeds, **options)
+            seqs = lease_free(self.model, self.model.n_seq_max) if len(self.model.held()) < self.model.n_seq_max \
+                else [self.lease(None)]
+            try:
+                return generate_many(self.model, prompts, seed=seed, seeds=self.seeds, sequences=seqs, **options)
+            finally:
+                for seq in seqs:
+                    seq.release()
 
     def chat(self, messages=None, **options) -> ChatSession:
         """A multi-turn ChatSession over the GGUF chat template that keeps the KV cache across turns."""
         self.model.check_open()
-        return ChatSession(self.model, messages, seeds=self.seeds, exclusive=self.exclusive, **options)
+        return ChatSession(self.model, messages, seeds=self.seeds, exclusive=self.exclusive, owner=self,
+                           **options)
 
     @property
     def session_sequence(self):

@@ -111,9 +111,11 @@ class Generation:
         cfg = plan.config
         self.sampling = sampling(cfg.top_k, cfg.top_p, cfg.min_p)
         self.sampling = self.sampling if self.sampling.active else None
-        if grammar is not None and not isinstance(grammar, GrammarSpec):
+        if grammar is not None and not isinstance(grammar, (GrammarSpec, CanvasGrammar)):
             raise ConfigError(f"grammar must be a GrammarSpec, got {type(grammar).__name__}")
-        self.grammar = CanvasGrammar(model, grammar, plan.eos_ids) if grammar is not None else None
+        if isinstance(grammar, GrammarSpec):
+            grammar = CanvasGrammar(model, grammar, plan.eos_ids, max_tokens=plan.config.max_new_tokens)
+        self.grammar = grammar  # or one compiled when the request was prepared (serving.prepare), for this plan
         self.t_start = time.perf_counter()
         self.cached = reuse(seq, plan, self.lora)  # prompt tokens the sequence already holds
         self.out: list[int] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import ConfigError, ModelError
 
 MAX_SCALE = 1e4
+MAX_ALPHA = 1e6  # PEFT's lora_alpha is 8..1024 in practice; llama.cpp multiplies by alpha / rank as it is
 
 
 @dataclass
@@ -59,6 +60,25 @@ def check_scale(value, what: str) -> float:
     return float(value)
 
 
+def check_alpha(path: Path) -> None:
+    """An adapter's `adapter.lora.alpha`, which llama.cpp takes as it is: NaN or inf turns every token to garbage,
+    so does a huge one. A file that is not a GGUF is left to llama.cpp's own load (its error)."""
+    from .gguf import read_header
+
+    try:
+        alpha = read_header(path).kv.get("adapter.lora.alpha")
+    except ModelError:
+        return
+    if alpha is None:
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or \
+            not 0 <= alpha <= MAX_ALPHA:
+        shown = f"{alpha:.7g}" if isinstance(alpha, float) else f"{alpha!r:.40}"
+        raise ModelError(f"LoRA adapter {path}: adapter.lora.alpha is {shown}; it must be a number in "
+                         f"0..{MAX_ALPHA:g} (0: the scale alone; a negative one flips the adapter, which a negative "
+                         "scale does: --lora-scaled FILE -1)")
+
+
 class Adapters:
     def __init__(self, nat, ctx, adapters: list[Adapter]):
         self._nat, self._ctx, self.list = nat, ctx, adapters
@@ -72,6 +92,7 @@ class Adapters:
             p = Path(path)
             if not p.is_file():
                 raise ModelError(f"LoRA adapter {p}: no such file")
+            check_alpha(p)
             handle = model.native(nat.llama_adapter_lora_init, model._model, os.fsencode(p))
             if not handle:
                 raise ModelError(f"LoRA adapter {p}: llama.cpp could not load it for {model.path.name}: "
@@ -92,6 +113,11 @@ class Adapters:
                                   "this model was loaded without LoRA adapters (--lora FILE)")
             scales[int(key)] = check_scale(scale, f"the scale of LoRA adapter {key}")
         return tuple(scales)
+
+    @property
+    def applied(self) -> tuple:
+        """The scales the context's passes run with now (() without adapters)."""
+        return self._applied or ()
 
     def set_default(self, changes) -> None:
         """New loaded scales (llama-server's POST /lora-adapters)."""

@@ -2,7 +2,7 @@
 of generation: those are dglocal.generation's).
 
     model = Model("model.gguf", n_ctx=4096)             # or LoadOptions(...); dglocal.load wraps it in an LLM
-    seq = model.sequence()
+    seq = model.sequence()                             # a lease on a free KV-cache sequence
     seq.prefill(model.tokenize("Hello"))               # encoder, causal, writes the KV cache
     out = seq.denoise(canvas, temperature=0.8)         # decoder over the canvas, cache untouched
     seq.commit(out.argmax)                             # encoder over the finished block
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -67,7 +69,8 @@ class Model:
         except BaseException:
             self.close()
             raise
-        self._sequences: dict[int, Sequence] = {}  # the live sequence of each id
+        self._sequences: dict[int, weakref.ref] = {}  # the Sequence holding each id (dropped: the id is free)
+        self._leasing = threading.Lock()
 
     def _open(self, opts: LoadOptions, where) -> None:
         from . import native as nat
@@ -136,9 +139,11 @@ class Model:
     def native(self, fn, *args):
         """Run a native call on the worker thread. Ctrl-C meanwhile sets the abort flag, which llama.cpp polls
         between graph nodes; the KeyboardInterrupt is raised here once the stopped call has returned."""
-        future = self._worker.submit(fn, *args)
+        future = self._worker.submit(self._nat.logged, fn, *args)
         try:
-            return future.result()
+            result, errors = future.result()
+            self._nat.keep_errors(errors)  # last_errors() on this thread explains a failed call, as if made here
+            return result
         except KeyboardInterrupt:
             self._abort.value = 1
             try:
@@ -156,6 +161,12 @@ class Model:
         self._stack.close()
         self._ctx = self._model = None
         self._sequences = {}
+
+    def abort(self, on: bool = True) -> None:
+        """Raise (or lower) the flag llama.cpp polls between graph nodes: a running pass stops early and fails,
+        and so does every pass until it is lowered (a server shutting down: its last step ends now)."""
+        if not self.closed:
+            self._abort.value = int(on)
 
     @property
     def closed(self) -> bool:
@@ -218,20 +229,43 @@ class Model:
 
     # -- sequences and generation ---------------------------------------------------------------------------
 
-    def sequence(self, seq_id: int = 0) -> "Sequence":
-        """KV-cache sequence `seq_id` (0..n_seq_max-1), emptied; an earlier Sequence of that id becomes unusable."""
+    def sequence(self, seq_id: int | None = None) -> "Sequence":
+        """A lease on a KV-cache sequence, emptied: `seq_id` (0..n_seq_max-1), or the lowest id no Sequence holds.
+        It is held until `release()` (or the end of a `with`, or until the Sequence is dropped); asking for a held
+        id, or for one when all are held, is a ConfigError: a Sequence never clears another's cache."""
         self.check_open()
         if self.no_alloc:
             raise ConfigError(f"{self.path.name} was loaded with no_alloc (sizes only): it cannot run")
-        seq_id = checks.integer("seq_id", seq_id, 0, self.n_seq_max - 1)
-        self._sequences[seq_id] = Sequence(self, seq_id)
-        return self._sequences[seq_id]
+        with self._leasing:
+            held = self.held()
+            if seq_id is None:
+                free = [i for i in range(self.n_seq_max) if i not in held]
+                if not free:
+                    raise ConfigError(f"all {self.n_seq_max} sequences of this model are held (n_seq_max "
+                                      f"{self.n_seq_max}): release one (Sequence.release()) or load with a larger "
+                                      "n_seq_max")
+                seq_id = free[0]
+            seq_id = checks.integer("seq_id", seq_id, 0, self.n_seq_max - 1)
+            if seq_id in held:
+                raise ConfigError(f"sequence {seq_id} is held by another Sequence: release() it first")
+            seq = Sequence(self, seq_id)
+            self._sequences[seq_id] = weakref.ref(seq)
+        return seq
+
+    def held(self) -> set[int]:
+        """The ids a live Sequence holds."""
+        return {i for i, ref in self._sequences.items() if ref() is not None}
+
+    def _holder(self, seq_id: int):
+        ref = self._sequences.get(seq_id)
+        return ref() if ref is not None else None
 
     def encode_batch(self, items, *, all_logits: bool = False) -> None:
-        """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches, in as
-        few llama_decode calls as the batch size allows (llama.cpp splits them into micro-batches); the logits of
-        the last token are kept (llama_get_logits_ith(-1)), or of every token of the last chunk with all_logits."""
-        work, with_images = [], []
+        """The causal encoder over (sequence, tokens) pairs of distinct sequences, appended to their caches; the
+        logits of the last token are kept (llama_get_logits_ith(-1)), or of every token of the last chunk with
+        all_logits. Each sequence's tokens go through the same micro-batches as they would alone (see _together),
+        so its cache does not depend on what else was encoded with it."""
+        texts, with_images = [], []
         for seq, tokens in items:
             self._own(seq)
             toks = self._prompt_ids(tokens)
@@ -239,19 +273,46 @@ class Model:
                 raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
             if toks.size and toks.max() >= self.n_vocab:
                 with_images.append((seq, toks))
-            else:
-                work += [(seq, int(t)) for t in toks]
+            elif toks.size:
+                texts.append((seq, toks))
         if len({id(s) for s, _ in items}) != len(items):
             raise ConfigError("encode_batch: each sequence may appear once per call")
+        before = [(seq, len(seq.tokens)) for seq, _ in items]
         batch = self._nat.llama_batch_init(self.n_ubatch, 0, 1)
         try:
             for seq, toks in with_images:  # text and image blocks in turn, each sequence on its own
-                self._encode_blocks(batch, seq, toks, all_logits and not work and seq is with_images[-1][0])
-            self._encode_text(batch, work, last=True, every=all_logits)
+                self._encode_blocks(batch, seq, toks, all_logits and not texts and seq is with_images[-1][0])
+            for group in self._together(texts):
+                self._encode_text(batch, [(seq, int(t)) for seq, toks in group for t in toks], last=True,
+                                  every=all_logits)
+        except BaseException:
+            # all or nothing: the chunks and image blocks that did go in leave again, so a caller may retry the
+            # whole call (a batch that failed may have failed for one of its sequences only)
+            for seq, n in before:
+                seq._restore(n)
+            raise
         finally:
             self._nat.llama_batch_free(batch)
+        stamp = self.adapters.applied if self.adapters is not None else ()
         for seq, tokens in items:
+            seq.lora = stamp  # the scales its cache was encoded with: a prefix is reused only under the same
             seq._encoded(len(tokens))
+
+    def _together(self, texts: list) -> list[list]:
+        """The sequences that share llama_decode calls: those with as many tokens as each other, while they fit one
+        micro-batch together (the commits of a step's canvases). With a cache stream per sequence llama.cpp cuts
+        a call into micro-batches of equal pieces of each sequence, so a longer prompt beside a shorter one would
+        be encoded in other pieces than alone, and its keys would round otherwise; it goes on its own."""
+        groups: dict[int, list] = {}
+        out: list[list] = []
+        for seq, toks in texts:
+            group = groups.setdefault(toks.size, [])
+            if (len(group) + 1) * toks.size > self.n_ubatch:
+                if group:
+                    out.append(group)
+                group = groups[toks.size] = []
+            group.append((seq, toks))
+        return out + [g for g in groups.values() if g]
 
     def _encode_text(self, batch, work: list, *, last: bool, every: bool) -> None:
         """(sequence, token) pairs in chunks of a micro-batch; with `last`, the final chunk keeps its logits."""
@@ -286,11 +347,9 @@ class Model:
             raise ConfigError(f"an image of {len(embd)} tokens stands at {len(run)} prompt positions")
         data = np.ascontiguousarray(embd, dtype=np.float32)
         for _ in range(len(run) // len(embd)):  # the same image twice in a row: one block each
-            p0 = len(seq.tokens)
             status = self.native(self._nat.llama_dg_encode_embd, self._ctx, seq.seq_id,
                                  data.ctypes.data_as(self._nat.c_float_p), len(embd), logits)
-            if status != 0:
-                seq.rewind(p0)
+            if status != 0:  # encode_batch takes back what the call put in
                 err = ContextError if status == -4 else BackendError
                 raise err(f"encoder pass over an image failed: {self._nat.DG_STATUS.get(status, status)}: "
                           f"{self._nat.last_errors()}")
@@ -316,10 +375,7 @@ class Model:
             batch.logits[i] = last and (every or i == len(chunk) - 1)
         batch.n_tokens = len(chunk)
         ret = self.native(self._nat.llama_decode, self._ctx, batch)
-        if ret != 0:
-            # a failed micro-batch may leave part of the chunk in the caches: drop it, they stay consistent
-            for seq, p in pos0.items():
-                seq.rewind(p)  # the tokens list still ends at p
+        if ret != 0:  # part of the chunk may be in the caches: encode_batch takes every chunk of the call back
             raise BackendError(f"encoder pass failed (llama_decode returned {ret}): {self._nat.last_errors()}")
         for seq, tok in chunk:
             seq.tokens.append(tok)
@@ -331,11 +387,24 @@ class Model:
         items = [self._request(*r) for r in requests]
         if len({id(r[0]) for r in items}) != len(items):
             raise ConfigError("denoise_batch: each sequence may appear once per call")
+        out: dict[int, Denoised] = {}
+        for group in self._groups(items):
+            out.update(zip((id(r[0]) for r in group), self._denoise_group(group, return_logits)))
+        return [out[id(r[0])] for r in items]
+
+    def _groups(self, items: list) -> list[list]:
+        """The canvases of one call in passes llama.cpp runs as one micro-batch each: with a cache stream per
+        sequence its split keeps only consecutive sequence ids together (sequences 0 and 2 would go in two
+        micro-batches, the first one's pass run but its results lost), and at most n_ubatch tokens."""
         per = max(1, self.n_ubatch // self.canvas_length)
-        out: list[Denoised] = []
-        for k in range(0, len(items), per):
-            out += self._denoise_group(items[k:k + per], return_logits)
-        return out
+        groups: list[list] = []
+        for item in sorted(items, key=lambda r: r[0].seq_id):
+            last = groups[-1] if groups else None
+            if last and len(last) < per and item[0].seq_id == last[-1][0].seq_id + 1:
+                last.append(item)
+            else:
+                groups.append([item])
+        return groups
 
     def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None):
         """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool,
@@ -395,23 +464,36 @@ class Sequence:
         self.seq_id = seq_id
         self._nat = model._nat
         self._mem = self._nat.llama_get_memory(model._ctx)
-        self._nat.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        # a free id (Model.sequence leases it): whatever a former holder left goes, on the model's native thread
+        model.native(self._nat.llama_memory_seq_rm, self._mem, seq_id, -1, -1)
         self.tokens: list[int] = []  # what its cache holds
         self._window = None if model.swa_full else swa.Checkpoints(
-            model._ctx, seq_id, model.sliding_window, model.swa_checkpoints)
+            model._ctx, seq_id, model.sliding_window, model.swa_checkpoints, call=model.native)
         self.n_encoded = 0  # tokens its encoder passes appended (prompts, commits, re-encodes)
         self.n_denoise = 0  # decoder passes run on it
         self.lora: tuple = ()  # the LoRA scales its cache was encoded with (a prefix is reused only under the same)
 
     @property
     def live(self) -> bool:
-        """False once the model is closed or a newer model.sequence() has taken over the context's cache."""
-        return not self.model.closed and self.model._sequences.get(self.seq_id) is self
+        """False once the model is closed or the sequence was released."""
+        return not self.model.closed and self.model._holder(self.seq_id) is self
 
     def _check_live(self) -> None:
         self.model.check_open()
-        if self.model._sequences.get(self.seq_id) is not self:
-            raise BackendError("this sequence was replaced by a newer model.sequence() and its cache is gone")
+        if self.model._holder(self.seq_id) is not self:
+            raise BackendError(f"sequence {self.seq_id} was released: its cache is no longer this Sequence's")
+
+    def release(self) -> None:
+        """Give the id back (Model.sequence leases it again, emptied); this Sequence stops working."""
+        with self.model._leasing:
+            if self.model._holder(self.seq_id) is self:
+                del self.model._sequences[self.seq_id]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
     @property
     def n_past(self) -> int:
@@ -466,13 +548,27 @@ class Sequence:
         sliding cache that lost the keys n needs, its latest checkpoint before n (0 without one). Returns the
         new length; the caller encodes the rest (generate does it with the new prompt)."""
         self._check_live()
-        n = self._image_start(checks.integer("truncate length", n, 0, len(self.tokens)))
-        if not self._nat.llama_memory_seq_rm(self._mem, self.seq_id, n, -1):
+        return self._cut(self._image_start(checks.integer("truncate length", n, 0, len(self.tokens))))
+
+    def _cut(self, n: int) -> int:
+        if not self.model.native(self._nat.llama_memory_seq_rm, self._mem, self.seq_id, n, -1):
             raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
         if self._window:  # its checkpoints are taken after whole encoder calls: never inside an image's block
             n = self._window.rewind(n)
         del self.tokens[n:]
         return n
+
+    def _restore(self, n: int) -> None:
+        """After a failed encoder call: the cache back to the n tokens it held before it, exactly (a windowed
+        cache whose keys the call pushed out re-encodes from its checkpoint). Where even that fails, it holds
+        fewer, and `tokens` says how many."""
+        held = self.tokens[:n]
+        k = self._cut(n)
+        if k < n:
+            try:
+                self.model.encode_batch([(self, held[k:n])])
+            except Exception:  # noqa: BLE001 (the first failure is the one the caller sees)
+                pass
 
     def _image_start(self, n: int) -> int:
         """n, or where the image block that n falls inside starts: a block is encoded whole (its tokens see each

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections import deque
 
 from dglocal.errors import BUILD_HINT, BackendError
@@ -143,29 +144,50 @@ DG_STATUS = {
     -7: "interrupted",
 }
 
-# llama.cpp logs to stderr by default; keep its errors to explain failed calls, print only with DGLOCAL_DEBUG
+# llama.cpp logs to stderr by default; keep its errors to explain failed calls, print only with DGLOCAL_DEBUG.
+# Each thread keeps its own: llama.cpp logs on the thread that makes the call, and contexts on several threads (a
+# Sudoku race's workers) fail apart, so none reports or clears another's errors.
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 3, 4, 5
-_log_tail: deque[str] = deque(maxlen=20)
-_last_level = 0
+_logs = threading.local()
+
+
+def _log() -> threading.local:
+    if not hasattr(_logs, "tail"):
+        _logs.tail, _logs.level = deque(maxlen=20), 0
+    return _logs
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _log_callback(level, text, _user_data):
-    global _last_level
+    log = _log()
     if level != GGML_LOG_LEVEL_CONT:
-        _last_level = level
+        log.level = level
     msg = text.decode("utf-8", "replace") if text else ""
-    if _last_level >= GGML_LOG_LEVEL_ERROR:
-        _log_tail.append(msg.rstrip())
+    if log.level >= GGML_LOG_LEVEL_ERROR:
+        log.tail.append(msg.rstrip())
     if os.environ.get("DGLOCAL_DEBUG"):
         os.write(2, msg.encode())
 
 
 def last_errors() -> str:
-    """The errors llama.cpp logged since the last call of this function, joined into one string."""
-    text = " ".join(m for m in _log_tail if m)
-    _log_tail.clear()
+    """The errors llama.cpp logged on this thread since the last call of this function, joined into one string."""
+    tail = _log().tail
+    text = " ".join(m for m in tail if m)
+    tail.clear()
     return text
+
+
+def logged(fn, *args):
+    """(fn(*args), the errors llama.cpp logged meanwhile on this thread): for a call made on another thread
+    (Model.native's worker), whose errors keep_errors hands to the thread that asked for it."""
+    last_errors()  # this thread's earlier errors are not this call's
+    return fn(*args), last_errors()
+
+
+def keep_errors(errors: str) -> None:
+    """Errors another thread logged for this one's call: its next last_errors() returns them."""
+    if errors:
+        _log().tail.append(errors)
 
 
 _initialized = False

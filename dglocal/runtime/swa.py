@@ -68,15 +68,17 @@ class Checkpoint:
 class Checkpoints:
     """The saved sliding-layer states of one windowed sequence, newest last, at most `keep`."""
 
-    def __init__(self, ctx, seq_id: int, window: int, keep: int):
+    def __init__(self, ctx, seq_id: int, window: int, keep: int, call=None):
+        """`call(fn, *args)` runs a native call (the model's worker thread: Model.native); default: here."""
         from . import native  # loaded with the first model, not by the sizing functions above
 
         self._nat, self._ctx, self.seq_id, self.window, self.keep = native, ctx, seq_id, window, keep
+        self._call = call or (lambda fn, *args: fn(*args))
         self._mem = native.llama_get_memory(ctx)
         self.saved: list[Checkpoint] = []
 
     def _pos_min(self) -> int:
-        return self._nat.llama_memory_seq_pos_min(self._mem, self.seq_id)
+        return self._call(self._nat.llama_memory_seq_pos_min, self._mem, self.seq_id)
 
     def intact(self, n: int) -> bool:
         """Whether a sequence cut back to n tokens still has the sliding keys position n will read."""
@@ -90,9 +92,9 @@ class Checkpoints:
         if self.keep == 0 or self._pos_min() <= 0 or (self.saved and self.saved[-1].n_tokens == n_tokens):
             return
         flags = self._nat.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
-        size = self._nat.llama_state_seq_get_size_ext(self._ctx, self.seq_id, flags)
+        size = self._call(self._nat.llama_state_seq_get_size_ext, self._ctx, self.seq_id, flags)
         data = (ctypes.c_uint8 * size)()
-        if self._nat.llama_state_seq_get_data_ext(self._ctx, data, size, self.seq_id, flags) != size:
+        if self._call(self._nat.llama_state_seq_get_data_ext, self._ctx, data, size, self.seq_id, flags) != size:
             return  # no checkpoint: a later deep truncation re-encodes from the start
         self.saved.append(Checkpoint(n_tokens, data))
         del self.saved[:-self.keep]
@@ -106,10 +108,11 @@ class Checkpoints:
         flags = self._nat.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         while self.saved:
             ck = self.saved[-1]
-            if self._nat.llama_state_seq_set_data_ext(self._ctx, ck.data, len(ck.data), self.seq_id, flags):
-                self._nat.llama_memory_seq_rm(self._mem, self.seq_id, ck.n_tokens, -1)
+            if self._call(self._nat.llama_state_seq_set_data_ext, self._ctx, ck.data, len(ck.data), self.seq_id,
+                          flags):
+                self._call(self._nat.llama_memory_seq_rm, self._mem, self.seq_id, ck.n_tokens, -1)
                 if self.intact(ck.n_tokens):
                     return ck.n_tokens
             self.saved.pop()
-        self._nat.llama_memory_seq_rm(self._mem, self.seq_id, -1, -1)
+        self._call(self._nat.llama_memory_seq_rm, self._mem, self.seq_id, -1, -1)
         return 0

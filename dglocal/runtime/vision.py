@@ -16,8 +16,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import io
+import itertools
 import math
 import os
+import stat
+import struct
 import threading
 import weakref
 from collections import OrderedDict
@@ -52,35 +55,79 @@ class Image:
         return self.pixels.shape[1], self.pixels.shape[0]
 
 
-def load_image(source, *, max_bytes: int = MAX_BYTES) -> Image:
+def load_image(source, *, max_bytes: int = MAX_BYTES, name: str | None = None) -> Image:
     """A path, bytes or a PIL image, decoded and converted to RGB as the reference processor does (transparency
-    over white), or an Image already decoded; ImageError names what is wrong."""
+    over white), or an Image already decoded; ImageError names what is wrong, by `name` where given (a server names
+    the request's own value, never the path it resolved). Safe on any thread: nothing here is shared."""
     from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
 
-    what = "the image"
     if isinstance(source, Image):
         return source
+    what = name or "the image"
     if isinstance(source, (str, os.PathLike)):
-        what = str(source)
-        try:
-            if Path(source).stat().st_size > max_bytes:
-                raise ImageError(f"{what}: {Path(source).stat().st_size} bytes, over the limit of {max_bytes}")
-            source = Path(source).read_bytes()
-        except OSError as e:
-            raise ImageError(f"{what}: cannot read it ({e.strerror or e})") from None
+        what = name or os.fsdecode(source)
+        source = _read_file(source, max_bytes, what)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > max_bytes:
             raise ImageError(f"{what}: {len(source)} bytes, over the limit of {max_bytes}")
-        try:
-            img = PILImage.open(io.BytesIO(bytes(source)))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ImageError(f"{what}: not an image Pillow can read ({e})") from None
+        img = _open(bytes(source), what)
     elif isinstance(source, PILImage.Image):
         img = source
     else:
         raise ImageError(f"an image is a path, bytes or a PIL image, got {type(source).__name__}")
     return Image(*_pixels(img, what))
+
+
+def _read_file(path, max_bytes: int, what: str) -> bytes:
+    """A regular file's bytes, at most `max_bytes`; a FIFO, a device or a directory is refused before it is opened
+    for reading (reading one blocks, or never ends), and checked again once open (it may have been swapped)."""
+    if "\0" in os.fsdecode(path):
+        shown = what.replace("\0", "\\0")
+        raise ImageError(f"{shown}: a path has no NUL character")
+    try:
+        _check_regular(os.stat(path).st_mode, what)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_regular(st.st_mode, what)
+            if st.st_size > max_bytes:
+                raise ImageError(f"{what}: {st.st_size} bytes, over the limit of {max_bytes}")
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageError(f"{what}: cannot read it ({e.strerror or e})") from None
+    if len(data) > max_bytes:  # it grew since
+        raise ImageError(f"{what}: over the limit of {max_bytes} bytes")
+    return data
+
+
+def _check_regular(mode: int, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFBLK:
+                "a device", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+        raise ImageError(f"{what}: {kind}, not an image file")
+
+
+def _open(data: bytes, what: str):
+    """The image in `data` with its header read, nothing decoded: Pillow's Image.open less its decompression-bomb
+    check, which refuses a header past 179 MP with an error of its own before _pixels names the size against
+    MAX_PIXELS (and whose limit is a Pillow global, not ours to change from a library on a server's threads)."""
+    from PIL import Image as PILImage
+
+    PILImage.preinit()  # as Image.open: the common formats first, then every plugin
+    PILImage.init()
+    for fmt in tuple(PILImage.ID):
+        factory, accept = PILImage.OPEN[fmt]
+        try:
+            fit = accept(data[:16]) if accept else True
+            if fit and not isinstance(fit, str):  # a str: the reason the plugin cannot (a codec missing)
+                return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:  # a plugin's own check
+            raise ImageError(f"{what}: over the limit of {MAX_PIXELS} pixels ({e})") from None
+        except (OSError, ValueError) as e:  # a header the plugin took, then could not read
+            raise ImageError(f"{what}: not an image Pillow can read ({e})") from None
+    raise ImageError(f"{what}: not an image Pillow can read")
 
 
 def _pixels(img, what: str) -> tuple[np.ndarray, str]:
@@ -132,6 +179,9 @@ class Vision:
     """The vision tower of `model` from an mmproj GGUF, on libmtmd; embeddings cached by image content."""
 
     CACHE = 16  # images whose embeddings stay cached after use (a chat re-sends its images every turn)
+    # images whose keys are remembered after use: a key names its image in the prompt caches of sequences, so an
+    # image sent again within this many others reuses a cached prefix holding it; past that it gets a fresh key
+    KEYS = 4096
 
     def __init__(self, model, path, *, max_tokens: int = 280, n_threads: int | None = None, use_gpu: bool = True,
                  flash_attn: bool | None = None):
@@ -140,14 +190,16 @@ class Vision:
             raise ModelError(f"{self.path}: no such file")
         self.max_tokens = max_tokens
         self.n_embd = model.n_embd
-        self.patch, self.pooling = check_mmproj(self.path, self.n_embd)
+        self.patch, self.pooling, self.positions = check_mmproj(self.path, self.n_embd)
         self.ids = image_ids(model.metadata)
         self._model = model
-        self._keys: dict[str, int] = {}  # digest -> key, for the model's lifetime: a key is never reused
+        # digest -> key, least recently used first; a key number is never given twice (a cache that holds an old
+        # one must not match another image), and never dropped while its embeddings are in use (_live)
+        self._keys: OrderedDict[str, int] = OrderedDict()
         self._next_key = model.n_vocab
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> embeddings in use
-        self._lock = threading.RLock()  # the server plans requests with images on worker threads
+        self._lock = threading.RLock()  # the server plans requests with images on worker threads: _keys, _cache
         self._mt = mt = _native().mtmd()
         params = mt.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -168,21 +220,41 @@ class Vision:
             raise ModelError(f"{self.path}: the projector has no vision tower")
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._mt.mtmd_free(self._ctx)
-        self._ctx = None
+        with self._lock:  # after an encode on another thread, never under it
+            if self._ctx:
+                self._mt.mtmd_free(self._ctx)
+            self._ctx = None
+
+    def size(self, image: Image) -> tuple[int, int]:
+        """The (height, width) the image is resized to (target_size); ImageError where its patch grid runs past the
+        tower's position table, whose lookup in llama.cpp would index out of bounds (an abort). The reference
+        model would index out of its table too (published towers: 10240 positions, 3360 patches a side at most)."""
+        h, w = image.pixels.shape[:2]
+        th, tw = target_size(h, w, self.patch, self.pooling, self.max_tokens)
+        cols, rows = tw // self.patch, th // self.patch
+        if max(cols, rows) > self.positions:
+            fewer = f", or fewer image tokens than {self.max_tokens}" if self.max_tokens > min(SOFT_TOKENS) else ""
+            raise ImageError(f"a {w}x{h} image is resized to {tw}x{th}, {cols}x{rows} patches: more than the "
+                             f"{self.positions} positions a side of the vision tower; an image closer to square "
+                             f"fits{fewer}")
+        return th, tw
 
     def n_tokens(self, image: Image) -> int:
-        th, tw = target_size(image.pixels.shape[0], image.pixels.shape[1], self.patch, self.pooling, self.max_tokens)
+        th, tw = self.size(image)
         return (th // self.patch // self.pooling) * (tw // self.patch // self.pooling)
 
     def key(self, image: Image) -> int:
         """The image's key: an int past the vocabulary that stands in its positions of a prompt."""
         with self._lock:
-            if image.digest not in self._keys:
-                self._keys[image.digest] = self._next_key
-                self._next_key += 1
-            return self._keys[image.digest]
+            key = self._keys.pop(image.digest, None)
+            if key is None:
+                key, self._next_key = self._next_key, self._next_key + 1
+            self._keys[image.digest] = key
+            excess = max(len(self._keys) - self.KEYS, 0)
+            for digest in list(itertools.islice(self._keys, excess)):  # the least recently used, unless in use
+                if self._keys[digest] not in self._live:
+                    del self._keys[digest]
+            return key
 
     def tokens(self, image: Image) -> list[int]:
         """BOI, the image's key at each of its soft-token positions, EOI."""
@@ -204,7 +276,7 @@ class Vision:
             return embd
 
     def embedding(self, key: int) -> np.ndarray:
-        embd = self._live.get(key)
+        embd = self._live.get(key)  # no lock: the engine's thread must not wait while embed encodes
         if embd is None:
             raise ConfigError(f"image key {key}: no image with this key is in use (embed it first)")
         return embd
@@ -213,7 +285,7 @@ class Vision:
         if self._ctx is None:
             raise BackendError("the vision tower is closed")
         mt = self._mt
-        size = target_size(image.pixels.shape[0], image.pixels.shape[1], self.patch, self.pooling, self.max_tokens)
+        size = self.size(image)  # before any native call
         rgb = resized(image, size)
         bitmap = mt.mtmd_bitmap_init(size[1], size[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         chunks = mt.mtmd_input_chunks_init()
@@ -223,18 +295,20 @@ class Vision:
             bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bitmap)
             if self._model.native(mt.mtmd_tokenize, self._ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
                 raise BackendError(f"libmtmd could not take the image: {_native().last_errors()}")
-            return self._encode_chunks(chunks)
+            return self._encode_chunks(chunks, self.n_tokens(image))
         finally:
             mt.mtmd_input_chunks_free(chunks)
             mt.mtmd_bitmap_free(bitmap)
 
-    def _encode_chunks(self, chunks) -> np.ndarray:
+    def _encode_chunks(self, chunks, expected: int) -> np.ndarray:
         mt = self._mt
         for i in range(mt.mtmd_input_chunks_size(chunks)):
             chunk = mt.mtmd_input_chunks_get(chunks, i)
             if mt.mtmd_input_chunk_get_type(chunk) != mt.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 continue  # the text around it (BOI / EOI): the prompt has its own
             n = mt.mtmd_input_chunk_get_n_tokens(chunk)
+            if n != expected:  # libmtmd resized the image again: its grid is not the one checked (size)
+                raise BackendError(f"libmtmd made {n} tokens of an image of {expected}")
             if self._model.native(mt.mtmd_encode_chunk, self._ctx, chunk) != 0:
                 raise BackendError(f"the vision tower failed on the image: {_native().last_errors()}")
             out = mt.mtmd_get_output_embd(self._ctx)
@@ -251,9 +325,11 @@ def image_ids(metadata: dict) -> tuple[int, int, int]:
     return ids
 
 
-def check_mmproj(path: Path, n_embd: int) -> tuple[int, int]:
-    """(patch size, pooling) of a gemma4v mmproj file that projects into n_embd; ModelError otherwise."""
-    kv = read_header(path).kv
+def check_mmproj(path: Path, n_embd: int) -> tuple[int, int, int]:
+    """(patch size, pooling, positions a side) of a gemma4v mmproj file that projects into n_embd; ModelError
+    otherwise."""
+    header = read_header(path)
+    kv = header.kv
     kind = kv.get("clip.vision.projector_type") or kv.get("clip.projector_type")
     if kv.get("general.architecture") != "clip" or not kv.get("clip.has_vision_encoder"):
         raise ModelError(f"{path}: not an mmproj file with a vision encoder")
@@ -262,7 +338,11 @@ def check_mmproj(path: Path, n_embd: int) -> tuple[int, int]:
     if kv.get("clip.vision.projection_dim") != n_embd:
         raise ModelError(f"{path}: it projects into {kv.get('clip.vision.projection_dim')} dimensions, the model's "
                          f"embeddings have {n_embd}: it belongs to another model")
-    return int(kv.get("clip.vision.patch_size", 16)), int(kv.get("clip.vision.projector.scale_factor", 3))
+    table = next((t for t in header.tensors if t.name == "v.position_embd.weight"), None)
+    if table is None or len(table.shape) != 3:  # [n_embd, positions, 2]: one table for x, one for y
+        raise ModelError(f"{path}: no position table v.position_embd.weight of [width, positions, 2]")
+    return (int(kv.get("clip.vision.patch_size", 16)), int(kv.get("clip.vision.projector.scale_factor", 3)),
+            int(table.shape[1]))
 
 
 def tower_memory(path, n_embd: int, max_tokens: int = 280) -> dict:
@@ -272,7 +352,7 @@ def tower_memory(path, n_embd: int, max_tokens: int = 280) -> dict:
     [patches x patches] f32 score matrix per head). The compute figures are bounds: the live tensors of one layer
     (the FFN's three [patches x n_ff] and two [patches x n_embd] activations, the im2col'ed patches), larger than
     the buffer ggml's allocator packs them into."""
-    patch, pooling = check_mmproj(Path(path), n_embd)
+    patch, pooling, _ = check_mmproj(Path(path), n_embd)
     header = read_header(path)
     kv = header.kv
     d, f = int(kv["clip.vision.embedding_length"]), int(kv["clip.vision.feed_forward_length"])

@@ -15,11 +15,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dglocal.errors import DglocalError
-from dglocal.generation.driver import Driver, Job
-from dglocal.generation.loop import Generation
-from dglocal.generation.request import RequestPlan, pick_slot
+from dglocal.generation.driver import Driver, Job, Prepared, attach
+from dglocal.generation.request import pick_slot
 
 END = object()  # the last item of a request's queue after its Completion (or its error)
+QUEUE = 512  # requests waiting for a slot by default: a burst is held, as ollama holds one (--queue bounds it)
 
 
 class ShuttingDown(DglocalError):
@@ -28,8 +28,7 @@ class ShuttingDown(DglocalError):
 
 @dataclass(eq=False)
 class Request:
-    plan: RequestPlan
-    extras: dict  # Generation's own options: guide, guide_restarts, constraints
+    prepared: Prepared  # made ready off this thread (dglocal.serving.prepare); attached to a slot here
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -38,6 +37,10 @@ class Request:
     cancelled: bool = False
     job: Job | None = None
 
+    @property
+    def plan(self):
+        return self.prepared.plan
+
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
@@ -45,7 +48,7 @@ class Request:
 class Engine:
     def __init__(self, model, n_slots: int, queue_size: int):
         self.model = model
-        self.slots = [model.sequence(i) for i in range(n_slots)]
+        self.slots = [model.sequence() for _ in range(n_slots)]  # the engine's leases, one per slot
         self.busy: list[Request | None] = [None] * n_slots
         self.waiting: deque[Request] = deque()
         self.queue_size = queue_size
@@ -65,9 +68,11 @@ class Engine:
         self.thread.join(timeout=30)
 
     def shutdown(self) -> None:
-        """Stop after the current denoising step, without waiting for it (safe from a signal handler): every
-        request still open, running or waiting, ends with a ShuttingDown error as its last event."""
+        """Stop now, without waiting (safe from a signal handler): the running pass is aborted (llama.cpp polls
+        the flag between graph nodes), and every request still open, running or waiting, ends with a
+        ShuttingDown error as its last event."""
         self.stopping = True
+        self.model.abort()
         self.wake.set()
 
     # -- called from request handlers ------------------------------------------------------------------------
@@ -105,6 +110,9 @@ class Engine:
             for req in waiting:
                 req.put(self.reason)
                 req.put(END)
+            for seq in self.slots:  # nothing half-encoded stays behind the aborted pass
+                seq.release()
+            self.model.abort(False)  # the model outlives its server (a test, a program that serves again)
 
     def _loop(self) -> None:
         while not self.stopping:
@@ -117,11 +125,15 @@ class Engine:
             try:
                 ended = self.driver.tick()
             except Exception as e:  # noqa: BLE001 (a failed forward ends the requests in it, not the server)
+                if self.stopping:  # the aborted pass: they end with the shutdown's reason
+                    return
                 ended = list(self.driver.jobs)
                 for job in ended:
                     self.driver.cancel(job)
                     job.error = e
             for job in ended:
+                if self.stopping and job.error is not None:  # the pass the shutdown aborted
+                    job.error = self.reason
                 self._finish(job)
 
     def _admit(self) -> None:
@@ -138,7 +150,7 @@ class Engine:
                 admitted.append(req)
         for req in admitted:  # outside the lock: a windowed cache may restore a checkpoint here
             try:
-                gen = Generation(self.model, req.plan, self.slots[req.slot], **req.extras)
+                gen = attach(self.model, req.prepared, self.slots[req.slot])
             except Exception as e:  # noqa: BLE001 (this request's failure, not the server's)
                 req.job = Job(None, req.put, req, done=True, error=e)
                 self._finish(req.job)

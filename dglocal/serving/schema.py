@@ -13,8 +13,11 @@ import base64
 import binascii
 import json
 import math
+from urllib.parse import unquote, urlsplit
 
+from dglocal.errors import ConfigError
 from dglocal.generation.config import MAX_STEPS
+from dglocal.generation.grammar import MAX_JSON_DEPTH, check_depth
 from dglocal.runtime.checks import MAX_TEMPERATURE
 
 MAX_TOKENS = 2**31 - 1
@@ -38,11 +41,16 @@ FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls")
 # structured_outputs and its older guided_* fields
 GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "guided_json", "guided_regex",
             "guided_grammar", "guided_choice")
-OTHER = ("model", "messages", "prompt", "stop", "stream_options", "user", "tools", "tool_choice",
-         "chat_template_kwargs", "draft", "suffix", "lora", *GRAMMARS)
-# the bodies of llama-server's /infill and of /v1/edits: their own fields beside the sampler's
-INFILL = ("input_prefix", "input_suffix", "input_extra", "n_predict")
-EDIT = ("input", "spans", "room")
+# each route's fields: the sampler's everywhere; a fixed layout (an infill's suffix, an edit's pinned text) takes
+# no stop strings, grammar, draft or ignore_eos (they would act on text the request pinned), an edit no length
+SAMPLER = ("model", "user", "seed", "lora", "cache_prompt", "top_k", *DIFFUSION)
+GENERATE = (*SAMPLER, "stream", "stream_options", "stop", "ignore_eos", "draft", "max_tokens",
+            "max_completion_tokens", "n", *GRAMMARS)
+CHAT = (*GENERATE, "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
+COMPLETIONS = (*GENERATE, "prompt", "suffix")
+INFILL = (*SAMPLER, "stream", "stream_options", "input_prefix", "input_suffix", "input_extra", "prompt", "n_predict",
+          "max_tokens")
+EDIT = (*SAMPLER, "input", "spans", "room", "prompt")
 STREAM_OPTIONS = ("include_usage", "include_drafts")
 # fields with one accepted value, the value OpenAI means by default; any other is refused with the reason
 NEUTRAL = {
@@ -60,8 +68,8 @@ REFUSED = {
     "modalities": "only text is supported",
     "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true}",
 }
-ACCEPTED = {*NUMBERS, *FLAGS, *OTHER, *NEUTRAL} - {*INFILL, *EDIT}
 ROLES = ("system", "user", "assistant", "developer", "tool")
+ALL = {*CHAT, *COMPLETIONS, *INFILL, *EDIT, *NEUTRAL}  # every field some route takes
 
 
 class FieldError(ValueError):
@@ -76,10 +84,10 @@ def parse_body_any(raw: bytes):
     """A request body as JSON of any shape."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FieldError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise FieldError("the request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+        raise FieldError(f"the request body is not valid JSON: {str(e)[:200]}") from None
 
 
 def parse_body(raw: bytes) -> dict:
@@ -134,15 +142,18 @@ def text(value, name: str) -> str:
     return value
 
 
-def check_fields(body: dict, route: tuple[str, ...] = ()) -> None:
+def check_fields(body: dict, route: tuple[str, ...], where: str) -> None:
     """Unknown fields, refused fields and fields with only their neutral value accepted; `route`: the fields of
-    the route's own body (INFILL, EDIT)."""
+    the route's body (CHAT, COMPLETIONS, INFILL, EDIT), `where` its path."""
     for name, reason in REFUSED.items():
         if name in body:
             raise FieldError(f"'{name}' is not supported: {reason}", name)
-    unknown = sorted(set(body) - ACCEPTED - set(route))
+    unknown = sorted(set(body) - set(route) - set(NEUTRAL))
     if unknown:
-        raise FieldError(f"unknown field(s) {unknown}", unknown[0])
+        known = "a field of another route" if set(unknown) & ALL else "unknown"
+        raise FieldError(f"{where} does not take {unknown} ({known})", unknown[0])
+    for name in FLAGS:
+        flag(body, name)
     for name, (neutral, reason) in NEUTRAL.items():
         value = body.get(name)
         if value is None:
@@ -270,6 +281,10 @@ def tools(body: dict) -> list[dict] | None:
         return None
     if not isinstance(items, list):
         raise FieldError("'tools' must be a list", "tools")
+    try:  # the chat template recurses on the parameters' nesting
+        check_depth(items, MAX_JSON_DEPTH, "tools")
+    except ConfigError as e:
+        raise FieldError(str(e), "tools") from None
     out = []
     for k, t in enumerate(items):
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
@@ -392,6 +407,17 @@ def content(value, where: str) -> str | list:
     return [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
 
 
+def file_path(url: str) -> str:
+    """A file:// URL's path, percent-decoded (file:///a%20b.png is "/a b.png"; the host may be empty or localhost);
+    a bare absolute path as it is."""
+    if not url.startswith("file://"):
+        return url
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise FieldError(f"{short(url)}: a file URL names no other host than localhost", "messages")
+    return unquote(parts.path)
+
+
 def image_url(part: dict, at: str) -> dict:
     """An image_url part as an image part: the bytes of a data: URL (base64), or the path of a local file
     (file:// or an absolute path; the server reads it only under `serve --image-files DIR`). Nothing is ever
@@ -401,7 +427,7 @@ def image_url(part: dict, at: str) -> dict:
     if not isinstance(url, str):
         raise FieldError(f"{at} must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}", "messages")
     if url.startswith(("file://", "/")):
-        return {"type": "image", "file": url.removeprefix("file://")}
+        return {"type": "image", "file": file_path(url)}
     head, sep, data = url.partition(",")
     if not (url.startswith("data:") and sep and head.endswith(";base64")):
         raise FieldError(f"{at}: image URLs are data: URLs (data:image/png;base64,...) or local files; this server "

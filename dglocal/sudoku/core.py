@@ -220,6 +220,14 @@ def encode_prompt(puzzle: str | Sequence[int]) -> list[int]:
     return list(STRUCTURE_IDS) + [c + DIGIT_BASE if c else BLANK_ID for c in cells] + [SEP_ID]
 
 
+def decode_prompt(ids: Sequence[int]) -> list[int]:
+    """The puzzle an encode_prompt prompt holds (0 for a blank); ConfigError for ids of another shape."""
+    ids = list(ids)
+    if len(ids) != PROMPT_LENGTH or tuple(ids[:len(STRUCTURE_IDS)]) != STRUCTURE_IDS or ids[-1] != SEP_ID:
+        raise ConfigError(f"not a Sudoku prompt: expected {PROMPT_LENGTH} ids as encode_prompt writes them")
+    return decode_canvas(ids[len(STRUCTURE_IDS):-1])
+
+
 def encode_canvas(solution: str | Sequence[int]) -> list[int]:
     """The clean canvas (CANVAS_LENGTH ids) the model is trained to produce."""
     return [c + DIGIT_BASE for c in _as_cells(solution)]

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dglocal.errors import ConfigError
 from dglocal.generation.events import Step
 from dglocal.generation.request import derive_seed
+from dglocal.runtime.checks import seed_value
 
 from . import core as sc
 from .solve import Solved, solve_stream
@@ -45,29 +46,34 @@ def race(models: Sequence, puzzle: Sequence[int], *, seed: int | None = None,
     if not models:
         raise ConfigError("race needs at least one model")
     t0 = time.perf_counter()
+    seed = seed_value(seed)  # llama.cpp's -1 is a random seed; any other bad seed fails here, before the threads
     base = models[0].seeds.next() if seed is None else seed
     stop, inbox = threading.Event(), queue.SimpleQueue()
 
     def work(w: int, model) -> None:
-        events = solve_stream(model, puzzle, seed=worker_seed(base, w), **options)
+        # everything inside the try: a worker that dies without its last message leaves the caller waiting
         try:
-            for event in events:
-                inbox.put((w, event))
-                if stop.is_set():
-                    break
+            events = solve_stream(model, puzzle, seed=worker_seed(base, w), **options)
+            try:
+                for event in events:
+                    inbox.put((w, event))
+                    if stop.is_set():
+                        break
+            finally:
+                events.close()  # in this thread: the generation's sequence is left consistent
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
             inbox.put((w, e))
         finally:
-            events.close()  # in this thread: the generation's sequence is left consistent
             inbox.put((w, None))
 
     workers = [threading.Thread(target=work, args=(w, m), name=f"dglocal-sudoku-{w}", daemon=True)
                for w, m in enumerate(models)]
-    for thread in workers:
-        thread.start()
     finals: list[Solved] = []
-    steps, running, error = 0, len(workers), None
+    steps, running, error = 0, 0, None
     try:
+        for thread in workers:  # inside the try: a thread that cannot start stops those that did
+            thread.start()
+            running += 1
         while running:
             w, event = inbox.get()
             if event is None:
@@ -86,7 +92,8 @@ def race(models: Sequence, puzzle: Sequence[int], *, seed: int | None = None,
     finally:  # the caller stopped, an error, or Ctrl-C: each worker ends after its current step
         stop.set()
         for thread in workers:
-            thread.join()
+            if thread.ident is not None:  # started
+                thread.join()
     if error is not None:
         raise error
     best = min(finals, key=lambda r: (not r.solved, len(sc.rule_breaks(puzzle, r.grid))))  # the first of equals

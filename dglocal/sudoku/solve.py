@@ -134,8 +134,14 @@ def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=Tru
     constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
     restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
     return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
-                guide=sc.guide_for(puzzle, keep) if guide else None, guide_restarts=restarts,
-                time_limit=time_limit if guide else None, **generation)
+                guide=sc.guide_for(puzzle, keep, steps=guide_steps(steps)) if guide else None,
+                guide_restarts=restarts, time_limit=time_limit if guide else None, **generation)
+
+
+def guide_steps(steps: int | None) -> int:
+    """The step cap of a guided attempt: the guide's own, shorter (sudoku.core.Guide.STEPS), and at most `steps`,
+    the run's cap (--steps, a request's max_denoising_steps), which bounds every attempt."""
+    return sc.Guide.STEPS if steps is None else min(sc.Guide.STEPS, steps)
 
 
 def _solved(puzzle, completion: Completion, seconds: float) -> Solved:
@@ -185,10 +191,12 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
     draws its noise from (seed, i): the grids do not depend on the batch size. `model`: the Sudoku model, or a list
     of them (load_models), on which each puzzle's attempts race, a puzzle at a time."""
     from dglocal.generation.request import derive_seed
+    from dglocal.runtime.checks import seed_value
 
     t0 = time.perf_counter()
     pairs = [(sc.check_puzzle(p), s) for p, s in pairs]  # every puzzle, before any work
     models = list(model) if isinstance(model, (list, tuple)) else [model]
+    seed = seed_value(seed)  # -1: random, as llama.cpp's
     base = models[0].seeds.next() if seed is None else seed
     # an evaluation's attempts are counted (GUIDE_RESTARTS), not timed, unless it is given a time limit
     options = {"time_limit": None, "steps": steps, "pin_givens": pin_givens, "guide": guide, **generation}
