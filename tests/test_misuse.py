@@ -247,7 +247,8 @@ def test_api_state_never_mixes(tiny_f32_gguf):
 
 
 def test_an_output_file_survives_a_failed_write(tmp_path, monkeypatch):
-    from dglocal.sudoku.solve import Solved, write_grids
+    from dglocal.sudoku.solve import write_grids
+    from dglocal.sudoku.stream import Solved
 
     out = tmp_path / "grids.txt"
     out.write_text("the grids of yesterday\n")

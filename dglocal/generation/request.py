@@ -58,9 +58,11 @@ class RequestPlan:
 
 
 def plan(model, prompt: str | Sequence[int], *, seeds: SeedSource | None = None, cache_prompt: bool = True,
-         images: Sequence = (), **options) -> RequestPlan:
+         images: Sequence = (), to_context: bool = False, **options) -> RequestPlan:
     """The plan of one request on `model`; ContextError when it cannot fit the model's context. `images` (paths,
-    bytes, PIL images) go where the text prompt has `<|image|>`, in order."""
+    bytes, PIL images) go where the text prompt has `<|image|>`, in order. `to_context`: no length of its own, the
+    generation may take every canvas the context has room for after the prompt (it ends at its EOS), as
+    llama-server and OpenAI run a request without max_tokens."""
     config = GenerationConfig.from_metadata(model.metadata, **options)
     if config.seed is None:
         config = config.replace(seed=(seeds or SeedSource()).next())
@@ -75,6 +77,9 @@ def plan(model, prompt: str | Sequence[int], *, seeds: SeedSource | None = None,
         tokens = checks.token_ids(prompt, model.n_vocab, "prompt token ids").tolist()
     if not tokens:
         raise ConfigError("the prompt is empty: the canvas needs at least one token to attend to")
+    if to_context:
+        C = model.canvas_length
+        config = config.replace(max_new_tokens=max(C, (model.n_ctx - len(tokens)) // C * C))
     out = RequestPlan(tokens, config, tuple(eos_ids), model.canvas_length, bool(cache_prompt), embeddings)
     out.check_fits(model.n_ctx)
     return out

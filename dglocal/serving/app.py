@@ -21,6 +21,7 @@ import time
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -60,10 +61,27 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def health():
         return {"status": "ok"}
 
+    def model_card() -> dict:
+        return {"id": frontend.id, "object": "model", "created": int(time.time()), "owned_by": "dglocal"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": frontend.id, "object": "model", "created": int(time.time()),
-                                            "owned_by": "dglocal"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_by_id(model_id: str):
+        if model_id != frontend.id:
+            raise ApiError(404, f"the model {schema.short(model_id)} does not exist; this server has "
+                                f"'{frontend.id}'", param="model", code="model_not_found")
+        return model_card()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HttpRequest, e: StarletteHTTPException):
+        """Routes that do not exist (or a method a route does not take), in OpenAI's error shape."""
+        what = "no such route" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {what}",
+                                     code="not_found" if e.status_code == 404 else None).body(),
+                            status_code=e.status_code)
 
     @app.get("/slots")
     async def slots():

@@ -92,6 +92,7 @@ def _chat(model, frontend, body: dict) -> Prepared:
     options, stream, stream_options = parse_options(body, frontend, schema.CHAT, "/v1/chat/completions")
     tools, calls = tool_options(body, options)
     prompt, extra = frontend.chat_prompt(schema.messages(body), tools, **schema.template_kwargs(body))
+    _to_context(body, frontend, options)
     field = next((name for name in schema.GRAMMARS if body.get(name) is not None), "tool_choice")
     options = frontend.request_options(body, _merged(options, extra))
     return planned(model, prompt, options, stream, stream_options, field, shape={"chat": True, "calls": calls})
@@ -108,6 +109,7 @@ def _completions(model, frontend, body: dict) -> Prepared:
         return planned(model, layout.prompt, layout.options, stream, stream_options,
                        shape={"chat": False, "layout": layout})
     prompt, extra = frontend.text_prompt(schema.text(body.get("prompt"), "prompt"))
+    _to_context(body, frontend, options)
     field = next((name for name in schema.GRAMMARS if body.get(name) is not None), "grammar")
     options = frontend.request_options(body, _merged(options, extra))
     return planned(model, prompt, options, stream, stream_options, field, shape={"chat": False})
@@ -174,6 +176,14 @@ def planned(model, prompt, options: dict, stream: bool = False, stream_options: 
     except ConfigError as e:
         raise ApiError(400, str(e), param=field if getattr(e, "param", None) == "grammar" else None) from None
     return Prepared(request, stream, stream_options or {}, shape)
+
+
+def _to_context(body: dict, frontend, options: dict) -> None:
+    """A request without max_tokens runs to its end or to its slot's context (the canvas is a unit of work, not
+    a limit), unless the server's defaults give a length."""
+    given = any(body.get(name) is not None for name in ("max_tokens", "max_completion_tokens"))
+    if not given and "max_new_tokens" not in frontend.defaults and not frontend.sudoku:
+        options["to_context"] = True
 
 
 def _merged(options: dict, extra: dict) -> dict:

@@ -36,14 +36,16 @@ NUMBERS = {
 }
 DIFFUSION = ("max_denoising_steps", "stability_threshold", "entropy_bound", "confidence_threshold", "t_min", "t_max",
              "temperature", "top_p", "min_p")
-FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls")
+FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls", "store")
 # structured output: OpenAI's response_format, llama-server's json_schema / grammar (GBNF), vLLM's
 # structured_outputs and its older guided_* fields
 GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "guided_json", "guided_regex",
             "guided_grammar", "guided_choice")
 # each route's fields: the sampler's everywhere; a fixed layout (an infill's suffix, an edit's pinned text) takes
 # no stop strings, grammar, draft or ignore_eos (they would act on text the request pinned), an edit no length
-SAMPLER = ("model", "user", "seed", "lora", "cache_prompt", "top_k", *DIFFUSION)
+# OpenAI fields about storage, billing or routing: accepted, without effect on the answer (docs/serving.md)
+NO_EFFECT = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
+SAMPLER = ("model", "seed", "lora", "cache_prompt", "top_k", *NO_EFFECT, *DIFFUSION)
 GENERATE = (*SAMPLER, "stream", "stream_options", "stop", "ignore_eos", "draft", "max_tokens",
             "max_completion_tokens", "n", *GRAMMARS)
 CHAT = (*GENERATE, "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
@@ -67,6 +69,7 @@ REFUSED = {
     "echo": "echo is not supported", "best_of": "best_of is not supported", "audio": "audio is not supported",
     "modalities": "only text is supported",
     "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true}",
+    "verbosity": "the model has no verbosity setting: ask for a shorter or longer answer in the prompt",
 }
 ROLES = ("system", "user", "assistant", "developer", "tool")
 ALL = {*CHAT, *COMPLETIONS, *INFILL, *EDIT, *NEUTRAL}  # every field some route takes
@@ -154,6 +157,11 @@ def check_fields(body: dict, route: tuple[str, ...], where: str) -> None:
         raise FieldError(f"{where} does not take {unknown} ({known})", unknown[0])
     for name in FLAGS:
         flag(body, name)
+    for name in ("user", "service_tier", "prompt_cache_key", "safety_identifier"):
+        if body.get(name) is not None:
+            text(body[name], name)
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise FieldError(f"'metadata' must be an object, got {short(body['metadata'])}", "metadata")
     for name, (neutral, reason) in NEUTRAL.items():
         value = body.get(name)
         if value is None:
@@ -222,6 +230,11 @@ def stream_options(body: dict) -> dict:
 
 
 MESSAGE_FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id", "name"}}
+# a message's author name (langchain sends it for a named message): accepted, the template does not show it
+NAMED = ("system", "user", "assistant", "developer")
+# what an assistant message carries when a client sends back a reply it got (model_dump()): accepted when null,
+# the reply had none
+NULL_ONLY = ("refusal", "annotations", "audio", "function_call")
 
 
 def messages(body: dict) -> list[dict]:
@@ -235,7 +248,9 @@ def messages(body: dict) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise FieldError(f"{where} needs a role ({', '.join(ROLES)})", "messages")
-        allowed = {"role", "content"} | MESSAGE_FIELDS.get(m["role"], set())
+        allowed = {"role", "content"} | MESSAGE_FIELDS.get(m["role"], set()) | ({"name"} if m["role"] in NAMED else set())
+        if m["role"] == "assistant":
+            allowed |= {k for k in NULL_ONLY if m.get(k) is None}
         extra = sorted(set(m) - allowed)
         if extra:
             raise FieldError(f"{where} has field(s) {extra} this server does not support for role "
@@ -247,7 +262,9 @@ def messages(body: dict) -> list[dict]:
             msg["tool_calls"] = [tool_call(c, f"{where}.tool_calls[{k}]") for k, c in enumerate(_list(calls, where))]
         for name in ("tool_call_id", "name"):
             if m.get(name) is not None:
-                msg[name] = text(m[name], "messages")
+                value = text(m[name], "messages")
+                if m["role"] == "tool":  # what the template reads; an author's name is checked, then left out
+                    msg[name] = value
         out.append(msg)
     return out
 

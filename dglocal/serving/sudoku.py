@@ -7,6 +7,7 @@ from dglocal.serving import schema
 from dglocal.serving.errors import ApiError
 from dglocal.serving.frontend import Frontend
 from dglocal.sudoku import core as sc
+from dglocal.sudoku.stream import TIME_LIMIT, guide_steps, puzzle_options
 
 
 class SudokuFrontend(Frontend):
@@ -18,10 +19,8 @@ class SudokuFrontend(Frontend):
 
     def request_options(self, body: dict, options: dict) -> dict:
         """The request's options, merged with the prompt's, as a puzzle runs them: its step cap bounds the guide's
-        restarts too (sudoku.solve.guide_steps), and a field that never reaches chat_prompt or text_prompt and does
+        restarts too (sudoku.stream.guide_steps), and a field that never reaches chat_prompt or text_prompt and does
         not apply to a puzzle is refused by name."""
-        from dglocal.sudoku.solve import guide_steps
-
         for name in (*schema.GRAMMARS, "tool_choice", "draft"):  # tool_choice "none" keeps tools from chat_prompt
             value = body.get(name)
             if value is not None and not (name == "response_format" and isinstance(value, dict) and
@@ -44,8 +43,6 @@ class SudokuFrontend(Frontend):
         return self.text_prompt(content)
 
     def text_prompt(self, prompt):
-        from dglocal.sudoku.solve import TIME_LIMIT, puzzle_options
-
         try:
             cells = sc.check_puzzle("".join(prompt.split()))
         except ConfigError as e:
@@ -54,7 +51,7 @@ class SudokuFrontend(Frontend):
         return sc.encode_prompt(cells), puzzle_options(cells, time_limit=TIME_LIMIT)
 
     def grid(self, completion) -> list[int]:
-        # the output stops before an EOS; the rest of the canvas is blank, as in sudoku.solve
+        # the output stops before an EOS; the rest of the canvas is blank, as in sudoku.stream.outcome
         return sc.decode_canvas(completion.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(completion.tokens)))
 
     def answer(self, completion):
