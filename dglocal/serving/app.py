@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 import json
 import logging
 import time
@@ -28,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation import channels
 from dglocal.generation.events import Completion, Step
-from dglocal.serving import schema
+from dglocal.serving import ollama, responses, schema
 from dglocal.serving.engine import END, QUEUE, Engine, Request, ShuttingDown
 from dglocal.serving.errors import ApiError
 from dglocal.serving.frontend import Frontend, chat_page
@@ -111,17 +113,14 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def index():
         return HTMLResponse(page)
 
+    service = Service(engine, frontend, metrics)
+
     async def run(request: HttpRequest, route: str):
         """Prepared on a worker thread (the event loop answers /health and streams meanwhile), attached by the
         engine thread, answered here."""
-        raw = await read_body(request)
-        prepared = await asyncio.to_thread(prepare, model, frontend, route, raw)
-        req = Request(prepared.request, asyncio.get_running_loop())
-        if not engine.submit(req):
-            raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
-                           headers={"Retry-After": "1"})
+        prepared = await service.prepare(route, await read_body(request))
+        req, events = service.submit(request, prepared)
         shape = Shape(req, frontend, metrics=metrics, **prepared.shape)
-        events = until_gone(request, engine, req)
         if prepared.stream:
             return StreamingResponse(shape.sse(events, prepared.stream_options), media_type="text/event-stream")
         completion = None
@@ -147,11 +146,45 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     async def infill_route(request: HttpRequest):
         return await run(request, "infill")
 
+    # routes that speak other APIs: each module turns its bodies into an OpenAI one for `service`
+    responses.add_routes(app, service)
+    ollama.add_routes(app, service)
+
     @app.post("/v1/edits")
     async def edits(request: HttpRequest):
         return await run(request, "edit")
 
     return app
+
+
+@dataclass
+class Service:
+    """What every route that generates goes through (the OpenAI routes here; routes speaking other APIs in their
+    own modules, translating their bodies into an OpenAI one): a body prepared off the event loop, queued, and its
+    events read until END or until its client leaves."""
+
+    engine: Engine
+    frontend: Frontend
+    metrics: Metrics
+
+    async def prepare(self, route: str, body: bytes | dict):
+        """serving.prepare on a worker thread; `route` "chat", "completions", "infill" or "edit"."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await asyncio.to_thread(prepare, self.engine.model, self.frontend, route, raw)
+
+    def submit(self, request: HttpRequest, prepared) -> tuple[Request, AsyncIterator]:
+        """Queued (a 503 when the queue is full): the engine's Request and its events (until_gone)."""
+        req = Request(prepared.request, asyncio.get_running_loop())
+        if not self.engine.submit(req):
+            raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
+                           headers={"Retry-After": "1"})
+        return req, until_gone(request, self.engine, req)
+
+    def observe(self, req: Request, event) -> None:
+        """The metrics of one event of `req`."""
+        self.metrics.event(event)
+        if event.kind == "done":
+            self.metrics.finished(event, req.cached)
 
 
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/infill", "/v1/edits")
@@ -274,9 +307,7 @@ class Shape:
         return result.middle if self.layout.kind == "infill" else result.text
 
     def observe(self, event) -> None:
-        self.metrics.event(event)
-        if event.kind == "done":
-            self.metrics.finished(event, self.req.cached)
+        Service.observe(self, self.req, event)
 
     def _base(self, chunk: bool) -> dict:
         return {"id": self.id, "object": self.object + (".chunk" if chunk and self.chat else ""),
