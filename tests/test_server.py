@@ -184,7 +184,7 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(tiny_server):
         (json.dumps({"messages": "hi"}), 400, "messages"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}), 400, "max_tokens"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.2}), 400, "temperature"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 3}), 400, "n"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 17}), 400, "n"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "t_min": 2, "t_max": 1}), 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), 400, "bogus"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"}), 400, "ignore_eos"),

@@ -83,3 +83,33 @@ def test_without_max_tokens_an_answer_may_fill_the_context(server):
     n_ctx, C = 1024, tiny.CANVAS  # -c 2048 over two slots
     room = (n_ctx - r.usage.prompt_tokens) // C * C
     assert r.usage.completion_tokens == room and r.choices[0].finish_reason == "length"
+
+
+def test_n_choices_each_with_its_own_seed(server):
+    """`n` > 1 (before: a 400): a choice per generation, batched in the slots' forwards; choice 0 is the answer
+    of n=1 with the same seed, choice k the answer of the seed derived from (seed, k); streaming names each
+    choice's index; usage counts the prompt once."""
+    from dglocal.generation.request import derive_seed
+
+    c = server.client()
+    opts = dict(max_tokens=16, extra_body={"max_denoising_steps": 2, "cache_prompt": False})
+    many = c.chat.completions.create(model="tiny", messages=HI, n=3, seed=7, **opts)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    alone = [c.chat.completions.create(model="tiny", messages=HI, seed=s, **opts).choices[0].message.content
+             for s in (7, derive_seed(7, 1), derive_seed(7, 2))]
+    assert [ch.message.content for ch in many.choices] == alone
+    one = c.chat.completions.create(model="tiny", messages=HI, seed=7, **opts)
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(c.chat.completions.create(
+        model="tiny", messages=HI, seed=s, **opts).usage.completion_tokens for s in (7, derive_seed(7, 1), derive_seed(7, 2)))
+    chunks = list(c.chat.completions.create(model="tiny", messages=HI, n=3, seed=7, stream=True,
+                                            stream_options={"include_usage": True}, **opts))
+    streamed = {k: "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == k)
+                for k in range(3)}
+    assert [streamed[k] for k in range(3)] == alone
+    assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+    comp = c.completions.create(model="tiny", prompt="Once", n=2, seed=7, **opts)
+    assert [ch.index for ch in comp.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="a", suffix="b", n=2, **opts)
+    assert e.value.body["param"] == "n"

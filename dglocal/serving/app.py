@@ -119,7 +119,9 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         """Prepared on a worker thread (the event loop answers /health and streams meanwhile), attached by the
         engine thread, answered here."""
         prepared = await service.prepare(route, await read_body(request))
-        req, events = service.submit(request, prepared)
+        if prepared.more:
+            return await several(request, prepared)
+        req, events = service.submit(request, prepared.request)
         shape = Shape(req, frontend, metrics=metrics, **prepared.shape)
         if prepared.stream:
             return StreamingResponse(shape.sse(events, prepared.stream_options), media_type="text/event-stream")
@@ -133,6 +135,29 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         if completion is None:  # the client left: nobody reads this
             return Response(status_code=499)
         return shape.whole(completion)
+
+    async def several(request: HttpRequest, prepared):
+        """`n` > 1: a generation per choice, queued together (the engine steps them in the same forwards), answered
+        as one response whose choices are indexed; one choice's error ends them all."""
+        subs = [service.submit(request, choice) for choice in prepared.choices]
+        first = subs[0][0]
+        shapes = [Shape(req, frontend, metrics=metrics, index=k, id=f"{'chatcmpl-' if prepared.shape['chat'] else 'cmpl-'}"
+                        f"{first.id}", **prepared.shape) for k, (req, _) in enumerate(subs)]
+        if prepared.stream:
+            return StreamingResponse(merged_sse(shapes, [events for _, events in subs], prepared.stream_options),
+                                     media_type="text/event-stream")
+        try:
+            done = await asyncio.gather(*(collect(shape, events) for shape, (_, events) in zip(shapes, subs)))
+        except BaseException:
+            for req, _ in subs:
+                engine.cancel(req)
+            raise
+        if any(c is None for c in done):
+            return Response(status_code=499)
+        body = shapes[0].whole(done[0])
+        body["choices"] = [shape.whole(c)["choices"][0] for shape, c in zip(shapes, done)]
+        body["usage"] = usage_of(shapes, done)
+        return body
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
@@ -172,9 +197,10 @@ class Service:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         return await asyncio.to_thread(prepare, self.engine.model, self.frontend, route, raw)
 
-    def submit(self, request: HttpRequest, prepared) -> tuple[Request, AsyncIterator]:
-        """Queued (a 503 when the queue is full): the engine's Request and its events (until_gone)."""
-        req = Request(prepared.request, asyncio.get_running_loop())
+    def submit(self, request: HttpRequest, choice) -> tuple[Request, AsyncIterator]:
+        """One prepared generation (a driver.Prepared: a Prepared's `request`, or one of its `choices`) queued (a 503
+        when the queue is full): the engine's Request and its events (until_gone)."""
+        req = Request(choice, asyncio.get_running_loop())
         if not self.engine.submit(req):
             raise ApiError(503, "the server is busy: every slot is taken and the queue is full", type="server_error",
                            headers={"Retry-After": "1"})
@@ -276,6 +302,53 @@ async def until_gone(request: HttpRequest, engine: Engine, req: Request):
             engine.cancel(req)
 
 
+async def collect(shape: "Shape", events) -> Completion | None:
+    """A choice's Completion (None when the client left); its error raised as an ApiError."""
+    completion = None
+    async for item in events:
+        if isinstance(item, BaseException):
+            raise _as_api_error(item)
+        shape.observe(item)
+        if item.kind == "done":
+            completion = item
+    return completion
+
+
+def usage_of(shapes: list, completions: list) -> dict:
+    """One usage for the choices of a request: the prompt once, the completions' tokens summed."""
+    n_prompt = len(shapes[0].req.plan.tokens)
+    n_out = sum(shape.usage(c)["completion_tokens"] for shape, c in zip(shapes, completions))
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+async def merged_sse(shapes: list, streams: list, stream_options: dict):
+    """The chunks of every choice's stream as they come (each names its index), one [DONE] at the end, and with
+    include_usage one usage chunk for them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    own = {k: v for k, v in stream_options.items() if k != "include_usage"}
+
+    async def pump(shape, events):
+        try:
+            async for chunk in shape.sse(events, own):
+                if chunk != "data: [DONE]\n\n":
+                    await queue.put(chunk)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(shape, events)) for shape, events in zip(shapes, streams)]
+    try:
+        for _ in tasks:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+        done = [getattr(shape, "completion", None) for shape in shapes]
+        if stream_options.get("include_usage") and all(done):
+            yield _sse({**shapes[0]._base(True), "choices": [], "usage": usage_of(shapes, done)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def _as_api_error(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
@@ -292,10 +365,11 @@ class Shape:
     """OpenAI response objects for one request."""
 
     def __init__(self, req: Request, frontend: Frontend, *, metrics: Metrics, chat: bool, calls: bool = False,
-                 layout=None, llama: bool = False):
+                 layout=None, llama: bool = False, index: int = 0, id: str | None = None):
         self.req, self.frontend, self.chat, self.calls, self.metrics = req, frontend, chat, calls, metrics
         self.layout, self.llama = layout, llama  # an edit or infill; llama: /infill's llama-server shape
-        self.id = ("chatcmpl-" if chat else "cmpl-") + req.id
+        self.index = index  # the choice of `n` it shapes
+        self.id = id or ("chatcmpl-" if chat else "cmpl-") + req.id
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
@@ -308,6 +382,8 @@ class Shape:
 
     def observe(self, event) -> None:
         Service.observe(self, self.req, event)
+        if event.kind == "done":
+            self.completion = event
 
     def _base(self, chunk: bool) -> dict:
         return {"id": self.id, "object": self.object + (".chunk" if chunk and self.chat else ""),
@@ -316,12 +392,12 @@ class Shape:
     def _choice(self, text: str | None, finish: str | None, *, first: bool = False, reasoning: str = "",
                 calls: list | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": self.index, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta = ({"role": "assistant"} if first else {}) | ({"reasoning_content": reasoning} if reasoning else {}) \
             | ({"content": text} if text else {})
         if calls:
             delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in enumerate(calls)]
-        return {"index": 0, "delta": delta, "finish_reason": finish}
+        return {"index": self.index, "delta": delta, "finish_reason": finish}
 
     def usage(self, c: Completion) -> dict:
         n_prompt = len(self.req.plan.tokens)
@@ -349,7 +425,7 @@ class Shape:
                     "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "changes": changes,
                     "usage": self.usage(c), "dglocal": self.stats(c)}
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish(c)}
+            choice = {"index": self.index, "text": text, "logprobs": None, "finish_reason": self.finish(c)}
         else:
             out = channels.split(text, tools=self.calls) if self.frontend.template is not None else \
                 channels.Output(text)
@@ -358,7 +434,7 @@ class Shape:
                 message["reasoning_content"] = out.reasoning
             if out.tool_calls:
                 message["tool_calls"] = [_call(t) for t in out.tool_calls]
-            choice = {"index": 0, "message": message, "finish_reason": self.finish(c, out.tool_calls)}
+            choice = {"index": self.index, "message": message, "finish_reason": self.finish(c, out.tool_calls)}
         return {**self._base(False), "choices": [choice], "usage": self.usage(c), "dglocal": self.stats(c)}
 
     def llama_shape(self, c: Completion, text: str) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dglocal.errors import ConfigError, ContextError
 from dglocal.generation import channels, driver
+from dglocal.generation.request import derive_seed
 from dglocal.generation.editing import edit_request, infill_request
 from dglocal.generation.grammar import GrammarSpec
 from dglocal.serving import schema
@@ -20,10 +21,15 @@ from dglocal.serving.errors import ApiError
 
 @dataclass
 class Prepared:
-    request: driver.Prepared  # what the engine attaches to a slot
+    request: driver.Prepared  # what the engine attaches to a slot (the first choice)
     stream: bool = False
     stream_options: dict = field(default_factory=dict)
     shape: dict = field(default_factory=dict)  # how the answer is shaped: chat, calls, layout, llama
+    more: list = field(default_factory=list)  # the other choices of `n` > 1, each with its own seed
+
+    @property
+    def choices(self) -> list:
+        return [self.request, *self.more]
 
 
 def prepare(model, frontend, route: str, raw: bytes) -> Prepared:
@@ -44,6 +50,11 @@ def parse_options(body: dict, frontend, route: tuple[str, ...], where: str) -> t
         value = schema.number(body, name)
         if value is not None:
             options[name] = value
+    n = schema.number(body, "n")
+    if n is not None and n > 1:
+        if frontend.sudoku:  # its guide races attempts of one puzzle: one grid is the answer
+            raise schema.FieldError("the Sudoku model answers one grid: n must be 1", "n")
+        options["n"] = n
     max_tokens = schema.number(body, "max_completion_tokens") or schema.number(body, "max_tokens")
     seed = schema.number(body, "seed")
     options.update({k: v for k, v in (("max_new_tokens", max_tokens), ("seed", seed), ("stop", schema.stops(body)))
@@ -101,6 +112,8 @@ def _chat(model, frontend, body: dict) -> Prepared:
 def _completions(model, frontend, body: dict) -> Prepared:
     options, stream, stream_options = parse_options(body, frontend, schema.COMPLETIONS, "/v1/completions")
     if body.get("suffix") is not None:  # OpenAI's infilling: the text between prompt and suffix
+        if options.get("n", 1) > 1:
+            raise schema.FieldError("a completion with a 'suffix' has one middle: n must be 1", "n")
         if "grammar" in options or body.get("stop") is not None:
             raise schema.FieldError("a completion with a 'suffix' is a fixed layout: it takes no structured "
                                     "output or stop strings", "suffix")
@@ -169,13 +182,17 @@ def planned(model, prompt, options: dict, stream: bool = False, stream_options: 
     """driver.prepare (the one fit rule: the prompt and every canvas max_tokens may take; the grammar compiled
     once): an unusable request is a 400 now, naming `field` for its grammar and `length` for its length, not a
     failed stream later."""
+    n = options.pop("n", 1)
     try:
         request = driver.prepare(model, prompt, seeds=model.seeds, **options)
+        # choice k of n draws its noise from (the request's seed, k): its answer does not depend on n
+        seed = request.plan.config.seed
+        more = [driver.prepare(model, prompt, **{**options, "seed": derive_seed(seed, k)}) for k in range(1, n)]
     except ContextError as e:
         raise ApiError(400, str(e), param=length, code="context_length_exceeded") from None
     except ConfigError as e:
         raise ApiError(400, str(e), param=field if getattr(e, "param", None) == "grammar" else None) from None
-    return Prepared(request, stream, stream_options or {}, shape)
+    return Prepared(request, stream, stream_options or {}, shape, more)
 
 
 def _to_context(body: dict, frontend, options: dict) -> None:

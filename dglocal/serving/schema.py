@@ -26,7 +26,7 @@ MAX_TOKENS = 2**31 - 1
 NUMBERS = {
     "max_tokens": (int, 1, MAX_TOKENS), "max_completion_tokens": (int, 1, MAX_TOKENS), "seed": (int, -1, 2**64 - 1),
     "n_predict": (int, 1, MAX_TOKENS), "room": (int, 0, 4096),
-    "n": (int, 1, 1),
+    "n": (int, 1, 16),  # choices, each its own generation: they share the slots' forwards
     # the diffusion sampler's settings (extra body fields)
     "max_denoising_steps": (int, 1, MAX_STEPS), "stability_threshold": (int, 0, MAX_STEPS),
     "entropy_bound": (float, 0, 1e9), "confidence_threshold": (float, 0, 1e9),
