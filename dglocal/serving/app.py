@@ -213,7 +213,8 @@ class Service:
             self.metrics.finished(event, req.cached)
 
 
-GENERATING = ("/v1/chat/completions", "/v1/completions", "/infill", "/v1/edits")
+GENERATING = ("/v1/chat/completions", "/v1/completions", "/infill", "/v1/edits", "/v1/responses", "/api/chat",
+              "/api/generate")
 PUBLIC = ("/health", "/v1/models", "/")  # open under --api-key, as llama-server leaves health and models (the page
 # asks for the key and sends it)
 MAX_BODY = 64 << 20  # bytes of a request body (a few large images as data: URLs fit)
