@@ -125,13 +125,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
         shape = Shape(req, frontend, metrics=metrics, **prepared.shape)
         if prepared.stream:
             return StreamingResponse(shape.sse(events, prepared.stream_options), media_type="text/event-stream")
-        completion = None
-        async for item in events:
-            if isinstance(item, BaseException):
-                raise _as_api_error(item)
-            shape.observe(item)
-            if item.kind == "done":
-                completion = item
+        completion = await collect(shape, events)
         if completion is None:  # the client left: nobody reads this
             return Response(status_code=499)
         return shape.whole(completion)
@@ -308,7 +302,7 @@ async def collect(shape: "Shape", events) -> Completion | None:
     completion = None
     async for item in events:
         if isinstance(item, BaseException):
-            raise _as_api_error(item)
+            raise as_api_error(item)
         shape.observe(item)
         if item.kind == "done":
             completion = item
@@ -350,7 +344,7 @@ async def merged_sse(shapes: list, streams: list, stream_options: dict):
             task.cancel()
 
 
-def _as_api_error(e: BaseException) -> ApiError:
+def as_api_error(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, ShuttingDown):
@@ -451,7 +445,7 @@ class Shape:
         splitter = channels.StreamSplitter(tools=self.calls) if self.chat and not sudoku else None
         async for item in events:
             if isinstance(item, BaseException):
-                yield _sse({"error": _as_api_error(item).body()["error"]})
+                yield _sse({"error": as_api_error(item).body()["error"]})
                 return
             self.observe(item)
             if item.kind == "step" and drafts:

@@ -97,12 +97,7 @@ KNOWN_OPTIONS = {*SAMPLING, *RUNTIME, *NEUTRAL, *INERT, "num_predict", "num_ctx"
 def common(body: dict, where: str, fields: tuple[str, ...], n_ctx: int) -> dict:
     """The OpenAI fields of what both generating routes take: the body's fields checked, `options` and `format`
     translated."""
-    for name, reason in REFUSED.items():
-        if body.get(name) is not None:
-            raise schema.FieldError(f"'{name}' is not supported: {reason}", name)
-    unknown = sorted(set(body) - set(fields) - set(REFUSED))
-    if unknown:
-        raise schema.FieldError(f"{where} does not take {unknown}", unknown[0])
+    schema.check_names(body, fields, REFUSED, where)
     for name in ("stream", "raw", "truncate", "shift"):
         schema.flag(body, name)
     keep = body.get("keep_alive")  # a duration ("5m") or seconds: the model stays loaded while the server runs
@@ -416,7 +411,7 @@ ELSEWHERE = {  # ollama's routes that manage a library of models: this server ru
 
 def add_routes(app, service) -> None:
     """Register the routes on `app`; each generating one goes through `service` (serving.app.Service)."""
-    from dglocal.serving.app import _as_api_error, read_body  # serving.app imports this module
+    from dglocal.serving.app import as_api_error, read_body  # serving.app imports this module
 
     frontend = service.frontend
     card = describe(frontend)  # the one model, as the listing routes show it
@@ -448,7 +443,7 @@ def add_routes(app, service) -> None:
         done = None
         async for item in events:
             if isinstance(item, BaseException):
-                return failure(_as_api_error(item))
+                return failure(as_api_error(item))
             service.observe(req, item)
             if item.kind == "done":
                 done = item
@@ -459,7 +454,7 @@ def add_routes(app, service) -> None:
     async def lines(reply: Reply, events):
         async for item in events:
             if isinstance(item, BaseException):  # the ollama client raises it as a ResponseError
-                yield _line({"error": str(_as_api_error(item))})
+                yield _line({"error": str(as_api_error(item))})
                 return
             service.observe(reply.req, item)
             if item.kind == "block":

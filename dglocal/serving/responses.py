@@ -67,13 +67,7 @@ def add_routes(app, service) -> None:
         reply = Reply(turn, shape, history)
         if turn.stream:
             return StreamingResponse(reply.sse(events), media_type="text/event-stream")
-        completion = None
-        async for item in events:
-            if isinstance(item, BaseException):
-                raise http._as_api_error(item)
-            shape.observe(item)
-            if item.kind == "done":
-                completion = item
+        completion = await http.collect(shape, events)
         if completion is None:  # the client left: nobody reads this
             return Response(status_code=499)
         return reply.whole(completion)
@@ -112,12 +106,7 @@ class Turn:
 
 def translate(body: dict, history: History) -> Turn:
     """The Responses body as a chat body; schema.FieldError or ApiError (a 400) names the field."""
-    for name, reason in REFUSED.items():
-        if body.get(name) is not None:
-            raise schema.FieldError(f"'{name}' is not supported: {reason}", name)
-    unknown = sorted(set(body) - set(PASSED) - set(READ))
-    if unknown:
-        raise schema.FieldError(f"/v1/responses does not take {unknown}", unknown[0])
+    schema.check_names(body, {*PASSED, *READ}, REFUSED, "/v1/responses")
     _check_neutral(body)
     previous = body.get("previous_response_id")
     messages = input_messages(body.get("input"), history.get(previous) if previous is not None else [])
@@ -446,7 +435,7 @@ class Reply:
 
     def failed(self, e: BaseException):
         """An error after the stream began: an `error` event, then the response failed."""
-        error = http._as_api_error(e)
+        error = http.as_api_error(e)
         yield self.event("error", code=error.code, message=str(error), param=error.param)
         yield self.event("response.failed", response={**self.response("failed"), "error": {
             "code": "server_error", "message": str(error)}})

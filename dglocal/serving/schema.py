@@ -145,6 +145,17 @@ def text(value, name: str) -> str:
     return value
 
 
+def check_names(body: dict, accepted, refused: dict, where: str) -> None:
+    """A body of another API's routes: its refused fields (with their reasons) and unknown ones are 400s naming
+    them."""
+    for name, reason in refused.items():
+        if body.get(name) is not None:
+            raise FieldError(f"'{name}' is not supported: {reason}", name)
+    unknown = sorted(set(body) - set(accepted) - set(refused))
+    if unknown:
+        raise FieldError(f"{where} does not take {unknown}", unknown[0])
+
+
 def check_fields(body: dict, route: tuple[str, ...], where: str) -> None:
     """Unknown fields, refused fields and fields with only their neutral value accepted; `route`: the fields of
     the route's body (CHAT, COMPLETIONS, INFILL, EDIT), `where` its path."""
