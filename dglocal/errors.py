@@ -26,20 +26,3 @@ class ContextError(DglocalError):
 class ConfigError(DglocalError, ValueError):
     """A generation or command option has an invalid value."""
 
-
-def os_error_text(e: OSError) -> str:
-    """An OSError in the words a user needs: "disk full", "read-only file system", ... and the errno's text."""
-    import errno
-
-    plain = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
-             errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
-    return plain.get(e.errno, e.strerror or str(e))
-
-
-def remove_quietly(*paths) -> None:
-    """Delete leftovers of a failed write; a failure here (e.g. a read-only directory) never hides the first error."""
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass

@@ -22,7 +22,8 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the pin lives in the package: dglocal/upstream.py
+sys.path.insert(0, str(ROOT))  # the pin lives in the package: dglocal/runtime/upstream.py
+from dglocal.files import replacing  # noqa: E402
 from dglocal.runtime.upstream import PACKAGE, SDIST, SDIST_SHA256, VERSION, DglocalError, cache_dir, fetch_sdist  # noqa: E402
 
 PATCHES = ROOT / "patches"
@@ -105,10 +106,8 @@ def build_wheel(backend: str, flags: list[str], out: Path, jobs: int) -> Path:
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(staging), str(src)], "wheel build failed", env)
         wheel = next(staging.glob("*.whl"))
         out.mkdir(parents=True, exist_ok=True)
-        # copy then rename: an interrupted build never leaves a wheel that looks complete
-        partial = out / (wheel.name + ".partial")
-        shutil.copyfile(wheel, partial)
-        partial.rename(out / wheel.name)
+        with replacing(out / wheel.name) as partial:  # an interrupted build never leaves a wheel that looks complete
+            shutil.copyfile(wheel, partial)
         return out / wheel.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +125,8 @@ def install_target(wheel: Path, target: Path, build: str) -> None:
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial), str(wheel)],
         "pip install --target failed")
     (partial / ".dglocal-build").write_text(build + "\n")
-    partial.rename(target)  # an interrupted install never looks complete
+    # renamed last, so an interrupted install never looks complete (a folder: dglocal.files.replacing is for files)
+    partial.rename(target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sudoku_data import HELDOUT_SEED, augment, pairs_array, read_pairs  # noqa: E402
 
 from dglocal.convert.source import generation_defaults  # noqa: E402
+from dglocal.files import replacing  # noqa: E402
 from dglocal.sudoku import core as sc  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "sudoku"
@@ -264,13 +264,12 @@ def lr_at(examples: int, args, seconds: float = 0.0) -> float:
 
 
 def save_state(path: Path, model, opt, progress: dict, nprng: np.random.Generator, gen: torch.Generator):
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        dict(model=model.state_dict(), opt=opt.state_dict(), progress=progress,
-             np_rng=nprng.bit_generator.state, torch_rng=gen.get_state(), py_rng=random.getstate()),
-        tmp,
-    )
-    os.replace(tmp, path)
+    with replacing(path) as partial:
+        torch.save(
+            dict(model=model.state_dict(), opt=opt.state_dict(), progress=progress,
+                 np_rng=nprng.bit_generator.state, torch_rng=gen.get_state(), py_rng=random.getstate()),
+            partial,
+        )
 
 
 def save_checkpoint(model, directory: Path, progress: dict) -> None:

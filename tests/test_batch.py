@@ -228,8 +228,8 @@ def test_a_guide_may_watch_the_first_attempt_then_restart_cooler_and_shorter(lla
 
 
 def test_a_guide_s_step_cap_is_checked(llama_model):
-    for bad, message in [(0, "must be 1..65536, got 0"), (2.5, "must be an integer, got float"),
-                         (True, "must be an integer, got bool"), (70000, "must be 1..65536, got 70000")]:
+    for bad, message in [(0, "a guide's steps must be in 1..65536, got 0"), (2.5, "must be an integer, got 2.5"),
+                         (True, "must be an integer, got True"), (70000, "must be in 1..65536, got 70000")]:
         guide = type("Guide", (), {"steps": bad, "__call__": lambda self, draft, accepted: []})()
         with pytest.raises(ConfigError, match=message):
             list(stream(llama_model, PROMPTS[3], guide=guide, **dict(EARLY, max_new_tokens=16)))

@@ -60,7 +60,8 @@ BAD = [  # (body, param the 400 names)
      "messages"),
     (dict(CHAT, messages=[{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]), "messages"),
-    (dict(CHAT, messages=[{"role": "user", "content": "hi", "name": "bob"}]), "messages"),
+    (dict(CHAT, messages=[{"role": "user", "content": "hi", "name": 5}]), "messages"),  # a name is text
+    (dict(CHAT, messages=[{"role": "assistant", "content": "a", "refusal": "no"}]), "messages"),  # null only
     (dict(CHAT, max_tokens=10**300), "max_tokens"),
     (dict(CHAT, seed=-(10**200)), "seed"),
     (dict(CHAT, max_denoising_steps=10**400), "max_denoising_steps"),

@@ -99,3 +99,25 @@ def test_batched_generations_each_keep_their_grammar(llama_model):
 def test_bad_grammars_are_clear_errors(llama_model, options, message):
     with pytest.raises(ConfigError, match=message):
         generate(llama_model, [2, 3], seed=0, **BUDGET, **options)
+
+
+def test_a_schema_that_says_nothing_of_extra_keys_allows_none(llama_model):
+    """Plain pydantic, instructor and `llm --schema` schemas leave additionalProperties out; before, the noise of a
+    canvas filled extra keys (with strings that never ended). Now such an object allows only its properties, as
+    llama.cpp's and xgrammar's converters read it; additionalProperties true or a schema of its own still allows
+    them, and a bare {"type": "object"} is still any object."""
+    from dglocal.generation.grammar import closed
+
+    plain = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"type": "object", "properties": {"c": {"type": "boolean"}}}},
+             "required": ["a"]}
+    assert closed(plain)["additionalProperties"] is False
+    assert closed(plain)["properties"]["b"]["additionalProperties"] is False
+    assert closed({"type": "object"}) == {"type": "object"}
+    assert closed({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
+    assert "additionalProperties" not in plain  # the caller's schema is not changed
+    for seed in range(12):
+        out = generate(llama_model, [2, 5 + seed, 9], seed=seed, json_schema=plain, **BUDGET)
+        value = json.loads(out.text)
+        assert set(value) <= {"a", "b"} and set(value.get("b") or {}) <= {"c"}, out.text
+        jsonschema.validate(value, closed(plain))

@@ -188,7 +188,7 @@ def test_cli_reports_a_broken_grid_unsolved(tmp_path):
     whatever the model returns is unsolved, the guide restarting it until the time limit is up, and the verdict
     says so."""
     from dglocal.sudoku.race import default_workers
-    from dglocal.sudoku.solve import TIMED_RESTARTS
+    from dglocal.sudoku.stream import TIMED_RESTARTS
 
     puzzle = "12345678.........9...........2......9.7...6..53..4..9...1........5..........9...."
     assert sc.is_consistent(sc.parse_grid(puzzle)) and sc.count_solutions(puzzle) == 0
@@ -429,7 +429,7 @@ def test_an_unsolved_puzzle_with_few_givens_says_what_the_model_was_trained_on(t
     assert verdict and (hint in " ".join(r.stdout.split())) == verdict.group(1).startswith("unsolved"), r.stdout
     assert "a longer --time-limit" not in r.stdout
     from dglocal.cli.sudoku import _hint
-    from dglocal.sudoku.solve import Solved
+    from dglocal.sudoku.stream import Solved
 
     few, enough = sc.parse_grid(puzzle), sc.parse_grid(pairs[0][0])
     unsolved = lambda p, seconds: Solved(p, [0] * 81, False, 100, seconds)  # noqa: E731

@@ -19,7 +19,9 @@ from typing import Annotated, Optional
 import typer
 
 from dglocal.convert.hub import resolve_model
-from dglocal.errors import ConfigError, DglocalError, os_error_text
+from dglocal.errors import ConfigError, DglocalError
+from dglocal.files import os_error_text
+from dglocal.runtime.options import DEFAULT_CTX, DEFAULT_IMAGE_TOKENS
 
 from .options import (
     CacheTypeOption, CpuMoeOption, ImageTokensOption, LoraOption, LoraScaledOption, MmprojOption, ModelArgs, NglOption, OverrideOption,
@@ -303,7 +305,7 @@ def convert_cmd(
         "--vram", help="With --dry-run: GPU memory to check the plan against (e.g. 18G, 16GiB).",
         show_default=False)] = None,
     context: Annotated[int, typer.Option(
-        "--context", help="With --dry-run: context size for the KV-cache estimate.")] = 4096,
+        "--context", help="With --dry-run: context size for the KV-cache estimate.")] = DEFAULT_CTX,
     tokenizer_from: Annotated[Optional[Path], typer.Option(
         "--tokenizer-from", help="Take the tokenizer (and chat template) from this GGUF instead of the "
                                  "checkpoint's files.", show_default=False)] = None,
@@ -496,13 +498,13 @@ def plan(
     vram: Annotated[str, typer.Option("--vram", help="Device memory to fit: 12G (each device) or 24G,12G (one size "
                                                      "per device, RPC servers first; the layers split in proportion).")],
     quant: QuantOption = "Q4_K_M",
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = DEFAULT_CTX,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Slots (sequences) served at once.")] = 1,
     cache_type: CacheTypeOption = None,
     swa_full: SwaOption = None,
     rpc: RpcOption = None,
     mmproj: MmprojOption = None,
-    image_tokens: ImageTokensOption = 280,
+    image_tokens: ImageTokensOption = DEFAULT_IMAGE_TOKENS,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ):
     """Choose -ngl and --n-cpu-moe for a device of --vram, from the buffers llama.cpp allocates (no weights read).

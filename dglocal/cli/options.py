@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from dglocal.errors import ConfigError
-from dglocal.runtime.options import DEFAULT_CTX, LoadOptions
+from dglocal.runtime.options import DEFAULT_CTX, DEFAULT_IMAGE_TOKENS, SOFT_TOKENS, LoadOptions
 
 QuantOption = Annotated[str, typer.Option(
     "--quant", help="Which GGUF of an HF repo to use (matched in the file name), or the type to convert a "
@@ -91,7 +91,8 @@ MmprojOption = Annotated[Optional[Path], typer.Option(
     "--mmproj", help="The vision tower's GGUF (dglocal convert writes it beside the model): prompts take images.",
     show_default=False)]
 ImageTokensOption = Annotated[int, typer.Option(
-    "--image-tokens", help="Soft tokens an image becomes at most: 70, 140, 280, 560 or 1120.")]
+    "--image-tokens", help=f"Soft tokens an image becomes at most: {', '.join(map(str, SOFT_TOKENS[:-1]))} or "
+                           f"{SOFT_TOKENS[-1]}.")]
 TimeLimitOption = Annotated[Optional[float], typer.Option(
     "--time-limit", help="Sudoku: seconds a puzzle may take; a grid still breaking a rule is denoised again from "
                          "what the guide keeps of it until then. Default: 5.", show_default=False)]
@@ -110,7 +111,8 @@ MODEL_OPTIONS = [
     ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
     ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
     ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None), ("lora", LoraOption, None),
-    ("lora_scaled", LoraScaledOption, None), ("mmproj", MmprojOption, None), ("image_tokens", ImageTokensOption, 280),
+    ("lora_scaled", LoraScaledOption, None), ("mmproj", MmprojOption, None),
+    ("image_tokens", ImageTokensOption, DEFAULT_IMAGE_TOKENS),
 ]
 LOAD_NAMES = ("ctx_size", "n_gpu_layers", "threads", "cache_type", "swa_full", "precision", "rpc", "override_tensor",
               "n_cpu_moe", "tensor_split", "lora", "lora_scaled", "mmproj", "image_tokens")

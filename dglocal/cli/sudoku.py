@@ -9,11 +9,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from dglocal.errors import ConfigError
+from dglocal.generation.config import MAX_STEPS, GenerationConfig
 from dglocal.runtime.checks import integer, seed_value
 from dglocal.sudoku import core as sc
 from dglocal.sudoku.race import MAX_WORKERS, default_workers
-from dglocal.sudoku.solve import (EVAL_BATCH, TIME_LIMIT, Solved, bad_cells, evaluate, guide_steps, load_models,
-                                 read_puzzles, solve_stream, write_grids)
+from dglocal.sudoku.solve import EVAL_BATCH, bad_cells, evaluate, load_models, read_puzzles, solve_stream, write_grids
+from dglocal.sudoku.stream import TIME_LIMIT, Solved, guide_steps
 
 from . import render as ui
 from .views import is_terminal
@@ -27,8 +28,8 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
     per core for a puzzle, and one for --eval, whose figures must not depend on the machine."""
     if puzzle is not None and eval_file is not None:
         raise ConfigError("give a PUZZLE or --eval FILE, not both")
-    if steps is not None and steps <= 0:
-        raise ConfigError(f"--steps must be a positive integer, got {steps}")
+    if steps is not None:
+        integer("--steps", steps, 1, MAX_STEPS)
     seed = seed_value(seed)  # -1: a random seed, as `dglocal run --seed -1` (llama.cpp's spelling)
     cells = sc.check_puzzle(puzzle) if puzzle is not None else None  # bad input fails before the slow load
     pairs = read_puzzles(eval_file) if eval_file is not None else None
@@ -52,8 +53,8 @@ def main(model: Path, *, puzzle: str | None = None, eval_file: Path | None = Non
         if pairs is not None:
             with ui.sudoku_progress(len(pairs)) as advance:
                 result = evaluate(llm, pairs, **options, on_result=lambda i, r: advance())
-            ui.show_sudoku_eval(result, models[0].metadata.get("diffusion.eb_max_steps") if steps is None else steps,
-                                guide_steps(steps) if guide else None)
+            cap = steps or GenerationConfig.from_metadata(models[0].metadata).max_denoising_steps
+            ui.show_sudoku_eval(result, cap, guide_steps(steps) if guide else None)
             if output is not None:  # after the figures: a failed write loses the file, not the evaluation
                 write_grids(output, result.results)
         elif cells is not None:

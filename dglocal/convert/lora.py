@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter
 
-from dglocal.errors import ConvertError, os_error_text, remove_quietly
+from dglocal.errors import ConvertError
 
 from . import schema
+from .output import writing
 from .source import _read_safetensors_header, read_json
 
 PREFIXES = ("base_model.model.",)
@@ -119,8 +120,7 @@ def convert_lora(directory, output, *, force: bool = False) -> LoraResult:
     if output.exists() and not force:
         raise ConvertError(f"{output}: already exists (use --force to overwrite)")
     config, weights = read_adapter(Path(directory))
-    partial = output.with_name(output.name + ".partial")
-    try:
+    with writing(output) as partial:
         w = GGUFWriter(partial, schema.ARCH)
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
@@ -137,11 +137,6 @@ def convert_lora(directory, output, *, force: bool = False) -> LoraResult:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        partial.replace(output)
-    except OSError as e:
-        raise ConvertError(f"{output}: cannot write the adapter: {os_error_text(e)}") from None
-    finally:
-        remove_quietly(partial)
     both = sum(len(e) > 1 for e in weights.values())
     notes = [f"{both} weight(s) adapted in both the encoder's and the decoder's copy: their deltas add up, as "
              "when the adapter is merged"] if both else []

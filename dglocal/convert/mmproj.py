@@ -15,7 +15,6 @@ gelu_quick (the patched loader also reads a Gemma 4 file without it as tanh GELU
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +22,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, quants
 
-from dglocal.errors import ConvertError, os_error_text, remove_quietly
+from dglocal.errors import ConvertError
 
 from .source import index_safetensors, read_json, resolve_source
-from .writer import encode_rows
+from .output import DIRECT_TYPES, encode_rows, writing
 
 TOWER = "model.encoder.vision_tower."
 EMBEDDER = "model.encoder.embed_vision.embedding_projection.weight"
-# the quant choices llama.cpp's converter offers for mmproj files
-TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
 
 LAYER_NAMES = {
     "self_attn.q_proj":          "attn_q",
@@ -146,7 +142,7 @@ def _type_of(kind: str, shape, type_name: str) -> Q:
         return Q.F32
     if kind == "patch":  # llama.cpp's rule: f16 only in an f16 file
         return Q.F16 if type_name == "f16" else Q.F32
-    qtype = TYPES[type_name]
+    qtype = DIRECT_TYPES[type_name][0]
     block = quants.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else Q.F16  # rows a block does not divide: f16, as llama.cpp falls back
 
@@ -161,8 +157,8 @@ def convert_mmproj(source, output, type: str = "f16", *, force: bool = False) ->
     end; nothing left behind on failure)."""
     output = Path(output)
     type = type.lower()
-    if type not in TYPES:
-        raise ConvertError(f"mmproj type {type!r}: one of {', '.join(TYPES)}")
+    if type not in DIRECT_TYPES:  # the quant choices llama.cpp's converter offers for mmproj files
+        raise ConvertError(f"mmproj type {type!r}: one of {', '.join(DIRECT_TYPES)}")
     if output.exists() and not force:
         raise ConvertError(f"{output}: already exists (use --force to overwrite)")
     directory = resolve_source(source)
@@ -175,14 +171,8 @@ def convert_mmproj(source, output, type: str = "f16", *, force: bool = False) ->
     embd = index[EMBEDDER].shape
     if tuple(embd) != (p.text_hidden, p.hidden):
         raise ConvertError(f"{EMBEDDER} has shape {list(embd)}, the configs imply {[p.text_hidden, p.hidden]}")
-    partial = output.with_name(output.name + ".partial")
-    try:
+    with writing(output) as partial:
         _write(partial, plan, index, p, type, str(source).rstrip("/").split("/")[-1])
-        os.replace(partial, output)
-    except OSError as e:
-        raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
-    finally:
-        remove_quietly(partial)
     return output
 
 
@@ -190,7 +180,7 @@ def _write(path: Path, plan, index, p: VisionParams, type_name: str, name: str) 
     w = GGUFWriter(path, "clip")
     w.add_type("mmproj")
     w.add_name(name)
-    w.add_file_type(FILE_TYPES[type_name])
+    w.add_file_type(int(DIRECT_TYPES[type_name][1]))
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.has_audio_encoder", False)
     w.add_string("clip.vision.projector_type", "gemma4v")

@@ -12,9 +12,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 from dglocal.runtime import checks, swa
 from dglocal.runtime.checks import parse_size
 from dglocal.runtime.gguf import read_header
+from dglocal.runtime.options import DEFAULT_CTX
 from . import schema
 from .source import read_generation, read_params, resolve_source
-from .writer import DIRECT_TYPES, file_type
+from .output import DIRECT_TYPES
+from .writer import file_type
 
 COMPUTE_MARGIN = 512 << 20   # scheduler and activation buffers besides the logits, a rough allowance
 
@@ -70,7 +72,7 @@ def _nbytes(shape, qtype: Q) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
-def dry_run(source, type: str = "f16", *, vram=None, context: int = 4096) -> DryRun:
+def dry_run(source, type: str = "f16", *, vram=None, context: int = DEFAULT_CTX) -> DryRun:
     """The tensor plan, output size and memory need of a conversion, from config.json alone. With `vram`, the
     memory is what llama.cpp allocates for the file's shapes (a shapes-only GGUF sized by dglocal.runtime.plan, as `dglocal
     plan` does for a finished file) and the placement that fits; without, an estimate."""

@@ -16,6 +16,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 
+from dglocal.generation.config import GGUF_KEYS
+
 from .source import TextParams
 
 ARCH = "diffusion-gemma"
@@ -169,12 +171,11 @@ def write_metadata(w: GGUFWriter, p: TextParams, gen: dict, *, name: str, file_t
     w.add_embedding_length_per_layer_input(0)
 
     w.add_uint32("diffusion.canvas_length", p.canvas_length)
-    w.add_uint32("diffusion.eb_max_steps", int(gen["max_denoising_steps"]))
-    w.add_float32("diffusion.eb_t_min", float(gen["t_min"]))
-    w.add_float32("diffusion.eb_t_max", float(gen["t_max"]))
-    w.add_float32("diffusion.eb_entropy_bound", float(gen["entropy_bound"]))
-    w.add_uint32("diffusion.eb_stability_threshold", int(gen["stability_threshold"]))
-    w.add_float32("diffusion.eb_confidence_threshold", float(gen["confidence_threshold"]))
+    for name, (key, kind) in GGUF_KEYS.items():  # the sampler's defaults
+        if kind == "uint32":
+            w.add_uint32(key, int(gen[name]))
+        else:
+            w.add_float32(key, float(gen[name]))
     w.add_bool("diffusion.shift_logits", False)
     if p.image_ids:  # dglocal extra: how an image's soft tokens sit in the prompt and attend in the encoder
         for key, value in zip(("boi", "image", "eoi"), p.image_ids):

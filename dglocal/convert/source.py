@@ -15,22 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from dglocal.errors import ConvertError
+from dglocal.errors import ConfigError, ConvertError
+from dglocal.generation.config import GGUF_KEYS, GenerationConfig
+from dglocal.runtime.checks import integer, is_integer
 
 MODEL_TYPE = "diffusion_gemma"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
 
-# The sampler settings a file records, at the reference's defaults (dglocal.generation.config, the one place
-# they are written)
-GENERATION_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                   "confidence_threshold")
-
 
 def generation_defaults() -> dict:
-    from dglocal.generation.config import GenerationConfig
-
-    return {k: getattr(GenerationConfig, k) for k in GENERATION_KEYS}
+    """The sampler settings a file records (generation.config.GGUF_KEYS), at the reference's defaults
+    (GenerationConfig, the one place they are written)."""
+    return {k: getattr(GenerationConfig, k) for k in GGUF_KEYS}
 
 
 @dataclass(frozen=True)
@@ -107,13 +104,11 @@ def read_json(path: Path, required: bool = True) -> dict:
 def _checked(path: Path, key: str, value, kind, low, high):
     """`value` as `kind` (int or float) in [low, high]; ConvertError names the key and the value otherwise."""
     if kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not low <= value <= high:
-        what = "an integer" if kind is int else "a number"
-        raise ConvertError(f"{path}: {key} must be {what} in {low}..{high}, got {value!r}")
-    return kind(value)
+        return integer(f"{path}: {key}", value, low, high, ConvertError)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ConvertError(f"{path}: {key} must be a number in {low}..{high}, got {value!r}")
+    return float(value)
 
 
 def read_params(directory: Path) -> TextParams:
@@ -239,7 +234,7 @@ def read_generation(directory: Path) -> dict:
     sampler = gen.get("sampler_config") or {}
     if not isinstance(sampler, dict):
         raise ConvertError(f"{path}: sampler_config must be an object, got {type(sampler).__name__}")
-    out = {k: gen.get(k) for k in GENERATION_KEYS if k != "entropy_bound"}
+    out = {k: gen.get(k) for k in GGUF_KEYS if k != "entropy_bound"}
     out["entropy_bound"] = sampler.get("entropy_bound")
     defaults = generation_defaults()
     out = {k: (defaults[k] if v is None else v) for k, v in out.items()}
@@ -247,14 +242,10 @@ def read_generation(directory: Path) -> dict:
     if eos is not None and not isinstance(eos, (int, list)) or isinstance(eos, bool):
         raise ConvertError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r:.80}")
     out["eos_token_id"] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in out["eos_token_id"]):
+    if not all(is_integer(t) and 0 <= t < 2**31 for t in out["eos_token_id"]):
         raise ConvertError(f"{path}: eos_token_id must be token ids, got {eos!r:.80}")
-    from dglocal.generation.config import GenerationConfig  # the runtime's own checks: a file it would refuse is not written
-    from dglocal.errors import ConfigError
-
-    try:
-        GenerationConfig(**{k: float(v) if isinstance(v, int) and k in ("t_min", "t_max") else v
-                            for k, v in out.items() if k != "eos_token_id"})
+    try:  # the runtime's own checks: a file it would refuse is not written
+        GenerationConfig(**{k: v for k, v in out.items() if k != "eos_token_id"})
     except (ConfigError, TypeError) as e:
         raise ConvertError(f"{path}: {e}") from None
     if out["max_denoising_steps"] >= 2**31 or out["stability_threshold"] >= 2**31:
@@ -350,11 +341,10 @@ def _source_tensor(path: Path, name: str, meta, base: int, size: int) -> SourceT
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     if dtype not in _DTYPES:
         raise ConvertError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(is_integer(d) and d >= 0 for d in shape):
         raise ConvertError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            and all(is_integer(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise ConvertError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
     start, end = base + offsets[0], base + offsets[1]
     expected = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize

@@ -33,8 +33,9 @@ from gguf import GGMLQuantizationType as Q
 from . import schema
 from .source import TextParams, generation_defaults
 from .tokenizer import write_tokenizer
-from .writer import DIRECT_TYPES, Progress, check_loadable, encode_rows, file_type, quantize_gguf
-from dglocal.errors import ConvertError, os_error_text, remove_quietly
+from .output import DIRECT_TYPES, encode_rows, writing
+from .writer import Progress, check_loadable, file_type, quantize_gguf
+from dglocal.errors import ConvertError
 from dglocal.runtime.gguf import read_header
 
 POOL_ROWS = 32            # random rows encoded per matrix (at least); the output is drawn from their blocks
@@ -149,24 +150,20 @@ def write_synthetic(params: TextParams, type: str, output, *, name: str, header=
     plan = schema.tensor_plan(params)
     gguf_name = f"dglocal-synth-{name}"
 
-    partial = output.with_name(output.name + ".partial")
     probe_dir = output.with_name(output.name + ".probe.partial")
     try:
-        if type in DIRECT_TYPES:
-            base = DIRECT_TYPES[type][0]
-            types = {t.name: schema.tensor_type(t, base) for t in plan}
-            pools = _DirectPools(types, seed)
-        else:
-            pools = _ProbePools(plan, params, gen, type, seed, probe_dir)
-            types = pools.types
-        _write(partial, plan, types, pools, params, gen, tok, gguf_name, int(ftype), name, seed, progress,
-               shapes_only)
-        check_loadable(partial, output)
-        os.replace(partial, output)
-    except OSError as e:
-        raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
+        with writing(output) as partial:
+            if type in DIRECT_TYPES:
+                base = DIRECT_TYPES[type][0]
+                types = {t.name: schema.tensor_type(t, base) for t in plan}
+                pools = _DirectPools(types, seed)
+            else:
+                pools = _ProbePools(plan, params, gen, type, seed, probe_dir)
+                types = pools.types
+            _write(partial, plan, types, pools, params, gen, tok, gguf_name, int(ftype), name, seed, progress,
+                   shapes_only)
+            check_loadable(partial, output)
     finally:
-        remove_quietly(partial)
         shutil.rmtree(probe_dir, ignore_errors=True)
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     mix = dict(Counter(q.name for q in types.values()))

@@ -14,6 +14,7 @@ from pathlib import Path
 from gguf import GGUFValueType, GGUFWriter, LlamaHfVocab, SpecialVocab, TokenType
 
 from dglocal.errors import ConvertError
+from dglocal.runtime.checks import is_integer
 
 from dglocal.runtime.gguf import read_header
 
@@ -51,7 +52,7 @@ class WordLevelVocab:
 
 
 def _is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def word_level_vocab(directory: Path, vocab_size: int) -> WordLevelVocab | None:

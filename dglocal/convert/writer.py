@@ -2,7 +2,8 @@
 
 f32/f16/bf16/q8_0 are encoded here with gguf-py's quants; every other llama.cpp type name goes
 through a full-precision temporary GGUF and llama.cpp's own quantizer (`quantize_gguf`), so the
-K-quant tensor mix is exactly llama.cpp's. Output is written to `OUT.partial` and renamed at the end.
+K-quant tensor mix is exactly llama.cpp's. Output is written to `OUT.partial` and renamed at the end
+(convert.output.writing).
 """
 
 from __future__ import annotations
@@ -18,19 +19,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, LlamaFileType, quants
 
-from dglocal.errors import BUILD_HINT, BackendError, ConvertError, ModelError, os_error_text, remove_quietly
+from dglocal.errors import BUILD_HINT, BackendError, ConvertError, ModelError
+from dglocal.files import remove_quietly
 
 from . import schema
+from .mmproj import convert_mmproj, default_path
+from .output import DIRECT_TYPES, encode_rows, writing
 from .source import SourceTensor, index_safetensors, read_generation, read_params, resolve_source
 from .tokenizer import tokenizer_from_files, tokenizer_from_gguf, write_tokenizer
 
-# type name -> (GGML type of the weight matrices, general.file_type)
-DIRECT_TYPES = {
-    "f32":  (Q.F32,  LlamaFileType.ALL_F32),
-    "f16":  (Q.F16,  LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-}
 CHUNK_BYTES = 64 << 20  # f32 bytes per chunk: bounds peak RSS whatever the tensor size
 
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes done, bytes total)
@@ -103,42 +100,34 @@ def convert(source, output, type: str = "f16", *, force: bool = False, tokenizer
     notes = []
 
     name = str(source).rstrip("/").split("/")[-1]
-    partial = output.with_name(output.name + ".partial")
     staging = output.with_name(output.name + ".stage.partial")
     try:
-        if type.lower() in DIRECT_TYPES:
-            _write(partial, plan, bound, params, gen, tok, DIRECT_TYPES[type.lower()][0], ftype, name, progress)
-        else:  # full precision first (bf16 holds a bf16 checkpoint exactly), then llama.cpp's quantizer
-            base = Q.BF16 if all(s.dtype == "BF16" for s in bound.values()) else Q.F32
-            base_ftype = LlamaFileType.MOSTLY_BF16 if base == Q.BF16 else LlamaFileType.ALL_F32
-            _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
-            quantize_gguf(staging, partial, type, force=True)
-        check_loadable(partial, output)
-        if tower:  # the vision tower beside it, before the model is in place
-            from .mmproj import convert_mmproj
-
-            convert_mmproj(directory, tower, mmproj_type, force=True)
-            notes.append(f"vision tower ({len(skipped)} tensors) -> {tower} ({mmproj_type}): run with --mmproj")
-            skipped = []
-        elif skipped:
-            why = "--no-mmproj" if images else "its image token ids lie outside the vocabulary"
-            notes.append(f"vision tower not converted ({len(skipped)} tensors, {why}): the model takes text only")
-        os.replace(partial, output)
-    except OSError as e:
-        raise ConvertError(f"{output}: write failed: {os_error_text(e)} ({e})") from e
+        with writing(output) as partial:
+            if type.lower() in DIRECT_TYPES:
+                _write(partial, plan, bound, params, gen, tok, DIRECT_TYPES[type.lower()][0], ftype, name, progress)
+            else:  # full precision first (bf16 holds a bf16 checkpoint exactly), then llama.cpp's quantizer
+                base = Q.BF16 if all(s.dtype == "BF16" for s in bound.values()) else Q.F32
+                base_ftype = LlamaFileType.MOSTLY_BF16 if base == Q.BF16 else LlamaFileType.ALL_F32
+                _write(staging, plan, bound, params, gen, tok, base, base_ftype, name, progress)
+                quantize_gguf(staging, partial, type, force=True)
+            check_loadable(partial, output)
+            if tower:  # the vision tower beside it, before the model is in place
+                convert_mmproj(directory, tower, mmproj_type, force=True)
+                notes.append(f"vision tower ({len(skipped)} tensors) -> {tower} ({mmproj_type}): run with --mmproj")
+                skipped = []
+            elif skipped:
+                why = "--no-mmproj" if images else "its image token ids lie outside the vocabulary"
+                notes.append(f"vision tower not converted ({len(skipped)} tensors, {why}): the model takes text only")
     finally:
-        remove_quietly(partial, staging)
+        remove_quietly(staging)
     return ConvertResult(output, type.lower(), len(plan), output.stat().st_size, skipped, notes)
 
 
 def _tower_output(output: Path, mmproj, mmproj_type: str, force: bool) -> Path:
-    """Where the vision tower goes (`mmproj`, or beside the model), checked before anything is written. The mmproj
-    module imports this one's encoder, so it is imported here, when a tower is converted."""
-    from .mmproj import TYPES, default_path
-
+    """Where the vision tower goes (`mmproj`, or beside the model), checked before anything is written."""
     tower = Path(mmproj) if mmproj is not None else default_path(output)
-    if mmproj_type.lower() not in TYPES:
-        raise ConvertError(f"mmproj type {mmproj_type!r}: one of {', '.join(TYPES)}")
+    if mmproj_type.lower() not in DIRECT_TYPES:
+        raise ConvertError(f"mmproj type {mmproj_type!r}: one of {', '.join(DIRECT_TYPES)}")
     if tower.exists() and not force:
         raise ConvertError(f"{tower}: already exists (use --force to overwrite)")
     return tower
@@ -196,14 +185,6 @@ def _n_rows(t) -> int:
     return int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
 
 
-def encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
-    if qtype == Q.F32:
-        return rows.astype(np.float32, copy=False)
-    if qtype == Q.F16:
-        return rows.astype(np.float16)
-    return quants.quantize(rows, qtype)  # bf16 / q8_0, row-wise so chunking changes nothing
-
-
 def _disk_hint(dst: Path) -> str:
     """llama.cpp reports a full disk as a short write or an iostream error: say what it is."""
     try:
@@ -239,16 +220,10 @@ def quantize_gguf(src, dst, ftype_name: str, *, nthread: int = 0, force: bool = 
     params = nat.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = nthread
-    partial = dst.with_name(dst.name + ".partial")
-    try:
+    with writing(dst) as partial:
         nat.last_errors()  # drop errors logged by earlier calls
         rc = nat.llama_model_quantize(os.fsencode(src), os.fsencode(partial), ctypes.byref(params))
         if rc != 0 or not partial.is_file():
             raise ConvertError(f"{src}: llama.cpp could not quantize it to {ftype_name} (code {rc}): "
                                f"{_disk_hint(dst)}{nat.last_errors() or 'no error logged'}")
-        os.replace(partial, dst)
-    except OSError as e:
-        raise ConvertError(f"{dst}: write failed: {os_error_text(e)} ({e})") from e
-    finally:
-        remove_quietly(partial)
     return dst

@@ -18,6 +18,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from .sampler import stop_holdback
+
 THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 QUOTE = '<|"|>'
@@ -90,7 +92,7 @@ class StreamSplitter:
         if self.tools and CALL_OPEN in text:  # nothing after a call's start until the reply ends
             text = text[: text.find(CALL_OPEN)]
         # a tail that may still become a marker waits for the next piece ("<|channel>thou" is not reasoning yet)
-        cut = _partial_tail(text, (THINK_OPEN + "thought\n", THINK_CLOSE, CALL_OPEN))
+        cut = stop_holdback(text, (THINK_OPEN + "thought\n", THINK_CLOSE, CALL_OPEN))
         text = text[: len(text) - cut]
         reasoning, content = _reasoning(text)
         if THINK_OPEN in text and THINK_CLOSE not in text:
@@ -103,17 +105,6 @@ class StreamSplitter:
         self.sent_reasoning += r
         self.sent_content += c
         return r, c
-
-
-def _partial_tail(text: str, markers) -> int:
-    """Length of the longest tail of `text` that begins one of `markers` (it may complete in the next piece)."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:k]):
-                best = k
-                break
-    return best
 
 
 # -- the argument syntax ------------------------------------------------------------------------------------------

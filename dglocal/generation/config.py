@@ -14,20 +14,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..runtime import checks
 from ..runtime.checks import MAX_TEMPERATURE, MIN_TEMPERATURE
 from ..runtime.filters import sampling
 from ..errors import ConfigError
 
 MAX_STEPS = 65536  # denoising steps per canvas, and the stability window, at most
 
-# GGUF metadata key -> GenerationConfig field (keys written by the community converters, docs/gguf.md)
-METADATA_KEYS = {
-    "diffusion.eb_max_steps": "max_denoising_steps",
-    "diffusion.eb_t_min": "t_min",
-    "diffusion.eb_t_max": "t_max",
-    "diffusion.eb_entropy_bound": "entropy_bound",
-    "diffusion.eb_stability_threshold": "stability_threshold",
-    "diffusion.eb_confidence_threshold": "confidence_threshold",
+# GenerationConfig field -> its GGUF metadata key and type, as the community converters write them (docs/gguf.md):
+# dglocal convert writes these (convert.schema), from_metadata reads them
+GGUF_KEYS = {
+    "max_denoising_steps":  ("diffusion.eb_max_steps", "uint32"),
+    "t_min":                ("diffusion.eb_t_min", "float32"),
+    "t_max":                ("diffusion.eb_t_max", "float32"),
+    "entropy_bound":        ("diffusion.eb_entropy_bound", "float32"),
+    "stability_threshold":  ("diffusion.eb_stability_threshold", "uint32"),
+    "confidence_threshold": ("diffusion.eb_confidence_threshold", "float32"),
 }
 
 
@@ -58,38 +60,32 @@ class GenerationConfig:
             set_("stop", tuple(self.stop or ()))
         except TypeError:
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r:.40}") from None
-        if _is_int(self.seed) and self.seed == -1:  # llama.cpp's convention: -1 is a random seed
-            set_("seed", None)
+        set_("seed", checks.seed_value(self.seed))  # -1 (llama.cpp's convention) and None: a random seed
         if isinstance(self.eos_token_id, int):
             set_("eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is not None:
             set_("eos_token_id", tuple(int(t) for t in self.eos_token_id))
+        # an integer in a float field is that float; a numpy integer in an int field, the int it holds
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p", "min_p"):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                set_(name, float(value))
+            if checks.is_integer(getattr(self, name)):
+                set_(name, float(getattr(self, name)))
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold", "top_k"):
+            if checks.is_integer(getattr(self, name)):
+                set_(name, int(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
-        _positive_int("max_new_tokens", self.max_new_tokens)
-        _positive_int("max_denoising_steps", self.max_denoising_steps)
-        if self.max_denoising_steps > MAX_STEPS:
-            raise ConfigError(f"max_denoising_steps must be at most {MAX_STEPS}, got {self.max_denoising_steps}")
+        checks.integer("max_new_tokens", self.max_new_tokens, 1, checks.MAX_CTX)  # more never fits a context
+        checks.integer("max_denoising_steps", self.max_denoising_steps, 1, MAX_STEPS)
         _number("entropy_bound", self.entropy_bound, low=0.0, strict=True)
         _number("t_min", self.t_min, low=0.0)
         _number("t_max", self.t_max, low=0.0)
         _number("temperature", self.temperature, low=0.0)
         check_schedule(self.t_min, self.t_max, self.temperature)
-        if self.stability_threshold is not None and (
-            not _is_int(self.stability_threshold) or self.stability_threshold < 0
-        ):
-            raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        if self.stability_threshold is not None and self.stability_threshold > MAX_STEPS:
-            raise ConfigError(f"stability_threshold must be at most {MAX_STEPS}, got {self.stability_threshold}")
+        if self.stability_threshold is not None:
+            checks.integer("stability_threshold", self.stability_threshold, 0, MAX_STEPS)
         if self.confidence_threshold is not None:
             _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
-            raise ConfigError(f"seed must be an integer in 0..2**64-1 (or -1: random), got {self.seed!r}")
         sampling(self.top_k, self.top_p, self.min_p)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -110,7 +106,7 @@ class GenerationConfig:
         to None (stability_threshold="off": no early stop)."""
         _check_names(overrides)
         values = {}
-        for key, name in METADATA_KEYS.items():
+        for name, (key, _) in GGUF_KEYS.items():
             if metadata is not None and key in metadata:
                 values[name] = _from_gguf(name, metadata[key])
         values.update({k: None if isinstance(v, str) and v == "off" else v
@@ -147,15 +143,6 @@ def _from_gguf(name, value):
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name, value) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _number(name, value, *, low, strict=False) -> None:

@@ -14,7 +14,6 @@ docs/editing.md for what the model sees of a suffix and how long middles are han
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..runtime import checks
 from .events import Completion
+
+MAX_ROOM = 4096  # free positions an edit may add to a span beyond its own tokens (`room`)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _spans(spans, n_chars: int) -> list[tuple[int, int]]:
     out = []
     for span in spans:
         if isinstance(span, (str, bytes)) or not isinstance(span, Sequence) or len(span) != 2 or not all(
-                isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool) for v in span):
+                checks.is_integer(v) for v in span):
             raise ConfigError(f"a span is (start, end), two integers, got {span!r:.60}")
         start, end = int(span[0]), int(span[1])
         if not 0 <= start <= end <= n_chars:
@@ -168,7 +169,7 @@ def edit_request(model, text: str, spans, *, prompt=None, room: int = 0, **optio
     before the text (default: just BOS). `room`: free positions added to each span beyond its own tokens, for a
     longer replacement (unused ones close with end or pad tokens)."""
     text = _check_text(text, "the text to edit")
-    spans, room = _spans(spans, len(text)), checks.integer("room", room, 0, 4096)
+    spans, room = _spans(spans, len(text)), checks.integer("room", room, 0, MAX_ROOM)
     tokens, regions, at = [], [], 0
     for start, end in spans:
         tokens += _text_tokens(model, text[at:start])

@@ -125,9 +125,40 @@ def json_schema_text(source) -> str:
             raise ConfigError(f"json_schema is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise ConfigError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    text = check_schema(schema, "json_schema")
+    check_depth(schema, MAX_JSON_DEPTH, "json_schema")  # closed() recurses
+    text = check_schema(closed(schema), "json_schema")
     _check_size(len(text), WHAT["json_schema"])
     return text
+
+
+# where a schema holds subschemas: one, a list of them, or a map of names to them
+_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+        "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_EXTRA = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed(schema):
+    """A copy of `schema` in which every object schema with properties that says nothing of extra keys allows none
+    (additionalProperties: false), as llama.cpp's and xgrammar's converters read a schema: on a canvas the noise
+    fills any key it is allowed, with strings that never end. A schema that allows extra keys keeps them, and an
+    object schema without properties ({"type": "object"}) stays any object, as there."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and not any(k in out for k in _EXTRA):
+        out["additionalProperties"] = False
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    return out
 
 
 def check_schema(schema, what: str, finite: bool = True) -> str:

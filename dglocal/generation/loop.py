@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime import checks
 from ..runtime.filters import Filters, sampling
 from .config import MAX_STEPS, GenerationConfig, check_schedule
 from .events import BlockText, Completion, Event, Stats, Step
@@ -376,7 +377,7 @@ def _positions(positions) -> list[int]:
                           f"{type(positions).__name__}: {positions!r:.60}")
     out = []
     for p in positions:
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (numbers.Integral, np.integer)):
+        if not checks.is_integer(p):
             raise ConfigError(f"a guide's positions must be integers, got {type(p).__name__}: {p!r:.40}")
         out.append(int(p))
     return out
@@ -424,9 +425,7 @@ def _guide_steps(guide) -> int | None:
     steps = getattr(guide, "steps", None)
     if steps is None:
         return None
-    if _whole(steps, "a guide's steps") < 1 or steps > MAX_STEPS:
-        raise ConfigError(f"a guide's steps must be 1..{MAX_STEPS}, got {steps}")
-    return int(steps)
+    return checks.integer("a guide's steps", steps, 1, MAX_STEPS)
 
 
 def _guide_temperatures(guide, config: GenerationConfig) -> tuple[float, float] | None:
@@ -446,7 +445,7 @@ def _guide_temperatures(guide, config: GenerationConfig) -> tuple[float, float] 
 
 
 def _whole(value, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+    if not checks.is_integer(value):
         raise ConfigError(f"{what} must be an integer, got {type(value).__name__}: {value!r:.40}")
     return int(value)
 

@@ -112,8 +112,8 @@ def inverse_cdf(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 
 
 def stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string: text a stream must
-    not show yet, since the next block may complete the stop string."""
+    """Length of the longest tail of `text` that is a proper prefix of a stop string (or of a channel marker,
+    generation.channels): text a stream must not show yet, since the next block may complete it."""
     best = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), best, -1):

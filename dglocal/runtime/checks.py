@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from ..errors import ConfigError, ModelError
+from . import hparams
 
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_CTX = 2**31 - 1
@@ -47,18 +48,24 @@ def round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def integer(name: str, value, low: int, high: int) -> int:
-    """An int (not a bool, not a float that happens to be whole) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+def is_integer(value) -> bool:
+    """An int or a numpy integer, not a bool (True is an int to Python, never a count to a user) and not a float
+    that happens to be whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(name: str, value, low: int, high: int, error: type[Exception] = ConfigError) -> int:
+    """`value` as an int, if it is an integer in [low, high]; else `error` naming `name` and the value."""
+    if not is_integer(value):
+        raise error(f"{name} must be an integer, got {value!r:.60}")
     if not low <= value <= high:
-        raise ConfigError(f"{name} must be in {low}..{high}, got {value}")
+        raise error(f"{name} must be in {low}..{high}, got {value}")
     return int(value)
 
 
 def seed_value(seed) -> int | None:
-    """None or -1: a random seed; otherwise an integer in 0..2**64-1."""
-    if seed is None or (not isinstance(seed, bool) and isinstance(seed, numbers.Integral) and seed == -1):
+    """None or -1: a random seed (llama.cpp's convention); otherwise an integer in 0..2**64-1."""
+    if seed is None or (is_integer(seed) and seed == -1):
         return None
     return integer("seed", seed, 0, 2**64 - 1)
 
@@ -67,7 +74,7 @@ def token_ids(tokens, n_vocab: int, what: str = "token ids") -> np.ndarray:
     """int32 ids from a list / array of integers, each in [0, n_vocab): no float truncation, no wrap-around."""
     arr = np.asarray(tokens)
     if arr.dtype == object:
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in arr.reshape(-1)):
+        if not all(is_integer(t) for t in arr.reshape(-1)):
             raise ConfigError(f"{what} must be integers, got {tokens!r:.80}")
         arr = np.asarray([int(t) for t in arr.reshape(-1)], dtype=object)
     elif arr.size and arr.dtype.kind not in "iu":
@@ -97,16 +104,13 @@ def model_file(path, header, *, loadable: bool = True) -> int:
     canvas = kv.get("diffusion.canvas_length")
     if canvas is None:
         raise ModelError(f"{path}: diffusion.canvas_length is missing (not a diffusion-gemma file?)")
-    if isinstance(canvas, bool) or not isinstance(canvas, int) or not 1 <= canvas <= MAX_CANVAS:
-        raise ModelError(f"{path}: diffusion.canvas_length must be an integer in 1..{MAX_CANVAS}, got {canvas!r}")
+    canvas = integer(f"{path}: diffusion.canvas_length", canvas, 1, MAX_CANVAS, ModelError)
     n_vocab = len(kv.get("tokenizer.ggml.tokens") or ())
     eos = kv.get("diffusion.eos_token_ids")
     if eos is not None:
-        if not isinstance(eos, list) or not all(isinstance(t, int) and 0 <= t < n_vocab for t in eos):
+        if not isinstance(eos, list) or not all(is_integer(t) and 0 <= t < n_vocab for t in eos):
             raise ModelError(f"{path}: diffusion.eos_token_ids must be token ids below {n_vocab}, got {eos!r:.80}")
     if loadable:
-        from . import hparams
-
         hparams.check(path, header)  # what llama.cpp would assert on, loop on or fault on
     for t in header.tensors:
         if getattr(t.type, "name", "") in INTEGER_TYPES:

@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from dglocal.errors import ModelError
+from dglocal.runtime.checks import is_integer
 
 GGUF_MAGIC = b"GGUF"
 _SCALAR = {
@@ -186,7 +187,7 @@ class _Parser:
             ttype, offset = self.unpack("<IQ", f"type and offset of {name}")
             infos.append((name, tuple(shape), _qtype(ttype), offset))
         align = header.kv.get("general.alignment", 32)
-        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        if not is_integer(align) or align <= 0 or align & (align - 1):
             raise ValueError(f"general.alignment {align!r} is not a power of two")
         data_start = (self.pos + align - 1) // align * align
         header.tensors = [TensorInfo(n, s, t, data_start + o) for n, s, t, o in infos]

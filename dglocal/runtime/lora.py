@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
+from . import checks
 
 MAX_SCALE = 1e4
 MAX_ALPHA = 1e6  # PEFT's lora_alpha is 8..1024 in practice; llama.cpp multiplies by alpha / rank as it is
@@ -107,7 +108,7 @@ class Adapters:
         applied over the loaded ones."""
         scales = [a.scale for a in self.list]
         for key, scale in _items(changes):
-            if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < len(scales):
+            if not checks.is_integer(key) or not 0 <= key < len(scales):
                 raise ConfigError(f"LoRA adapter id {key!r:.20} does not exist: this model has "
                                   f"{len(scales)} adapter(s), ids 0..{len(scales) - 1}" if scales else
                                   "this model was loaded without LoRA adapters (--lora FILE)")

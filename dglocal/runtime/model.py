@@ -87,7 +87,7 @@ class Model:
         mparams.use_extra_bufts = bool(opts.extra_bufts)
         mparams.no_alloc = opts.no_alloc  # as llama.cpp's own fit pass: nothing mapped, nothing read
         if not opts.mmap or opts.no_alloc:
-            mparams.load_mode = 0  # llama.cpp's --no-mmap: weights read into its own buffers
+            mparams.load_mode = nat.LLAMA_LOAD_MODE_NONE  # llama.cpp's --no-mmap: weights read into its own buffers
         progress = nat.llama_progress_callback(lambda _p, _d: not self._abort.value)  # False: stop loading
         mparams.progress_callback = progress
         where.apply(mparams)  # `where` keeps the arrays mparams points to alive
@@ -105,8 +105,7 @@ class Model:
         cparams.type_k = cparams.type_v = KV_TYPES[opts.kv_type]
         # windowed sliding layers (swa_full False) need checkpoints to truncate (dglocal.runtime.swa)
         cparams.swa_full = opts.swa_full
-        if opts.flash_attn is not None:
-            cparams.flash_attn_type = 1 if opts.flash_attn else 0
+        cparams.flash_attn_type = nat.FLASH_ATTN_TYPES[opts.flash_attn]  # None: llama.cpp's choice
         self._ctx = self.native(nat.llama_init_from_model, self._model, cparams)
         if not self._ctx:
             raise BackendError(f"could not create a llama.cpp context (n_ctx={opts.n_ctx}): "

@@ -45,6 +45,11 @@ llama_free = _ll.llama_free
 llama_max_devices = _ll.llama_max_devices
 llama_supports_gpu_offload = _ll.llama_supports_gpu_offload
 llama_n_ctx_seq, llama_n_batch, llama_n_ubatch = _ll.llama_n_ctx_seq, _ll.llama_n_batch, _ll.llama_n_ubatch
+# the enum values set in the load and context parameters (llama.h)
+LLAMA_LOAD_MODE_NONE = _ll.LLAMA_LOAD_MODE_NONE  # no mmap: weights read into llama.cpp's own buffers
+# dglocal's flash_attn option (None: llama.cpp's choice) -> enum llama_flash_attn_type, which libmtmd takes too
+FLASH_ATTN_TYPES = {None: _ll.LLAMA_FLASH_ATTN_TYPE_AUTO, False: _ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                    True: _ll.LLAMA_FLASH_ATTN_TYPE_ENABLED}
 # vocabulary
 llama_model_get_vocab = _ll.llama_model_get_vocab
 llama_vocab_n_tokens = _ll.llama_vocab_n_tokens
@@ -237,7 +242,8 @@ ggml_backend_reg_dev_get = _bind_ggml("ggml_backend_reg_dev_get", [_vp, _sz], _v
 ggml_backend_reg_get_proc_address = _bind_ggml("ggml_backend_reg_get_proc_address", [_vp, _cp], _vp)
 ggml_backend_register = _bind_ggml("ggml_backend_register", [_vp], None)
 
-GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}
+# enum ggml_backend_dev_type (ggml-backend.h), which llama-cpp-python does not export
+GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU = 0, 1, 2
 
 # procedures found through a backend's registry entry (ggml_backend_reg_get_proc_address)
 # ggml_backend_buffer_type_t * ggml_backend_dev_get_extra_bufts(ggml_backend_dev_t device): NULL-terminated

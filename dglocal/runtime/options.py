@@ -8,6 +8,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType
+
 from ..errors import ConfigError, ContextError
 from . import checks, swa
 from .checks import CTX_PAD, round_up
@@ -15,9 +17,12 @@ from .lora import specs as lora_specs
 
 DEFAULT_CTX = 4096  # tokens per sequence when n_ctx is not given
 MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of at least this
-KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2}  # ggml_type ids of the cache types
+# the cache types, as enum ggml_type (gguf-py's mirror of it: llama_cpp's GGML_TYPE_* would load the library here)
+KV_TYPES = {"f16": GGMLQuantizationType.F16, "f32": GGMLQuantizationType.F32, "q8_0": GGMLQuantizationType.Q8_0,
+            "q4_0": GGMLQuantizationType.Q4_0}
 QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
-SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image budgets of the reference processor; 280 its default
+SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image budgets of the reference processor
+DEFAULT_IMAGE_TOKENS = 280  # the reference processor's default max_soft_tokens
 
 
 def ubatch_for(canvas_length: int, n_seq_max: int, *, given: int | None = None,
@@ -49,7 +54,7 @@ class LoadOptions:
     precision: str = "auto"  # "f32": f32 math on devices that round through f16 (per process)
     lora: tuple[tuple[str, float], ...] | None = None  # LoRA adapter files and their scales (runtime.lora)
     mmproj: str | os.PathLike | None = None  # the vision tower's GGUF: prompts take images (runtime.vision)
-    image_tokens: int = 280  # soft tokens an image becomes at most (the reference processor's max_soft_tokens)
+    image_tokens: int = DEFAULT_IMAGE_TOKENS  # soft tokens an image becomes at most (max_soft_tokens)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)

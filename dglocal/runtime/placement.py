@@ -36,10 +36,11 @@ def _backend(dev) -> str:
 def _local_devices() -> list[int]:
     """Registered devices other than CPUs and RPC servers (GPUs), in registry order."""
     nat = _nat()
+    gpus = (nat.GGML_BACKEND_DEVICE_TYPE_GPU, nat.GGML_BACKEND_DEVICE_TYPE_IGPU)
     out = []
     for i in range(nat.ggml_backend_dev_count()):
         dev = nat.ggml_backend_dev_get(i)
-        if nat.ggml_backend_dev_type(dev) in (1, 2) and _backend(dev) != "RPC":
+        if nat.ggml_backend_dev_type(dev) in gpus and _backend(dev) != "RPC":
             out.append(dev)
     return out
 
@@ -222,8 +223,7 @@ def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str |
     import signal
 
     nat = _nat()
-    if not 0 < port < 65536:
-        raise ModelError(f"--port must be in 1..65535, got {port}")
+    checks.integer("--port", port, 1, 65535)
     if threads is not None:
         checks.integer("--threads", threads, 1, checks.MAX_THREADS)
     checks.listenable(host, port)
@@ -234,7 +234,8 @@ def serve_rpc(host: str, port: int, *, threads: int | None = None, device: str |
     devs = {nat.ggml_backend_dev_name(d).decode(): d
             for d in map(nat.ggml_backend_dev_get, range(nat.ggml_backend_dev_count()))
             if _backend(d) != "RPC"}
-    name = device or next(n for n, d in devs.items() if nat.ggml_backend_dev_type(d) == 0)
+    cpu = nat.GGML_BACKEND_DEVICE_TYPE_CPU
+    name = device or next(n for n, d in devs.items() if nat.ggml_backend_dev_type(d) == cpu)
     if name not in devs:
         raise ModelError(f"--device {name!r} is not one of: {', '.join(devs)}")
     description = nat.ggml_backend_dev_description(devs[name]).decode()

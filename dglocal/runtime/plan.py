@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import BackendError, ConfigError
 from . import swa
-from .options import ubatch_for
+from .options import DEFAULT_CTX, DEFAULT_IMAGE_TOKENS, ubatch_for
 
 PARTS = ("model", "context", "compute")
 
@@ -83,9 +83,9 @@ def _smallest(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def search(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16",
+def search(path, vram, *, n_ctx: int = DEFAULT_CTX, parallel: int = 1, kv_type: str = "f16",
            rpc: list[str] | None = None, margin: int | None = None, swa_full: bool | None = None,
-           mmproj=None, image_tokens: int = 280) -> dict:
+           mmproj=None, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> dict:
     """The placement that keeps the most on the devices, `vram` bytes each (a list: one size per device, in
     llama.cpp's order; the layers are then split in proportion, as -ts); the candidates measured on the way.
     With `mmproj`, the vision tower (libmtmd puts it on the first device) is set aside there first: its weights
@@ -191,8 +191,8 @@ def parse_vram(vram):
     return sizes if len(sizes) > 1 else sizes[0]
 
 
-def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
-         margin=None, swa_full: bool | None = None, mmproj=None, image_tokens: int = 280) -> dict:
+def plan(path, vram, *, n_ctx: int = DEFAULT_CTX, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
+         margin=None, swa_full: bool | None = None, mmproj=None, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> dict:
     """search() on this machine's GPU, the given RPC servers, or a local stand-in for a device."""
     from .checks import parse_size
     from .placement import _local_devices
@@ -212,7 +212,7 @@ def plan(path, vram, *, n_ctx: int = 4096, parallel: int = 1, kv_type: str = "f1
 
 
 def fit(path, *, n_ctx: int, parallel: int = 1, kv_type: str = "f16", rpc: list[str] | None = None,
-        swa_full: bool | None = None, mmproj=None, image_tokens: int = 280) -> dict | None:
+        swa_full: bool | None = None, mmproj=None, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> dict | None:
     """`run --fit` / `serve --fit`: the plan for the free memory of the first GPU (or RPC server) now, as load
     options {n_gpu_layers, n_cpu_moe} plus its words; None without a device (everything stays on the host)."""
     import ctypes

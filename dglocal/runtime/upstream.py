@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 from dglocal.errors import DglocalError
+from dglocal.files import write_atomically
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -59,7 +60,5 @@ def sdist_file(member: str) -> Path:
             except KeyError:
                 raise DglocalError(f"{SDIST} has no {member}") from None
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_bytes(data)
-        tmp.replace(out)
+        write_atomically(out, data)
     return out

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError, ModelError
 from .gguf import read_header
-from .options import SOFT_TOKENS
+from .options import DEFAULT_IMAGE_TOKENS, SOFT_TOKENS
 
 MARKER = "<|image|>"            # where an image goes in a prompt's text (what the chat template writes)
 MAX_BYTES = 20 << 20            # an encoded image larger than this is refused before decoding
@@ -183,8 +183,8 @@ class Vision:
     # image sent again within this many others reuses a cached prefix holding it; past that it gets a fresh key
     KEYS = 4096
 
-    def __init__(self, model, path, *, max_tokens: int = 280, n_threads: int | None = None, use_gpu: bool = True,
-                 flash_attn: bool | None = None):
+    def __init__(self, model, path, *, max_tokens: int = DEFAULT_IMAGE_TOKENS, n_threads: int | None = None,
+                 use_gpu: bool = True, flash_attn: bool | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file")
@@ -208,7 +208,7 @@ class Vision:
         params.warmup = False
         # as the model's: llama.cpp's choice by default; off, the attention is f32 and the tower's output is what
         # the reference computes (on, it rounds through f16 but needs no [patches x patches] score matrix per head)
-        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+        params.flash_attn_type = _native().FLASH_ATTN_TYPES[flash_attn]
         params.image_min_tokens = 1  # the size is chosen here, as the reference processor chooses it
         params.image_max_tokens = max(SOFT_TOKENS)
         self._ctx = model.native(mt.mtmd_init_from_file, os.fsencode(self.path), model._model, params)
@@ -345,7 +345,7 @@ def check_mmproj(path: Path, n_embd: int) -> tuple[int, int, int]:
             int(table.shape[1]))
 
 
-def tower_memory(path, n_embd: int, max_tokens: int = 280) -> dict:
+def tower_memory(path, n_embd: int, max_tokens: int = DEFAULT_IMAGE_TOKENS) -> dict:
     """What the tower of an mmproj file for a model of width `n_embd` (check_mmproj) costs on its device, from the
     file's shapes (nothing loaded): its weights (exact) and its compute buffer for the largest image of
     `max_tokens` soft tokens (max_tokens x pooling^2 patches), with flash attention and without it (a

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from dglocal.errors import ConfigError
 from dglocal.generation.config import MAX_STEPS
+from dglocal.generation.editing import MAX_ROOM
 from dglocal.generation.grammar import MAX_JSON_DEPTH, check_depth
 from dglocal.runtime.checks import MAX_TEMPERATURE
 
@@ -25,7 +26,7 @@ MAX_TOKENS = 2**31 - 1
 # supported fields: (type, lowest, highest)
 NUMBERS = {
     "max_tokens": (int, 1, MAX_TOKENS), "max_completion_tokens": (int, 1, MAX_TOKENS), "seed": (int, -1, 2**64 - 1),
-    "n_predict": (int, 1, MAX_TOKENS), "room": (int, 0, 4096),
+    "n_predict": (int, 1, MAX_TOKENS), "room": (int, 0, MAX_ROOM),
     "n": (int, 1, 16),  # choices, each its own generation: they share the slots' forwards
     # the diffusion sampler's settings (extra body fields)
     "max_denoising_steps": (int, 1, MAX_STEPS), "stability_threshold": (int, 0, MAX_STEPS),

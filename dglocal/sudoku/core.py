@@ -15,11 +15,11 @@ canvas cell i and from prompt cell i: rotary positions only encode distances, an
 
 from __future__ import annotations
 
-import numbers
 import random
 from collections.abc import Sequence
 
 from dglocal.errors import ConfigError
+from dglocal.runtime.checks import is_integer
 
 # --- vocabulary -------------------------------------------------------------------------------
 
@@ -102,6 +102,9 @@ UNITS: tuple[tuple[int, ...], ...] = (
     + tuple(tuple(r * 9 + c for r in range(9)) for c in range(9))
     + tuple(tuple(i for i in range(81) if box_of(i) == b) for b in range(9))
 )
+# the 20 cells that share a row, column or box with each cell: the solver's candidates and the guide's rule breaks
+PEERS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(sorted({j for unit in UNITS if i in unit for j in unit} - {i})) for i in range(81))
 
 
 def check_grid(puzzle: str | Sequence[int], grid: str | Sequence[int]) -> bool:
@@ -149,7 +152,7 @@ def check_puzzle(puzzle: str | Sequence[int]) -> list[int]:
         if len(cells) != 81:
             raise ConfigError(f"a Sudoku puzzle has 81 cells, got {len(cells)}")
         for i, c in enumerate(cells):
-            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c <= 9:
+            if not is_integer(c) or not 0 <= c <= 9:
                 raise ConfigError(f"Sudoku cell {i + 1} must be an integer 0-9 (0: a blank), got {c!r:.20}")
         cells = [int(c) for c in cells]
     conflict = first_conflict(cells)
@@ -161,9 +164,6 @@ def check_puzzle(puzzle: str | Sequence[int]) -> list[int]:
 # --- solver: bitmask candidates, most-constrained cell first ------------------------------------
 
 _ALL = 0x3FE  # bits 1..9
-_PEERS: tuple[tuple[int, ...], ...] = tuple(
-    tuple(sorted({j for u in UNITS if i in u for j in u} - {i})) for i in range(81)
-)
 _BITS = {1 << d: d for d in range(1, 10)}
 
 
@@ -174,7 +174,7 @@ def _search(cells: list[int], limit: int, rng: random.Random | None, out: list[l
         if cells[i]:
             continue
         used = 0
-        for j in _PEERS[i]:
+        for j in PEERS[i]:
             used |= 1 << cells[j]
         mask = _ALL & ~used
         n = bin(mask).count("1")
@@ -257,9 +257,6 @@ def random_symmetry(rng: random.Random) -> tuple[list[int], list[int]]:
 
 # --- the guide: rule-guided re-noising ----------------------------------------------------------
 
-PEERS: tuple[tuple[int, ...], ...] = tuple(
-    tuple(sorted({j for unit in UNITS if i in unit for j in unit} - {i})) for i in range(81))
-
 
 def rule_breaks(puzzle: Sequence[int], cells: Sequence[int]) -> list[int]:
     """Cells of a draft that an outside check can tell are wrong: a given that was changed, and every non-given
@@ -304,8 +301,7 @@ class Guide:
                  view_attempts: int | None = VIEW_ATTEMPTS):
         if keep not in self.KEEPS:
             raise ConfigError(f"keep must be one of {', '.join(self.KEEPS)}, got {keep!r}")
-        if view_attempts is not None and (isinstance(view_attempts, bool) or not isinstance(view_attempts, int)
-                                          or view_attempts < 1):
+        if view_attempts is not None and (not is_integer(view_attempts) or view_attempts < 1):
             raise ConfigError(f"view_attempts must be a positive integer or None, got {view_attempts!r:.40}")
         self.puzzle, self.keep, self.view_attempts = _as_cells(puzzle), keep, view_attempts
         # read by the generation loop

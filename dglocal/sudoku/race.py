@@ -21,7 +21,7 @@ from dglocal.generation.request import derive_seed
 from dglocal.runtime.checks import seed_value
 
 from . import core as sc
-from .solve import Solved, solve_stream
+from .stream import Solved, stream_one
 
 MAX_WORKERS = 8  # the most contexts (and threads) one puzzle opens; each worker's host-side Python is ~3% of its
 # step, so the one GIL is far from full at 8 (measured on 2 cores only)
@@ -40,9 +40,9 @@ def worker_seed(seed: int, worker: int) -> int:
 
 def race(models: Sequence, puzzle: Sequence[int], *, seed: int | None = None,
          **options) -> Iterator[Step | Solved]:
-    """solve_stream on every model at once, worker w with worker_seed(seed, w): yields worker 0's steps, then one
+    """stream_one on every model at once, worker w with worker_seed(seed, w): yields worker 0's steps, then one
     Solved, the first solved grid or else the closest (fewest cells breaking a rule); its steps are all the
-    workers' together and its seconds the wall time. `options`: solve_stream's."""
+    workers' together and its seconds the wall time. `options`: stream_one's."""
     if not models:
         raise ConfigError("race needs at least one model")
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def race(models: Sequence, puzzle: Sequence[int], *, seed: int | None = None,
     def work(w: int, model) -> None:
         # everything inside the try: a worker that dies without its last message leaves the caller waiting
         try:
-            events = solve_stream(model, puzzle, seed=worker_seed(base, w), **options)
+            events = stream_one(model, puzzle, seed=worker_seed(base, w), **options)
             try:
                 for event in events:
                     inbox.put((w, event))

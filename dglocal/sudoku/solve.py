@@ -16,34 +16,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
 
-from dglocal.errors import ConfigError, DglocalError, ModelError, os_error_text, remove_quietly
-from dglocal.generation.events import Completion, Event, Step
+from dglocal.errors import ConfigError, DglocalError, ModelError
+from dglocal.files import os_error_text, write_atomically
+from dglocal.generation.driver import run_many
+from dglocal.generation.events import Step
+from dglocal.generation.request import derive_seed
+from dglocal.runtime.checks import integer, seed_value
 
 from . import core as sc
+from .race import MAX_WORKERS, race
+from .stream import TIME_LIMIT, Solved, outcome, puzzle_options, stream_one
 
 N_CTX = 512  # prompt (326) + one canvas (81), rounded up
 EVAL_BATCH = 16  # puzzles per forward in --eval: the model is small, a forward of 16 canvases costs little more
-# a grid the guide still finds broken at the step cap is denoised again (from what the guide keeps of it): a puzzle
-# solved alone gets TIME_LIMIT seconds (at most TIMED_RESTARTS attempts); an evaluation, whose results must not
-# depend on the machine or the batch, GUIDE_RESTARTS attempts unless it is given a time limit
-TIME_LIMIT = 5.0
-TIMED_RESTARTS = 1023
-GUIDE_RESTARTS = 63
-
-
-@dataclass
-class Solved(Event):
-    """The outcome of one puzzle: the last event of solve_stream."""
-
-    kind: ClassVar[str] = "solved"
-    puzzle: list[int]
-    grid: list[int]  # 81 cells, 0 where the model returned a non-digit (EOS, pad, ...)
-    solved: bool  # check_grid: complete, every rule kept, every given kept
-    steps: int  # denoising steps (decoder passes)
-    seconds: float
 
 
 @dataclass
@@ -83,10 +70,6 @@ def is_sudoku_model(kv) -> bool:
 def load_models(path, workers: int, **options) -> list:
     """`workers` copies of load_model(path, **options), each its own context: a puzzle's attempts race on them
     (sudoku.race). The model is a few MB, so each holds its own weights."""
-    from dglocal.runtime.checks import integer
-
-    from .race import MAX_WORKERS
-
     models = []
     try:
         for _ in range(integer("workers", workers, 1, MAX_WORKERS)):
@@ -106,49 +89,9 @@ def solve_stream(model, puzzle: Sequence[int], *, steps: int | None = None, seed
     GenerationConfig fields (entropy_bound, t_min, ...). `model`: the Sudoku model, or a list of them
     (load_models) on which the attempts race (sudoku.race: the steps shown are the first model's)."""
     puzzle = sc.check_puzzle(puzzle)  # before any work: a race raises it here, before its threads start
-    if isinstance(model, (list, tuple)):
-        from .race import race
-
-        yield from race(model, puzzle, steps=steps, seed=seed, pin_givens=pin_givens, guide=guide,
-                        time_limit=time_limit, **generation)
-        return
-    t0 = time.perf_counter()
-    events = model.stream(sc.encode_prompt(puzzle), **puzzle_options(puzzle, steps=steps, seed=seed,
-                                                                     pin_givens=pin_givens, guide=guide,
-                                                                     time_limit=time_limit, **generation))
-    try:
-        for event in events:
-            if event.kind == "step":
-                yield event
-            elif event.kind == "done":
-                yield _solved(puzzle, event, time.perf_counter() - t0)
-    finally:
-        events.close()  # a caller that breaks out leaves the sequence consistent
-
-
-def puzzle_options(puzzle, *, steps=None, seed=None, pin_givens=False, guide=True, time_limit=None,
-                   keep: str = "fresh", **generation) -> dict:
-    """stream() options for one puzzle. `time_limit`: seconds for the restarts (None: GUIDE_RESTARTS of them);
-    `keep`: what a restart keeps of the last attempt (sudoku.core.Guide). ConfigError for givens that break a rule."""
-    puzzle = sc.check_puzzle(puzzle)
-    constraints = {i: c + sc.DIGIT_BASE for i, c in enumerate(puzzle) if c} if pin_givens else None
-    restarts = (TIMED_RESTARTS if time_limit is not None else GUIDE_RESTARTS) if guide else 0
-    return dict(max_new_tokens=sc.CANVAS_LENGTH, max_denoising_steps=steps, seed=seed, constraints=constraints,
-                guide=sc.guide_for(puzzle, keep, steps=guide_steps(steps)) if guide else None,
-                guide_restarts=restarts, time_limit=time_limit if guide else None, **generation)
-
-
-def guide_steps(steps: int | None) -> int:
-    """The step cap of a guided attempt: the guide's own, shorter (sudoku.core.Guide.STEPS), and at most `steps`,
-    the run's cap (--steps, a request's max_denoising_steps), which bounds every attempt."""
-    return sc.Guide.STEPS if steps is None else min(sc.Guide.STEPS, steps)
-
-
-def _solved(puzzle, completion: Completion, seconds: float) -> Solved:
-    # the output stops before an EOS; the reference pads the rest of the canvas: those cells are blank
-    tokens = completion.tokens + [sc.PAD_ID] * (sc.CANVAS_LENGTH - len(completion.tokens))
-    grid = sc.decode_canvas(tokens)
-    return Solved(list(puzzle), grid, sc.check_grid(puzzle, grid), sum(completion.stats.steps_per_canvas), seconds)
+    run = race if isinstance(model, (list, tuple)) else stream_one
+    yield from run(model, puzzle, steps=steps, seed=seed, pin_givens=pin_givens, guide=guide, time_limit=time_limit,
+                   **generation)
 
 
 def solve(model, puzzle: Sequence[int], **options) -> Solved:
@@ -190,9 +133,6 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
     """Solve every puzzle, up to model.n_seq_max per forward, and score it as the reference eval does. Puzzle i
     draws its noise from (seed, i): the grids do not depend on the batch size. `model`: the Sudoku model, or a list
     of them (load_models), on which each puzzle's attempts race, a puzzle at a time."""
-    from dglocal.generation.request import derive_seed
-    from dglocal.runtime.checks import seed_value
-
     t0 = time.perf_counter()
     pairs = [(sc.check_puzzle(p), s) for p, s in pairs]  # every puzzle, before any work
     models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -222,16 +162,13 @@ def evaluate(model, pairs, *, steps: int | None = None, seed: int | None = None,
 
 
 def _evaluate_batched(model, pairs, base: int, options: dict, on_result) -> list[Solved]:
-    from dglocal.generation.driver import run_many
-    from dglocal.generation.request import derive_seed
-
     specs = [(sc.encode_prompt(p), puzzle_options(p, seed=derive_seed(base, i), **options))
              for i, (p, _) in enumerate(pairs)]
     results: list[Solved | None] = [None] * len(pairs)
 
     def done(i, event):
         if event.kind == "done":
-            results[i] = _solved(pairs[i][0], event, event.stats.total_seconds)
+            results[i] = outcome(pairs[i][0], event, event.stats.total_seconds)
             if on_result is not None:
                 on_result(i, results[i])
 
@@ -242,12 +179,7 @@ def _evaluate_batched(model, pairs, base: int, options: dict, on_result) -> list
 def write_grids(path, results: Sequence[Solved]) -> None:
     """One line of 81 digits per puzzle, in input order ('0' where the model gave no digit). Written beside and
     renamed: a full disk leaves the file that was there as it was."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text("".join("".join(map(str, r.grid)) + "\n" for r in results), encoding="utf-8")
-        partial.replace(path)
+        write_atomically(path, "".join("".join(map(str, r.grid)) + "\n" for r in results))
     except OSError as e:
         raise DglocalError(f"{path}: cannot write the grids: {os_error_text(e)}") from None
-    finally:
-        remove_quietly(partial)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dglocal.runtime.options import DEFAULT_CTX
+
 # ggml type ids (ggml.h): the float types; anything else here is a quantized weight
 GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
 MATMUL_OPS = {"MUL_MAT", "MUL_MAT_ID", "FLASH_ATTN_EXT"}
@@ -106,7 +108,7 @@ def estimate(model, dev: Device, *, steps: int = 16, top: int = 10) -> dict:
     }
 
 
-def roofline(path, device: str, *, n_ctx: int = 4096, threads: int | None = None, steps: int = 16) -> dict:
+def roofline(path, device: str, *, n_ctx: int = DEFAULT_CTX, threads: int | None = None, steps: int = 16) -> dict:
     """`dglocal bench MODEL --roofline DEVICE`: load the shapes (no_alloc), walk the graphs, estimate. GPU devices
     get the graph GPU backends run (the reductions as a ggml op chain); cpu gets this CPU's own."""
     from dglocal.errors import ConfigError
