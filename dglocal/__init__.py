@@ -19,7 +19,7 @@ def load(path, *, seed: int | None = None, **options):
     `seed`: where the seeds of requests that give none come from (None or -1: random); options: the fields of
     dglocal.runtime.LoadOptions (n_ctx, n_gpu_layers, n_threads, n_ubatch, n_seq_max, kv_type, flash_attn,
     swa_full, swa_checkpoints, extra_bufts, rpc, tensor_overrides, n_cpu_moe, tensor_split, mmap, no_alloc,
-    precision, lora: a LoRA adapter GGUF, (path, scale), or a list of those)."""
+    precision, soft_embedding, reductions, lora: a LoRA adapter GGUF, (path, scale), or a list of those)."""
     from .generation.llm import LLM
     from .generation.request import SeedSource
     from .runtime.model import Model

@@ -21,6 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
+# instructor 1.17 caps jiter below 0.15 (and rich below 15), where the openai 3.x that pydantic-ai and openai-agents
+# need takes jiter 0.16 or later: no resolver installs it beside them. It runs with both
+# (tests/test_client_instructor.py), so it goes in after the [test] extra, without its dependencies (the one it
+# alone needs is in the extra).
+INSTRUCTOR = "instructor==1.17.0"
 SAMPLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 
 
@@ -46,7 +51,8 @@ def interpreter() -> str:
 def installed(python: str, extra: str) -> bool:
     """dglocal (with `extra`'s packages) importable from this checkout already."""
     modules = ["fastapi", "uvicorn", "llguidance", "prometheus_client", "PIL"] + (
-        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright", "peft"] if extra else [])
+        ["torch", "transformers", "pytest", "openai", "hypothesis", "jsonschema", "playwright", "peft", "agents",
+         "ollama", "instructor", "langchain_openai", "pydantic_ai", "llm", "litellm"] if extra else [])
     probe = ("import importlib.util as u, dglocal, sys; "
              f"sys.exit(0 if dglocal.__file__.startswith({str(ROOT)!r}) and "
              f"all(u.find_spec(m) for m in {modules!r}) else 1)")
@@ -58,6 +64,8 @@ def install(python: str, extra: str) -> None:
         print("== dglocal is installed", flush=True)
     else:
         step("install dglocal", [python, "-m", "pip", "install", "-q", "-e", f".{extra}"])
+        if extra:
+            step("install instructor", [python, "-m", "pip", "install", "-q", "--no-deps", INSTRUCTOR])
     step("patched llama.cpp backend", [python, str(ROOT / "scripts" / "build_backend.py"), "--backend",
                                        os.environ.get("DGLOCAL_BACKEND", "cpu")])
 

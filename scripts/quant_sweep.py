@@ -3,7 +3,7 @@
 
     nice -n 10 python3 scripts/quant_sweep.py --vocab 512 --round            # every config, 512 tokens: ~4 min
     nice -n 10 python3 scripts/quant_sweep.py -c base,qk1-scal1 -t f32,q8_0,q4_k_m --round   # real vocabulary
-    nice -n 10 python3 scripts/quant_sweep.py -c qk1-scal1 --vocab 512 --seed 2 --env LLAMA_DG_EMBD_T=f32 --kv f16
+    nice -n 10 python3 scripts/quant_sweep.py -c qk1-scal1 --vocab 512 --seed 2 --soft-embedding f32 --kv f16
 
 Needs the test extra (torch, transformers) and the patched backend; one thread everywhere (torch and llama.cpp).
 For each config (CONFIGS: tests/tiny.py's model with overrides, one axis changed at a time from `base`) it builds
@@ -199,9 +199,9 @@ def sweep_config(name, types, work: Path, args) -> list[dict]:
 
     ck = tiny.save_checkpoint(model, work / f"{name}-ck")
     tok = tiny.vocab_gguf() if vocab == REAL_VOCAB else tiny.tiny_vocab_gguf(work / f"{name}-vocab.gguf", vocab)
-    options = {"kv_type": args.kv}
+    options = {"kv_type": args.kv, "soft_embedding": args.soft_embedding}
     env = dict(e.split("=", 1) for e in args.env)
-    soft_type = "f32" if env.get("LLAMA_DG_EMBD_T") == "f32" else "f16"  # the copy of E the rounded reference uses
+    soft_type = "f32" if args.soft_embedding == "f32" else "f16"  # the copy of E the rounded reference uses
     rows = []
     for type_name in types:
         path = work / f"{name}-{type_name}.gguf"
@@ -240,8 +240,10 @@ def main() -> int:
     ap.add_argument("--round", action="store_true", help="also run the reference with llama.cpp's rounding")
     ap.add_argument("--kv", default="f32", help="KV cache type of the llama.cpp runs (f32 | f16; "
                     "the rounded reference keeps K and V exact)")
-    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the llama.cpp child, e.g. "
-                    "LLAMA_DG_EMBD_T=f32 (the soft embedding's copy of E)")
+    ap.add_argument("--soft-embedding", choices=["f32", "f16", "q8_0"], help="the type of the soft embedding's "
+                    "copy of E (default: f32 for an f32 embedding, else f16)")
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the llama.cpp child (ggml's own "
+                    "switches, e.g. GGML_VK_VISIBLE_DEVICES)")
     ap.add_argument("--vocab", type=int, help="every config with this vocabulary size instead (a quick pass)")
     ap.add_argument("--seed", type=int, default=0, help="added to every config's seed (another draw)")
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
@@ -264,7 +266,7 @@ def main() -> int:
             if args.json:
                 with open(args.json, "a") as f:
                     for r in rows:
-                        f.write(json.dumps({**r, "kv": args.kv, "env": args.env}) + "\n")
+                        f.write(json.dumps({**r, "kv": args.kv, "soft_embedding": args.soft_embedding, "env": args.env}) + "\n")
     return 0
 
 

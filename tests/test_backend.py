@@ -195,3 +195,30 @@ def test_precision_option(tiny_f32_gguf):
         dglocal.load(tiny_f32_gguf, precision="f16")
     with dglocal.load(tiny_f32_gguf, n_ctx=256, n_threads=1, precision="f32") as m:
         assert m.sequence().prefill([2, 10, 11], logits_last=True).shape == (tiny.VOCAB,)
+
+
+def test_two_models_in_one_process_keep_their_own_parameters(tiny_f32_gguf, ref):
+    """The soft embedding's type, the precision and the reductions' shape are context parameters
+    (llama_dg_params), not process-wide switches: two models loaded side by side each get their own, and each
+    matches the reference (the f16 copy of E within its rounding, on the self-conditioned step it feeds)."""
+    import dglocal
+    from dglocal.runtime.diagnostics import memory_breakdown
+
+    common = dict(n_ctx=256, kv_type="f32", n_threads=2, flash_attn=False)
+    with dglocal.load(tiny_f32_gguf, soft_embedding="f32", precision="f32", **common) as a, \
+            dglocal.load(tiny_f32_gguf, soft_embedding="f16", reductions="chain", **common) as b:
+        held = [sum(d["model"] for d in memory_breakdown(m.model).values()) for m in (a, b)]
+        assert held[0] - held[1] == tiny.VOCAB * tiny.TEXT["hidden_size"] * 2  # E^T in f32 beside E^T in f16
+        p, u = prompt(9), np.random.default_rng(7).random(C)
+        logits = []
+        for m, tol in ((a, ATOL), (b, 1e-2)):  # f16's 5e-4 relative on the soft embedding: ~3e-3 here
+            seq, rseq = m.sequence(), ref.sequence()
+            seq.prefill(p)
+            rseq.prefill(p)
+            for cv, temp, sc in [(canvas(1), 0.8, False), (canvas(2), 0.55, True)]:
+                got = seq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, return_logits=True)
+                want = rseq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, return_logits=True)
+                np.testing.assert_allclose(got.logits / temp, want.logits, atol=ATOL if not sc else tol, rtol=0)
+            logits.append(got.logits)
+            seq.release()
+        assert not np.array_equal(logits[0], logits[1])  # the f16 copy is what b's second step saw

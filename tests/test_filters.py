@@ -3,15 +3,12 @@
 The reference model gives each position's x = logits / T; the truncation, renormalisation and inverse-CDF draw
 are recomputed here in numpy (float64, written out below, not dglocal's code), and the backend's argmax and draw
 must be the same ids, its entropy the entropy of the truncated distribution. The CPU tier checks the fused CPU
-op and (in a subprocess, LLAMA_DG_REDUCE=chain) the op chain other backends run; the GPU tier the device's.
+op and (reductions="chain") the op chain other backends run; the GPU tier the device's.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +22,9 @@ from dglocal.runtime.filters import Filters
 pytestmark = [pytest.mark.backend, pytest.mark.gpu_tier]
 
 C, V = tiny.CANVAS, tiny.VOCAB
+# token masks as bias rows of 0 / -inf, and the same masks packed (32 ids per word, expanded on the device)
+MASKED = [dict(bias=True), dict(bias=True, top_k=4), dict(bias=True, top_p=0.5), dict(mask=True),
+          dict(mask=True, top_k=4), dict(mask=True, min_p=0.1)]
 CASES = [dict(top_k=3), dict(top_k=1), dict(top_p=0.6), dict(top_p=0.05), dict(min_p=0.2),
          dict(top_k=40, top_p=0.8, min_p=0.05), dict(top_k=V + 5)]
 
@@ -71,6 +71,13 @@ def masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return bias, rows
 
 
+def packed(bias: np.ndarray) -> np.ndarray:
+    """The rows of 0 / -inf bias as packed allow masks: bit v % 32 of word v // 32 set where id v is kept."""
+    bits = np.zeros((len(bias), -(-V // 32) * 32), dtype=np.uint8)
+    bits[:, :V] = bias == 0.0
+    return np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.uint32)
+
+
 TIE = 1e-5  # relative: two logits this close are equal at the f32 precision the device computes in
 
 
@@ -89,14 +96,16 @@ def check_all(model, ref) -> int:
     seq.prefill(prompt)
     rseq.prefill(prompt)
     n = 0
-    for k, case in enumerate(CASES + [dict(bias=True), dict(bias=True, top_k=4), dict(bias=True, top_p=0.5)]):
+    for k, case in enumerate(CASES + MASKED):
         rng = np.random.default_rng(100 + k)
         canvas = rng.integers(0, V, C).astype(np.int32)
         u, T = rng.random(C), 0.55 + 0.05 * k
         bias = rows = None
-        if case.pop("bias", False):
+        as_bits = case.pop("mask", False)
+        if case.pop("bias", False) or as_bits:
             bias, rows = masks(k)
-        filters = Filters(**case, bias=bias, bias_row=rows)
+        filters = Filters(**case, allow=packed(bias), allow_row=rows) if as_bits else \
+            Filters(**case, bias=bias, bias_row=rows)
         got = seq.denoise(canvas, temperature=T, uniforms=u, self_condition=False, filters=filters)
         x = rseq.denoise(canvas, temperature=T, uniforms=u, self_condition=False, return_logits=True).logits
         per_position = None if bias is None else np.where(rows[:, None] >= 0, bias[np.maximum(rows, 0)], 0.0)
@@ -115,7 +124,7 @@ def ref(tiny_model):
 
 
 def test_filters_match_numpy_over_the_reference(llama_model, ref):
-    assert check_all(llama_model, ref) == len(CASES) + 3
+    assert check_all(llama_model, ref) == len(CASES) + len(MASKED)
 
 
 def test_filtered_and_plain_passes_interleave(llama_model, ref):
@@ -136,16 +145,13 @@ def test_filtered_and_plain_passes_interleave(llama_model, ref):
 
 @pytest.mark.skipif(bool(os.environ.get("DGLOCAL_TEST_DEVICE")), reason="the chain runs on the device in the GPU tier")
 def test_op_chain_matches_numpy(tiny_f32_gguf):
-    """LLAMA_DG_REDUCE=chain: the ggml op chain (argsort, cumsum, set_rows) the GPU backends run, on the CPU."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import dglocal, test_filters as t, tiny; "
-            "from reference_harness import ReferenceModel; "
-            f"m = dglocal.load({str(tiny_f32_gguf)!r}, n_ctx=1024, kv_type='f32', n_threads=2, flash_attn=False); "
-            "print('checks', t.check_all(m, ReferenceModel(tiny.tiny_model())))")
-    env = dict(os.environ, LLAMA_DG_REDUCE="chain")
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert f"checks {len(CASES) + 3}" in r.stdout
+    """reductions="chain": the ggml op chain (argsort, cumsum, set_rows) the GPU backends run, on the CPU, in the
+    same process as the fused op's contexts (a context parameter, not a process-wide switch)."""
+    import dglocal
+
+    with dglocal.load(str(tiny_f32_gguf), n_ctx=1024, kv_type="f32", n_threads=2, flash_attn=False,
+                      reductions="chain") as m:
+        assert check_all(m, ReferenceModel(tiny.tiny_model())) == len(CASES) + len(MASKED)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -161,3 +167,40 @@ def test_bad_filters_are_refused(llama_model, bad, message):
     seq.prefill([5, 6])
     with pytest.raises(ConfigError, match=message):
         seq.denoise(np.arange(C, dtype=np.int32), temperature=0.7, filters=bad)
+
+
+def test_packed_masks_equal_bias_rows_at_a_32nd_of_the_bytes(llama_model):
+    """A token mask given packed (allow) gives the step the same bias rows would, token for token, and crosses to
+    the backend as 24 ids per f32 word: the per-step bytes are counted exactly (llama_dg_last_io_bytes)."""
+    from dglocal.runtime.diagnostics import last_io_bytes
+
+    seq = llama_model.sequence()
+    seq.prefill([5, 6, 7])
+    bias, rows = masks(3)
+    canvas, u = np.arange(C, dtype=np.int32) + 3, np.random.default_rng(2).random(C)
+    sent = {}
+    for name, filters in [("none", Filters(top_k=V + 5)), ("bias", Filters(bias=bias, bias_row=rows)),
+                          ("allow", Filters(allow=packed(bias), allow_row=rows))]:
+        out = seq.denoise(canvas, temperature=0.7, uniforms=u, self_condition=False, filters=filters)
+        sent[name] = (last_io_bytes(llama_model)[0], out)
+    for field in ("argmax", "sampled", "entropy"):
+        np.testing.assert_array_equal(getattr(sent["allow"][1], field), getattr(sent["bias"][1], field))
+    rows_per_row = C * 4  # each position's row index (int32)
+    assert sent["bias"][0] - sent["none"][0] == (1 + len(bias)) * V * 4 + rows_per_row  # a zero row, then the rows
+    words = -(-V // 24)  # an all-allowed row, then the masks, 24 ids per f32 word; and the 24 bit scales
+    assert sent["allow"][0] - sent["none"][0] == (1 + len(bias)) * words * 4 + 24 * 4 + rows_per_row
+
+
+def test_bad_packed_masks_are_refused(llama_model):
+    seq = llama_model.sequence()
+    seq.prefill([5, 6])
+    bias, rows = masks(1)
+    allow = packed(bias)
+    canvas = np.arange(C, dtype=np.int32)
+    for bad, message in [(Filters(allow=allow, allow_row=None), "together"),
+                         (Filters(allow=allow[:, :-1], allow_row=rows), "allow must be"),
+                         (Filters(allow=np.zeros_like(allow), allow_row=rows), "removes every token"),
+                         (Filters(allow=allow, allow_row=np.full(C, 3)), "allow_row"),
+                         (Filters(allow=allow, allow_row=rows, bias=bias, bias_row=rows), "not both")]:
+        with pytest.raises(ConfigError, match=message):
+            seq.denoise(canvas, temperature=0.7, filters=bad)

@@ -23,7 +23,7 @@ from .sampler import stop_holdback
 THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 QUOTE = '<|"|>'
-_CALL = re.compile(re.escape(CALL_OPEN) + r"call:([A-Za-z_][\w.\-]*)\{(.*?)\}" + re.escape(CALL_CLOSE), re.S)
+_CALL = re.compile(re.escape(CALL_OPEN) + r"call:([A-Za-z_][\w.\-]*)\{")
 
 
 @dataclass
@@ -46,15 +46,28 @@ def split(text: str, *, tools: bool = True) -> Output:
     calls: list[ToolCall] = []
     if tools:
         kept, last = [], 0
-        for m in _CALL.finditer(text):
-            args = parse_arguments(m.group(2))
-            if args is None:
-                continue  # left in the text
-            kept.append(text[last:m.start()])
-            calls.append(ToolCall(m.group(1), json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
-            last = m.end()
+        for start, end, name, args in _calls(text):
+            kept.append(text[last:start])
+            calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
+            last = end
         text = "".join(kept) + text[last:]
     return Output(text.strip() if calls else text, reasoning, calls)
+
+
+def _calls(text: str):
+    """(start, end, name, arguments) of each call in `text` whose arguments parse; the arguments are read by the
+    parser (not up to the first "}<tool_call|>"), so a string argument may hold any text but the quote."""
+    i = 0
+    while (m := _CALL.search(text, i)) is not None:
+        try:
+            args, j = _object(text, m.end(), close="}")
+        except (ValueError, IndexError):
+            args, j = None, m.end()
+        if args is None or not text.startswith("}" + CALL_CLOSE, j):
+            i = m.end()  # left in the text
+            continue
+        i = j + 1 + len(CALL_CLOSE)
+        yield m.start(), i, m.group(1), args
 
 
 def _reasoning(text: str) -> tuple[str | None, str]:
@@ -209,32 +222,3 @@ def _result(content):
             return content
         return value if isinstance(value, dict) else content
     return content
-
-
-# -- forcing a call: tool_choice "required" or a named function -------------------------------------------------
-
-def call_grammar(tools: list[dict], *, parallel: bool = True) -> str:
-    """A Lark grammar of replies that are tool calls (one, or one or more) to `tools` (OpenAI function tools),
-    in the syntax `split` reads: each call's keys are its declared parameters, values any value of the syntax; a
-    function without parameters is called with {}."""
-    lines = [f"start: {'(' if parallel else ''}{' | '.join(f'call{k}' for k in range(len(tools)))}"
-             f"{')+' if parallel else ''}"]
-    for k, tool in enumerate(tools):
-        fn = tool["function"]
-        keys = sorted((fn.get("parameters") or {}).get("properties") or {})
-        head = json.dumps(f"{CALL_OPEN}call:{fn['name']}{{")
-        if keys:
-            lines += [f'call{k}: {head} [pair{k} ("," pair{k})*] "}}{CALL_CLOSE}"',
-                      f'pair{k}: ({" | ".join(json.dumps(key) for key in keys)}) ":" value']
-        else:
-            lines.append(f'call{k}: {head} "}}{CALL_CLOSE}"')
-    return "\n".join(lines + [
-        'value: STRING | NUMBER | "true" | "false" | "null" | obj | arr',
-        'obj: "{" [pair ("," pair)*] "}"',
-        'pair: KEY ":" value',
-        "KEY: /[A-Za-z_][A-Za-z0-9_]*/",
-        'arr: "[" [value ("," value)*] "]"',
-        # <|"|> text <|"|>, the text without <|"|> in it
-        r'STRING: /<\|"\|>([^<]|<[^|]|<\|[^"]|<\|"[^|]|<\|"\|[^>])*<\|"\|>/',
-        r"NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/",
-    ])

@@ -28,7 +28,7 @@ from . import checks, swa
 from .filters import checked
 from .gguf import read_header
 from .lora import Adapters
-from .options import KV_TYPES, LoadOptions
+from .options import KV_TYPES, SOFT_EMBEDDING_TYPES, LoadOptions
 from .placement import device_precision, placement
 from .vision import Vision
 
@@ -41,6 +41,15 @@ class Denoised:
     sampled: np.ndarray | None  # int32 [C], inverse CDF of softmax(x) at the given uniforms
     entropy: np.ndarray  # float32 [C], entropy of softmax(x)
     logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
+
+
+def _dg_params(nat, opts: LoadOptions):
+    """The denoise pass' parameters of this model's context (llama_dg_params): each model in a process its own."""
+    p = nat.llama_dg_default_params()
+    p.embd_t_type = int(SOFT_EMBEDDING_TYPES[opts.soft_embedding])
+    p.reduce = nat.LLAMA_DG_REDUCE[opts.reductions]
+    p.prec_f32 = opts.precision == "f32"
+    return p
 
 
 class Model:
@@ -106,12 +115,12 @@ class Model:
         # windowed sliding layers (swa_full False) need checkpoints to truncate (dglocal.runtime.swa)
         cparams.swa_full = opts.swa_full
         cparams.flash_attn_type = nat.FLASH_ATTN_TYPES[opts.flash_attn]  # None: llama.cpp's choice
-        self._ctx = self.native(nat.llama_init_from_model, self._model, cparams)
+        self._ctx = self.native(nat.llama_dg_init_from_model, self._model, cparams, ctypes.byref(_dg_params(nat, opts)))
         if not self._ctx:
             raise BackendError(f"could not create a llama.cpp context (n_ctx={opts.n_ctx}): "
                                f"{nat.last_errors() or 'unknown error'}")
         self._stack.callback(nat.llama_free, self._ctx)  # ExitStack: freed before the model
-        nat.llama_dg_set_abort_flag(self._ctx, ctypes.byref(self._abort))
+        nat.llama_set_abort_flag(self._ctx, ctypes.byref(self._abort))
         self._stack.callback(self._worker.shutdown)  # LIFO: no native call is running when the context goes
 
         self._vocab = nat.llama_model_get_vocab(self._model)
@@ -425,7 +434,7 @@ class Model:
     def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
         nat, n = self._nat, self.canvas_length
         results, arrays = [], []
-        canvases = (nat.llama_dg_canvas * len(items))()
+        canvases = (nat.llama_dg_canvas * len(items))(*[nat.llama_dg_canvas_default() for _ in items])
         ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
         for c, (seq, toks, temperature, u, sc, filters) in zip(canvases, items):
             res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
@@ -440,6 +449,9 @@ class Model:
                 if filters.bias is not None:
                     c.bias, c.n_bias = ptr(filters.bias, nat.c_float_p), len(filters.bias)
                     c.bias_row = ptr(filters.bias_row, nat.c_int32_p)
+                if filters.allow is not None:
+                    c.allow, c.n_allow = ptr(filters.allow, nat.c_uint32_p), len(filters.allow)
+                    c.allow_row = ptr(filters.allow_row, nat.c_int32_p)
             results.append(res)
         status = self.native(nat.llama_dg_denoise_batch, self._ctx, canvases, len(items), bool(return_logits))
         if status != 0:

@@ -1,6 +1,6 @@
 """ctypes bindings of the patched llama.cpp, the only module that touches the library: the stock calls dglocal
 makes (through llama-cpp-python's declarations), the diffusion-gemma functions our patches add
-(patches/0003-denoise-c-api.patch and after), and ggml's device registry. Bindings only, no logic."""
+(patches 0013 to 0018, and `llama_set_abort_flag` of 0009), and ggml's device registry. Bindings only, no logic."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ _lib = _ll._lib
 
 c_int32_p = ctypes.POINTER(ctypes.c_int32)
 c_float_p = ctypes.POINTER(ctypes.c_float)
+c_uint32_p = ctypes.POINTER(ctypes.c_uint32)
 
 
 def _bind(name: str, argtypes: list, restype):
@@ -85,24 +86,15 @@ llama_model_quantize = _ll.llama_model_quantize
 # int32_t llama_dg_canvas_length(const struct llama_model * model);
 llama_dg_canvas_length = _bind("llama_dg_canvas_length", [llama_model_p], ctypes.c_int32)
 
-# int32_t llama_dg_denoise(struct llama_context * ctx, llama_seq_id seq_id, const llama_token * canvas,
-#                          int32_t n_tokens, float temperature, const float * uniforms, bool self_condition,
-#                          bool logits, llama_token * argmax, llama_token * sampled, float * entropy);
-llama_dg_denoise = _bind(
-    "llama_dg_denoise",
-    [llama_context_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_float, c_float_p,
-     ctypes.c_bool, ctypes.c_bool, c_int32_p, c_int32_p, c_float_p],
-    ctypes.c_int32,
-)
-
 class llama_dg_canvas(ctypes.Structure):
     """struct llama_dg_canvas: one canvas of a batched denoise call."""
 
-    _fields_ = [("seq_id", ctypes.c_int32), ("tokens", c_int32_p), ("n_tokens", ctypes.c_int32),
+    _fields_ = [("size", ctypes.c_size_t), ("seq_id", ctypes.c_int32), ("tokens", c_int32_p), ("n_tokens", ctypes.c_int32),
                 ("temperature", ctypes.c_float), ("uniforms", c_float_p), ("self_condition", ctypes.c_bool),
                 ("argmax", c_int32_p), ("sampled", c_int32_p), ("entropy", c_float_p),
                 ("bias", c_float_p), ("n_bias", ctypes.c_int32), ("bias_row", c_int32_p),
-                ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float)]
+                ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float),
+                ("allow", c_uint32_p), ("n_allow", ctypes.c_int32), ("allow_row", c_int32_p)]
 
 
 # int32_t llama_dg_denoise_batch(struct llama_context * ctx, struct llama_dg_canvas * canvases, int32_t n_canvases,
@@ -110,8 +102,27 @@ class llama_dg_canvas(ctypes.Structure):
 llama_dg_denoise_batch = _bind("llama_dg_denoise_batch", [llama_context_p, ctypes.POINTER(llama_dg_canvas),
                                                           ctypes.c_int32, ctypes.c_bool], ctypes.c_int32)
 
-# void llama_dg_set_abort_flag(struct llama_context * ctx, const volatile int32_t * flag);
-llama_dg_set_abort_flag = _bind("llama_dg_set_abort_flag", [llama_context_p, c_int32_p], None)
+# struct llama_dg_canvas llama_dg_canvas_default(void): size set, temperature 1, the rest zero
+llama_dg_canvas_default = _bind("llama_dg_canvas_default", [], llama_dg_canvas)
+
+
+class llama_dg_params(ctypes.Structure):
+    """struct llama_dg_params: how a context runs the denoise pass, fixed at its creation."""
+
+    _fields_ = [("size", ctypes.c_size_t), ("embd_t_type", ctypes.c_int32), ("reduce", ctypes.c_int32),
+                ("prec_f32", ctypes.c_bool)]
+
+
+LLAMA_DG_REDUCE = {"auto": 0, "chain": 1}  # enum llama_dg_reduce_type
+# struct llama_dg_params llama_dg_default_params(void);
+llama_dg_default_params = _bind("llama_dg_default_params", [], llama_dg_params)
+# struct llama_context * llama_dg_init_from_model(struct llama_model * model, struct llama_context_params params,
+#                                                 const struct llama_dg_params * dg_params);
+llama_dg_init_from_model = _bind("llama_dg_init_from_model", [llama_model_p, _ll.llama_context_params,
+                                                              ctypes.POINTER(llama_dg_params)], llama_context_p)
+
+# void llama_set_abort_flag(struct llama_context * ctx, const volatile int32_t * flag);
+llama_set_abort_flag = _bind("llama_set_abort_flag", [llama_context_p, c_int32_p], None)
 
 # void llama_dg_last_io_bytes(const struct llama_context * ctx, int64_t * to_backend, int64_t * to_host);
 llama_dg_last_io_bytes = _bind("llama_dg_last_io_bytes", [llama_context_p,

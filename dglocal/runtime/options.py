@@ -20,6 +20,10 @@ MIN_UBATCH = 512  # llama.cpp's default micro-batch: prompts encode in chunks of
 # the cache types, as enum ggml_type (gguf-py's mirror of it: llama_cpp's GGML_TYPE_* would load the library here)
 KV_TYPES = {"f16": GGMLQuantizationType.F16, "f32": GGMLQuantizationType.F32, "q8_0": GGMLQuantizationType.Q8_0,
             "q4_0": GGMLQuantizationType.Q4_0}
+# the soft embedding's copy of E (llama_dg_params.embd_t_type): None picks f32 for an f32 embedding, else f16
+SOFT_EMBEDDING_TYPES = {None: -1, "f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
+                        "q8_0": GGMLQuantizationType.Q8_0}
+REDUCTIONS = ("auto", "chain")  # llama_dg_reduce_type: the fused CPU op where the output is on the CPU, or the op chain
 QUANTIZED_KV = ("q8_0", "q4_0")  # llama.cpp quantizes V only inside flash attention
 SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image budgets of the reference processor
 DEFAULT_IMAGE_TOKENS = 280  # the reference processor's default max_soft_tokens
@@ -51,7 +55,9 @@ class LoadOptions:
     tensor_split: str | tuple | None = None  # llama.cpp's -ts "3,1"
     mmap: bool = True  # False: llama.cpp's --no-mmap
     no_alloc: bool = False  # sizes only (memory plans, graph walks): nothing runs
-    precision: str = "auto"  # "f32": f32 math on devices that round through f16 (per process)
+    precision: str = "auto"  # "f32": f32 matmuls in this model's graphs, f32 device math on Vulkan (per process)
+    soft_embedding: str | None = None  # the type of the soft embedding's copy of E: f32, f16, q8_0 (None: by E)
+    reductions: str = "auto"  # "chain": the denoise pass' reductions as ggml ops on the CPU too (what GPUs run)
     lora: tuple[tuple[str, float], ...] | None = None  # LoRA adapter files and their scales (runtime.lora)
     mmproj: str | os.PathLike | None = None  # the vision tower's GGUF: prompts take images (runtime.vision)
     image_tokens: int = DEFAULT_IMAGE_TOKENS  # soft tokens an image becomes at most (max_soft_tokens)
@@ -76,6 +82,11 @@ class LoadOptions:
         if self.image_tokens not in SOFT_TOKENS:
             raise ConfigError(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKENS))}, got "
                               f"{self.image_tokens!r}")
+        if self.soft_embedding not in SOFT_EMBEDDING_TYPES:
+            raise ConfigError(f"soft_embedding must be one of {[t for t in SOFT_EMBEDDING_TYPES if t]} or None, got "
+                              f"{self.soft_embedding!r}")
+        if self.reductions not in REDUCTIONS:
+            raise ConfigError(f"reductions must be one of {list(REDUCTIONS)}, got {self.reductions!r}")
         if self.kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
         if self.kv_type in QUANTIZED_KV:

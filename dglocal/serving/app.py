@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation import channels
 from dglocal.generation.events import Completion, Step
-from dglocal.serving import ollama, responses, schema
+from dglocal.serving import llamacpp, ollama, responses, schema
 from dglocal.serving.engine import END, QUEUE, Engine, Request, ShuttingDown
 from dglocal.serving.errors import ApiError
 from dglocal.serving.frontend import Frontend, chat_page
@@ -168,6 +168,7 @@ def create_app(engine: Engine, frontend: Frontend, *, api_key: str | None = None
     # routes that speak other APIs: each module turns its bodies into an OpenAI one for `service`
     responses.add_routes(app, service)
     ollama.add_routes(app, service)
+    llamacpp.add_routes(app, service)
 
     @app.post("/v1/edits")
     async def edits(request: HttpRequest):
@@ -502,6 +503,12 @@ def serve(model, *, model_id: str, host: str, port: int, parallel: int, api_key:
 
     frontend = SudokuFrontend(model, model_id, defaults) if sudoku else \
         Frontend(model, model_id, defaults, image_files)
+    if not sudoku:
+        # the grammar engine's view of the vocabulary, built once before the first request: O(n_vocab) pieces in
+        # Python (~1 s for 262,144 tokens), which inside a request's preparation held the GIL while /health waited
+        from dglocal.generation.grammar import tokenizer
+
+        tokenizer(model)
     engine = Engine(model, parallel, queue_size if queue_size is not None else QUEUE)
     engine.start()
     app = create_app(engine, frontend, api_key=api_key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dglocal.errors import ConfigError, ContextError
-from dglocal.generation import channels, driver
+from dglocal.generation import calls, driver
 from dglocal.generation.request import derive_seed
 from dglocal.generation.editing import edit_request, infill_request
 from dglocal.generation.grammar import GrammarSpec
@@ -79,23 +79,34 @@ def parse_options(body: dict, frontend, route: tuple[str, ...], where: str) -> t
         except ConfigError as e:
             raise schema.FieldError(str(e), "lora") from None
         options["lora"] = changes
+    options.update(schema.vllm_xargs(body, frontend, options))  # vLLM's diffusion keys as the fields above
     return options, bool(schema.flag(body, "stream")), schema.stream_options(body)
 
 
 def tool_options(body: dict, options: dict) -> tuple[list[dict] | None, bool]:
-    """(the tools the template declares, whether replies are parsed for calls); tool_choice required or a named
-    function constrains the reply to calls (a grammar, which a structured-output field would contradict)."""
+    """(the tools the template declares, whether replies are parsed for calls). The reply is held to the tools'
+    call syntax and parameter schemas (generation.calls): tool_choice required or a named function, calls alone
+    (a response_format does not apply then); auto, free text or calls, or with a response_format, calls or that
+    answer. A raw grammar field (grammar, json_schema, guided_*, ...) is the whole reply's, as before."""
     tools = schema.tools(body)
     choice = schema.tool_choice(body, tools)
     if not tools or choice == "none":
         return None, False
-    if choice not in (None, "auto"):
-        if "grammar" in options:
-            raise ApiError(400, "tool_choice forces a tool call: it cannot be combined with a structured-output "
-                                "field", param="tool_choice")
-        forced = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
-        parallel = schema.flag(body, "parallel_tool_calls") is not False
-        options["grammar"] = GrammarSpec("lark", channels.call_grammar(forced, parallel=parallel))
+    forced = choice not in (None, "auto")
+    fmt = body.get("response_format")
+    answer = options.get("grammar") if isinstance(fmt, dict) and fmt.get("type") != "text" else None
+    if "grammar" in options and answer is None:
+        if forced:
+            raise ApiError(400, "tool_choice forces a tool call: it cannot be combined with a grammar field",
+                           param="tool_choice")
+        return tools, True
+    try:  # auto: a tool whose schema the converter cannot express takes any arguments, not a 400
+        options["grammar"] = calls.reply_grammar(
+            tools, choice or "auto", parallel=schema.flag(body, "parallel_tool_calls") is not False,
+            answer=None if forced else answer, thinking=bool(schema.template_kwargs(body).get("enable_thinking")),
+            loose=not forced)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=getattr(e, "param", "tools")) from None
     return tools, True
 
 

@@ -1,6 +1,7 @@
 """The OpenAI request body, checked field by field before anything else sees it. Each field is either supported
 (its type and range checked here, then the generation settings' own checks) or refused with a 400 that names it:
-nothing is silently ignored. docs/serving.md lists the same fields.
+nothing is silently ignored. docs/serving.md lists the same fields. vLLM's `vllm_xargs` keys for DiffusionGemma
+become dglocal's own fields (vllm_xargs), and a key whose meaning differs is a 400 that says how.
 
 Numbers are checked without float conversion first (an integer of hundreds of digits is a 400, not an overflow),
 strings for lone surrogates (they cannot be encoded for the tokenizer), and bodies nested too deeply for the JSON
@@ -16,7 +17,7 @@ import math
 from urllib.parse import unquote, urlsplit
 
 from dglocal.errors import ConfigError
-from dglocal.generation.config import MAX_STEPS
+from dglocal.generation.config import MAX_STEPS, GenerationConfig
 from dglocal.generation.editing import MAX_ROOM
 from dglocal.generation.grammar import MAX_JSON_DEPTH, check_depth
 from dglocal.runtime.checks import MAX_TEMPERATURE
@@ -48,7 +49,7 @@ GRAMMARS = ("response_format", "json_schema", "grammar", "structured_outputs", "
 NO_EFFECT = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
 SAMPLER = ("model", "seed", "lora", "cache_prompt", "top_k", *NO_EFFECT, *DIFFUSION)
 GENERATE = (*SAMPLER, "stream", "stream_options", "stop", "ignore_eos", "draft", "max_tokens",
-            "max_completion_tokens", "n", *GRAMMARS)
+            "max_completion_tokens", "n", "vllm_xargs", *GRAMMARS)
 CHAT = (*GENERATE, "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
 COMPLETIONS = (*GENERATE, "prompt", "suffix")
 INFILL = (*SAMPLER, "stream", "stream_options", "input_prefix", "input_suffix", "input_extra", "prompt", "n_predict",
@@ -74,6 +75,25 @@ REFUSED = {
 }
 ROLES = ("system", "user", "assistant", "developer", "tool")
 ALL = {*CHAT, *COMPLETIONS, *INFILL, *EDIT, *NEUTRAL}  # every field some route takes
+# llama-server's own routes (serving.llamacpp)
+TOKENIZE = ("content", "add_special", "parse_special", "with_pieces")
+DETOKENIZE = ("tokens",)
+
+# vLLM's `vllm_xargs` keys for DiffusionGemma's structured reads (vllm#57250, its examples/features/diffusion_reads),
+# each dglocal's own field: the seed canvas a `draft` of one canvas, its pins `constraints`, the step cap
+# max_denoising_steps (at most the server's, as vLLM clamps it), the samples `n`
+XARGS = ("diffusion_seed_canvas", "diffusion_pinned", "diffusion_max_steps", "diffusion_samples")
+# keys accepted with their neutral value only (false, or the model's canvas); another is refused with what differs
+XARGS_NEUTRAL = {
+    "diffusion_read_only": "vLLM's read returns temperature-1 log-probabilities at every position of its one canvas; "
+                           "dglocal returns none (the device reduces each position's distribution to its argmax, "
+                           "draw and entropy). One canvas with EOS ignored, without them: max_tokens at most the "
+                           "canvas and ignore_eos",
+    "diffusion_constrained": "vLLM restricts every position's distribution to the request's logprob_token_ids; "
+                             "dglocal takes no logprob_token_ids (it returns no log-probabilities) and no token set "
+                             "per request: a grammar field (guided_choice, grammar) constrains the text instead",
+    "diffusion_canvas_length": "dglocal's canvas is the model's: a narrower one per request is not supported",
+}
 
 
 class FieldError(ValueError):
@@ -203,6 +223,112 @@ def draft(body: dict):
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise FieldError("'draft' must be a string or a list of token ids (-1 for noise)", "draft")
     return value
+
+
+def vllm_xargs(body: dict, frontend, options: dict) -> dict:
+    """vLLM's `vllm_xargs` as dglocal's options, each key checked as vLLM checks it; a key dglocal does not know, or
+    one whose meaning differs here, is a 400 that names it and says how. `options`: the request's so far (its
+    max_new_tokens, n and the server's defaults)."""
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        return {}
+    if not isinstance(xargs, dict):
+        raise FieldError(f"'vllm_xargs' must be an object, got {short(xargs)}", "vllm_xargs")
+    unknown = sorted(set(xargs) - set(XARGS) - set(XARGS_NEUTRAL))
+    if unknown:
+        raise FieldError(f"'vllm_xargs.{unknown[0]}' is not supported: dglocal maps {[*XARGS, *XARGS_NEUTRAL]} onto "
+                         "its own fields", f"vllm_xargs.{unknown[0]}")
+    model = frontend.model
+    given = {k: v for k, v in xargs.items() if v is not None}  # a null is the key left out, as vLLM reads it
+    for name, reason in XARGS_NEUTRAL.items():
+        if name in given:
+            _xargs_neutral(name, given[name], model.canvas_length, reason)
+    canvas_keys = sorted(set(given) & {"diffusion_seed_canvas", "diffusion_pinned", "diffusion_samples"})
+    if canvas_keys and frontend.sudoku:
+        raise FieldError(f"'vllm_xargs.{canvas_keys[0]}' does not apply to the Sudoku model: its guide owns the "
+                         "canvas", f"vllm_xargs.{canvas_keys[0]}")
+    if canvas_keys and body.get("suffix") is not None:
+        raise FieldError(f"'vllm_xargs.{canvas_keys[0]}' does not apply to a completion with a 'suffix': a fixed "
+                         "layout's canvases hold the text the request pinned", f"vllm_xargs.{canvas_keys[0]}")
+    out = _seeded(given, body, options, model.canvas_length, model.n_vocab)
+    if "diffusion_max_steps" in given:
+        cap = _xargs_count(given, "diffusion_max_steps")
+        if body.get("max_denoising_steps") is not None:
+            raise FieldError("give max_denoising_steps or vllm_xargs.diffusion_max_steps, not both",
+                             "vllm_xargs.diffusion_max_steps")
+        served = options.get("max_denoising_steps") or \
+            GenerationConfig.from_metadata(model.metadata).max_denoising_steps
+        out["max_denoising_steps"] = min(cap, served)  # vLLM's cap: the served steps at most
+    if "diffusion_samples" in given:
+        samples = _xargs_count(given, "diffusion_samples")
+        if samples > NUMBERS["n"][2]:
+            raise FieldError(f"'vllm_xargs.diffusion_samples' must be at most {NUMBERS['n'][2]} (dglocal's n), got "
+                             f"{samples}", "vllm_xargs.diffusion_samples")
+        if options.get("n", 1) > 1:
+            raise FieldError("n and vllm_xargs.diffusion_samples cannot both be set", "vllm_xargs.diffusion_samples")
+        if samples > 1:
+            out["n"] = samples  # each choice holds the same seed canvas and pins, with noise of its own
+    return out
+
+
+def _seeded(given: dict, body: dict, options: dict, C: int, n_vocab: int) -> dict:
+    """diffusion_seed_canvas as the `draft` of the first canvas (vLLM's seed replaces the first canvas after the
+    prompt), diffusion_pinned as `constraints` holding the seed's tokens there."""
+    seed, pins = given.get("diffusion_seed_canvas"), given.get("diffusion_pinned")
+    out = {}
+    if seed is not None:
+        seed = _xargs_ids(seed, "diffusion_seed_canvas", "token ids", n_vocab)
+        if len(seed) != C:
+            raise FieldError(f"'vllm_xargs.diffusion_seed_canvas' must hold exactly {C} ids (the model's canvas), got "
+                             f"{len(seed)}", "vllm_xargs.diffusion_seed_canvas")
+        if body.get("draft") is not None:
+            raise FieldError("give draft or vllm_xargs.diffusion_seed_canvas, not both: each is where the first canvas "
+                             "starts", "vllm_xargs.diffusion_seed_canvas")
+        out["draft"] = seed
+    if pins is not None:
+        pins = _xargs_ids(pins, "diffusion_pinned", "canvas positions", C)
+        if seed is None:
+            raise FieldError("'vllm_xargs.diffusion_pinned' needs a diffusion_seed_canvas to hold",
+                             "vllm_xargs.diffusion_pinned")
+        length = options.get("max_new_tokens")
+        if length is None or length > C:  # what vLLM pins in the canvases after the first is not said
+            raise FieldError(f"'vllm_xargs.diffusion_pinned' holds positions of one canvas: give max_tokens at most "
+                             f"{C} (the canvas), got {length if length is not None else 'none'}",
+                             "vllm_xargs.diffusion_pinned")
+        out["constraints"] = {p: seed[p] for p in pins}
+    return out
+
+
+def _xargs_count(xargs: dict, name: str) -> int:
+    value = xargs[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FieldError(f"'vllm_xargs.{name}' must be a positive integer, got {short(value)}", f"vllm_xargs.{name}")
+    return value
+
+
+def _xargs_ids(value, name: str, what: str, end: int) -> list[int]:
+    """A list of integers in [0, end): token ids or canvas positions."""
+    if not isinstance(value, list):
+        raise FieldError(f"'vllm_xargs.{name}' must be a list of {what}, got {short(value)}", f"vllm_xargs.{name}")
+    for k, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < end:
+            raise FieldError(f"'vllm_xargs.{name}'[{k}] must be an integer in [0, {end}) ({what}), got {short(v)}",
+                             f"vllm_xargs.{name}")
+    return value
+
+
+def _xargs_neutral(name: str, value, canvas: int, reason: str) -> None:
+    """A key of XARGS_NEUTRAL: its type as vLLM checks it (its OpenAI server passes JSON booleans as 0/1), then only
+    its neutral value."""
+    if name == "diffusion_canvas_length":
+        neutral, ok = canvas, _xargs_count({name: value}, name) == canvas
+    elif not isinstance(value, int) or value not in (0, 1):
+        raise FieldError(f"'vllm_xargs.{name}' must be a boolean (or 0/1), got {short(value)}", f"vllm_xargs.{name}")
+    else:
+        neutral, ok = False, not value
+    if not ok:
+        raise FieldError(f"'vllm_xargs.{name}' must be {json.dumps(neutral)} (or absent), got {short(value)}: {reason}",
+                         f"vllm_xargs.{name}")
 
 
 def lora(value, name: str = "lora") -> list[dict]:

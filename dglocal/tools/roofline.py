@@ -13,7 +13,6 @@ numpy for the peak and a large copy for the bandwidth.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import defaultdict
@@ -117,17 +116,10 @@ def roofline(path, device: str, *, n_ctx: int = DEFAULT_CTX, threads: int | None
     if device != "cpu" and device not in DEVICES:
         raise ConfigError(f"--roofline takes {', '.join([*DEVICES, 'cpu'])}, got {device!r}")
     dev = measure_cpu() if device == "cpu" else DEVICES[device]
-    saved = os.environ.get("LLAMA_DG_REDUCE")
-    if device != "cpu":
-        os.environ["LLAMA_DG_REDUCE"] = "chain"
-    try:
-        with Model(path, n_ctx=n_ctx, n_threads=threads, no_alloc=True) as model:
-            result = estimate(model, dev, steps=steps)
-    finally:
-        if saved is None:
-            os.environ.pop("LLAMA_DG_REDUCE", None)
-        else:
-            os.environ["LLAMA_DG_REDUCE"] = saved
+    # a GPU runs the reductions as the op chain: walk that graph, not the CPU's fused op
+    reductions = "auto" if device == "cpu" else "chain"
+    with Model(path, n_ctx=n_ctx, n_threads=threads, no_alloc=True, reductions=reductions) as model:
+        result = estimate(model, dev, steps=steps)
     result.update(model=str(path), peaks={"fp16_tensor": dev.fp16_tensor, "int8_tensor": dev.int8_tensor,
                                           "fp32_vector": dev.fp32_vector, "bandwidth": dev.bandwidth})
     return result
