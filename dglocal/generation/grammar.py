@@ -10,7 +10,9 @@ allows after the draft's prefix, up to the first position the draft breaks (that
 the device as bias rows (0 / -inf), deduplicated. After the pass: the new draft is checked; its valid prefix
 ends at the first position that breaks the grammar, and from there on the canvas is re-noised (the guide
 mechanism). At the step cap a canvas that still breaks it is repaired: its valid prefix is pinned, so every
-further pass makes at least one more position valid. See docs/structured-output.md.
+further pass makes at least one more position valid. With an answer budget (max_tokens, or the context's room),
+the masks near its end keep a way to close the grammar within it, and a draft that leaves none is cut back to where
+it still had one (dglocal.generation.closing). See docs/structured-output.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..runtime.filters import Filters
+from . import closing
 
 # compact separators, no free whitespace: a canvas is filled in parallel, and whitespace the grammar allows
 # anywhere is what noise fills it with
@@ -575,6 +578,21 @@ def tokenizer(model):
     by_bytes = {p: t for t, p in reversed(list(enumerate(pieces))) if p and p[0] != 0xFF}
     longest = max(map(len, by_bytes), default=1)
 
+    def spell(data: bytes) -> list[int]:
+        # greedy longest pieces: the grammar engine needs ids whose bytes are exactly `data` (llama.cpp's own
+        # tokenizer may spell a character through byte tokens of another one, e.g. ' ' as the bytes of U+2581)
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(longest, len(data) - i), 0, -1):
+                t = by_bytes.get(data[i:i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:
+                raise ConfigError(f"the vocabulary cannot spell byte {data[i]:#04x}")
+        return out
+
     class Vocab:  # llguidance's TokenizerWrapper protocol
         eos_token_id = model.eos_ids[0] if model.eos_ids else 0
         bos_token_id = None
@@ -582,24 +600,19 @@ def tokenizer(model):
         special_token_ids = [t for t in range(model.n_vocab) if model.is_control(t)]
 
         def __call__(self, data: bytes) -> list[int]:
-            # greedy longest pieces: the grammar engine needs ids whose bytes are exactly `data` (llama.cpp's own
-            # tokenizer may spell a character through byte tokens of another one, e.g. ' ' as the bytes of U+2581)
-            out, i = [], 0
-            while i < len(data):
-                for n in range(min(longest, len(data) - i), 0, -1):
-                    t = by_bytes.get(data[i:i + n])
-                    if t is not None:
-                        out.append(t)
-                        i += n
-                        break
-                else:
-                    raise ConfigError(f"the vocabulary cannot spell byte {data[i]:#04x}")
-            return out
+            return spell(data)
 
     tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocab()), n_vocab=model.n_vocab,
                                  eos_token=list(model.eos_ids) or None)
+    model._ll_spelling = closing.Spelling.of(pieces, by_bytes, spell, model.eos_ids or (Vocab.eos_token_id,))
     model._ll_tokenizer = tok
     return tok
+
+
+def spelling(model) -> closing.Spelling:
+    """What the closing walk needs of the model's vocabulary (built with `tokenizer`)."""
+    tokenizer(model)
+    return model._ll_spelling
 
 
 class CanvasGrammar:
@@ -609,8 +622,9 @@ class CanvasGrammar:
     A grammar no answer can complete is a ConfigError here, before any generation work: one the engine fails on at
     the start (a $ref that only refers to itself, an empty character class), one that allows no first token, one
     that forces more tokens than `max_tokens` (default MAX_FORCED_TOKENS) before any choice (a{1000000}, a huge
-    literal, a rule that only recurses). One the engine fails on part-way (a resource limit) is a ConfigError then,
-    never a silently cut answer."""
+    literal, a rule that only recurses), and, with `max_tokens`, one whose shortest answer is longer (its `param` is
+    "max_tokens"). One the engine fails on part-way (a resource limit) is a ConfigError then, never a silently cut
+    answer. With `max_tokens` every answer ends within it (dglocal.generation.closing.Budget)."""
 
     def __init__(self, model, spec: GrammarSpec, eos_ids, max_tokens: int | None = None):
         import llguidance
@@ -622,10 +636,13 @@ class CanvasGrammar:
         if self.matcher.is_error():
             raise ConfigError(f"unsupported {spec.kind}: {_engine_error(self.matcher)}")
         self._check_start(MAX_FORCED_TOKENS if max_tokens is None else max_tokens, max_tokens is not None)
+        # the answer's budget: masks keep a closing within it (None: no budget given, only the grammar is held)
+        self.budget = None if max_tokens is None else closing.Budget(self.matcher, spelling(model), max_tokens,
+                                                                      WHAT[self.kind])
 
     def _check_start(self, bound: int, given: bool) -> None:
         m, kind = self.matcher, self.kind
-        allowed = self._row(m.compute_bitmask()) == 0
+        allowed = self._allowed(m.compute_bitmask())
         if m.is_error():
             raise ConfigError(f"no text matches {WHAT[kind]} (a $ref that only refers to itself, an empty character "
                               f"class, ...): the grammar engine says {_engine_error(m)}")
@@ -646,45 +663,72 @@ class CanvasGrammar:
 
     def valid_prefix(self, draft: np.ndarray) -> int:
         """Positions of `draft` from its start that the grammar allows (an EOS it allows ends the check: what
-        follows is cut off)."""
-        tokens = [int(t) for t in draft]
+        follows is cut off), and, with a budget, that leave time to end: past the answer's last position the rest
+        is cut off, so a draft that ends there (or at an EOS before) is valid whole."""
+        draft = np.asarray(draft, dtype=np.int64)
+        tokens = draft.tolist()
         n = self.matcher.validate_tokens(tokens)
         if self.matcher.is_error():
             raise self._failed(n)
+        if n == 0 and tokens and tokens[0] in self.eos and self.matcher.is_accepting():
+            n = 1  # the last block ended the grammar: a stopped matcher validates nothing, not even its EOS
         hits = np.flatnonzero(np.isin(draft[:n], self.eos))
-        return len(tokens) if len(hits) else n
+        room = len(tokens) if self.budget is None else self.budget.room
+        if len(hits) and hits[0] < room:
+            return len(tokens)
+        if self.budget is None:
+            return n
+        valid = self.budget.check(draft, min(n, room))
+        return len(tokens) if valid >= min(len(tokens), room) else valid
 
     def filters(self, draft: np.ndarray, base: Filters | None) -> Filters:
-        """`base` with a mask per position, from walking `draft`: what the grammar allows after its prefix, up to
-        and including the first position the draft breaks; positions past that are left free."""
+        """`base` with a mask per position, from walking `draft`: what the grammar allows after its prefix (less,
+        near the budget's end, what would leave no time to end), up to and including the first position the draft
+        breaks; positions past that, or past the answer's last position, are left free."""
+        draft = np.asarray(draft, dtype=np.int64)
         rows: dict[bytes, int] = {}
         index = np.full(len(draft), -1, dtype=np.int32)
         masks = []
         consumed = 0
-        for i, t in enumerate(draft):
+        walk = self.budget.walk(draft) if self.budget is not None else None
+        end = len(draft) if self.budget is None else min(len(draft), max(self.budget.room, 0))
+        for i, t in enumerate(draft[:end]):
             bits = self.matcher.compute_bitmask()
             if self.matcher.is_error():  # a limit hit part-way: its mask would allow the end alone
                 raise self._failed(consumed)
+            t = int(t)
+            # of forced text the engine's mask allows only the longest token, yet takes a shorter spelling too
+            # (validate_tokens, as valid_prefix reads the draft): the draft's own spelling stays allowed, or the walk
+            # would stop short of the prefix the check found valid, and a repair would never reach the next position
+            valid = t not in self.eos and (closing.allowed(bits, t) or self.matcher.validate_tokens([t]) == 1)
+            if valid and not closing.allowed(bits, t):
+                bits = closing.with_token(bits, t)
+            if walk is not None:
+                bits = walk.mask(i, bits)
             row = rows.get(bits)
             if row is None:
                 row = rows[bits] = len(masks)
                 masks.append(bits)
             index[i] = row
-            t = int(t)
-            # a token the mask refuses is never consumed: a matcher that consumed one stays in error for good
-            if not (bits[t >> 3] >> (t & 7)) & 1 or t in self.eos:
+            # a token the matcher refuses is never consumed: a matcher that consumed one stays in error for good
+            if not valid or not closing.allowed(bits, t):
                 break
             if not self.matcher.consume_token(t):
                 raise self._failed(consumed + 1)
             consumed += 1
+            if walk is not None:
+                walk.step(t)
         self.matcher.rollback(consumed)
-        bias = np.stack([self._row(b) for b in masks])
         k, p, m = (base.top_k, base.top_p, base.min_p) if base is not None else (0, 1.0, 0.0)
-        return Filters(k, p, m, bias, index)
+        if not masks:
+            return base
+        # the engine's masks are the backend's packed rows (bit v % 32 of word v // 32), less a spare word
+        words = (self.n_vocab + 31) // 32
+        allow = np.frombuffer(b"".join(bits[: 4 * words] for bits in masks), dtype="<u4").reshape(len(masks), words)
+        return Filters(k, p, m, allow=allow, allow_row=index)
 
-    def _row(self, bits: bytes) -> np.ndarray:
-        allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")[: self.n_vocab]
-        return np.where(allowed.astype(bool), np.float32(0), np.float32(-np.inf)).astype(np.float32)
+    def _allowed(self, bits: bytes) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
 
     def commit(self, tokens) -> None:
         """A finished block's tokens (up to an EOS): the matcher moves past them."""
@@ -693,10 +737,17 @@ class CanvasGrammar:
         if self.matcher.is_error() or not self.matcher.consume_tokens(valid):
             raise self._failed(len(valid))
         self.committed += len(valid)
+        if self.budget is not None:
+            self.budget.committed(len(tokens))
 
     @property
     def complete(self) -> bool:
         return self.matcher.is_accepting()
+
+    @property
+    def ended(self) -> bool:
+        """The committed output is complete and the grammar allows nothing after it but an EOS."""
+        return self.matcher.is_stopped() and self.matcher.is_accepting() and not self.matcher.is_error()
 
 
 def _engine_error(matcher) -> str:

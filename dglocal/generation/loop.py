@@ -234,7 +234,9 @@ class Generation:
         if not stop and self.i < self._cap():
             self._next_denoise()
             return events
-        if valid < C and self.repairs < C:  # breaks the grammar at the cap: its valid prefix pinned, once more
+        # breaks the grammar (or leaves no time to end) at the cap: its valid prefix pinned, once more; a position
+        # may take two passes, the second with the closing forced (grammar.CanvasGrammar.valid_prefix)
+        if valid < C and self.repairs < 2 * C:
             self._repair(argmax, valid)
             return events
         self.block_steps += self.i
@@ -301,6 +303,7 @@ class Generation:
         self.out += [int(t) for t in new]
         if self.grammar is not None:
             self.grammar.commit(new)
+            eos = eos or (self.fillers is None and self.grammar.ended)  # nothing but an EOS may follow: done
         full = model.detokenize(self._text_tokens())
         stop_at = find_stop(full, cfg.stop, len(self.text)) if cfg.stop else -1
         if stop_at >= 0:
