@@ -130,7 +130,7 @@ def first_error(lines: list[str]) -> str:
     for line in lines:
         if re.search(r"\berror\b", line, re.I) and not line.startswith("ninja: build stopped"):
             return line.strip()
-    return lines[-1].strip() if lines else "no output"
+    return next((line.strip() for line in reversed(lines) if line.strip()), "no output")
 
 
 def line_for(stamp: dict) -> str:
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = bb.cmake_flags("cuda", args.cuda_arch)
     key = bb.build_key(flags)
+    patches = len(bb.patch_files())
     stamp_path = HOME / f"cuda-{key}.json"
     HOME.mkdir(parents=True, exist_ok=True)
     if stamp_path.is_file() and not args.force:
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CUDA build check: building key {key} for sm_{args.cuda_arch} with {args.jobs} jobs (log: {log_path})",
               flush=True)
         start = time.monotonic()
+        applied = None  # why the series did not apply, if it did not
         try:
             cu = toolkit()
             with open(log_path, "w") as log:
@@ -180,16 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                     rc = compile_and_link(flags, cu, args.jobs, log)
                 except bb.BuildError as e:  # a patch that does not apply is the series' failure, stamped as such
                     log.write(f"{e}\n")
-                    rc = 1
+                    applied, rc = str(e).splitlines()[0].rstrip(":"), 1
         except bb.DglocalError as e:  # no toolchain, no sdist: nothing known about the patches, nothing stamped
             print(f"CUDA build check: error: {e}", file=sys.stderr)
             return 1
     lines = log_path.read_text(errors="replace").splitlines()
-    when = datetime.datetime.now().isoformat(sep=" ", timespec="minutes")
-    stamp = {"key": key, "result": "pass" if rc == 0 else "fail", "arch": args.cuda_arch,
-             "patches": len(bb.patch_files()), "toolkit": TOOLKIT_WHEELS, "seconds": round(time.monotonic() - start),
-             "date": when,
-             "error": None if rc == 0 else first_error(lines), "log": str(log_path), "log_tail": lines[-LOG_TAIL:]}
+    stamp = {"key": key, "result": "pass" if rc == 0 else "fail", "arch": args.cuda_arch, "patches": patches,
+             "toolkit": TOOLKIT_WHEELS, "seconds": round(time.monotonic() - start),
+             "date": datetime.datetime.now().isoformat(sep=" ", timespec="minutes"),
+             "error": None if rc == 0 else applied or first_error(lines), "log": str(log_path),
+             "log_tail": lines[-LOG_TAIL:]}
     write_atomically(stamp_path, json.dumps(stamp, indent=1) + "\n")
     print(line_for(stamp))
     return 0 if rc == 0 else 1

@@ -320,7 +320,7 @@ class Budget:
         self.last = start  # the closing the last check found, tried first by the next
         self.cache: dict[bytes, tuple] = {b"": (start, MAX_WALK)}  # prefixes -> (a closing, the cap searched)
         self.judged = None  # (draft, valid, whether it ends for the budget) of the last check
-        self.steps: dict[tuple, list] = {}  # (closing, room) -> first_steps
+        self.steps: dict[tuple, list] = {}  # closing -> its first_steps
 
     @property
     def room(self) -> int:
@@ -405,10 +405,10 @@ class Budget:
         return Walk(self, draft)
 
     def first_steps(self, path: list[int], room: int) -> list[tuple[int, list[int]]]:
-        key = (tuple(path), room)
+        key = tuple(path)
         if key not in self.steps:
-            self.steps[key] = first_steps(self.spelling, path, room)
-        return self.steps[key]
+            self.steps[key] = first_steps(self.spelling, path, MAX_WALK)
+        return [(t, rest) for t, rest in self.steps[key] if 1 + len(rest) <= room]
 
 
 def _fits(path, limit: int) -> bool:
