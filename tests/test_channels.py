@@ -103,6 +103,46 @@ def test_a_thought_is_reasoning_and_the_rest_content():
     assert calls.reasoning == out.reasoning and parsed(calls) == [("get_weather", {"city": "Rome"})]
 
 
+def test_a_marker_inside_the_answer_is_the_answers_text():
+    # the template opens a thought first in the turn; a structured answer's string may hold the marker's token
+    # (issue 40: a JSON answer cut at a <|channel> in its first string, the rest read as reasoning)
+    for text in ('{"name": "a <|channel>b", "n": 1}', '{"name": "a <|channel>thought\nb<channel|>c"}'):
+        out = channels.split(text)
+        assert (out.reasoning, out.content) == (None, text)
+        for size in (1, 4, 9):
+            assert streamed(text, size)[:2] == ("", text)
+    out = channels.split(" \n<|channel>thought\nhmm<channel|>{}")
+    assert (out.reasoning, out.content) == ("hmm", "{}")
+
+
+def test_streamed_calls_come_as_each_closes():
+    one = '<|tool_call>call:a{x:<|"|>1<|"|>}<tool_call|>'
+    two = '<|tool_call>call:b{y:2}<tool_call|>'
+    s = channels.StreamSplitter(tools=True)
+    s.feed("Sure." + one[:20])
+    assert s.new_calls() == []
+    s.feed(one[20:])
+    [first] = s.new_calls()
+    assert (first.name, json.loads(first.arguments)) == ("a", {"x": "1"}) and s.new_calls() == []
+    s.feed(two)
+    [second] = s.new_calls()
+    assert second.name == "b"
+    _, _, out = s.finish()
+    assert [c.id for c in out.tool_calls] == [first.id, second.id] and out.content == "Sure."
+
+
+def test_a_call_inside_an_open_one_waits_for_the_end():
+    # an open call's string may hold a whole call's text: nothing after an open start is given out before the end
+    text = '<|tool_call>call:a{x:<|"|>see <|tool_call>call:b{}<tool_call|> here<|"|>}<tool_call|>'
+    s = channels.StreamSplitter(tools=True)
+    s.feed(text[:-len("here<|\"|>}<tool_call|>")])
+    assert s.new_calls() == []
+    s.feed(text[-len("here<|\"|>}<tool_call|>"):])
+    [call] = s.new_calls()
+    assert call.name == "a" and "call:b" in json.loads(call.arguments)["x"]
+    assert [c.name for c in s.finish()[2].tool_calls] == ["a"]
+
+
 @pytest.mark.parametrize("broken", [
     '<|tool_call>call:get_weather{city:<|"|>Rome}<tool_call|>',  # an unclosed string
     "<|tool_call>call:get_weather{city:Rome,}}<tool_call|>",  # unbalanced

@@ -20,7 +20,7 @@ def server(tmp_path_factory):
     s.stop()
 
 
-@pytest.mark.parametrize("mode", [instructor.Mode.TOOLS], ids=["tools"])
+@pytest.mark.parametrize("mode", [instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA], ids=["tools", "json_schema"])
 def test_a_nested_answer_parses_and_validates(server, mode):
     client = instructor.from_openai(clients.openai_client(server), mode=mode)
 

@@ -41,7 +41,7 @@ def test_bound_tools_forced(server, tool_choice):
     over_seeds(check)
 
 
-@pytest.mark.parametrize("method", ["function_calling"])
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
 def test_structured_output(server, method):
     def check(seed):
         out = chat(server, seed).with_structured_output(Order, method=method, include_raw=True).invoke(ASK_ORDER)

@@ -314,6 +314,8 @@ def test_streamed_calls_equal_the_whole_ones(server):
     assert [(d.index, d.type, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
         [(k, "function", name, args) for k, (name, args) in enumerate(checked_calls(whole, [MODE]))]
     assert all(d.id for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+    # each call as the canvas that closes it commits, not with the end
+    assert all(not ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].finish_reason)
     state = ChatCompletionStreamState()  # the SDK's own accumulator reads the chunks as OpenAI's
     for chunk in chunks:
         state.handle_chunk(chunk)

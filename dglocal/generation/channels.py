@@ -48,10 +48,14 @@ def split(text: str, *, tools: bool = True) -> Output:
         kept, last = [], 0
         for start, end, name, args in _calls(text):
             kept.append(text[last:start])
-            calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
+            calls.append(_tool_call(name, args))
             last = end
         text = "".join(kept) + text[last:]
     return Output(text.strip() if calls else text, reasoning, calls)
+
+
+def _tool_call(name: str, args: dict) -> ToolCall:
+    return ToolCall(name, json.dumps(args, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
 
 
 def _calls(text: str):
@@ -71,14 +75,20 @@ def _calls(text: str):
 
 
 def _reasoning(text: str) -> tuple[str | None, str]:
-    start = text.find(THINK_OPEN)
-    if start < 0:
+    """The thought block and the rest. The template opens it first in the model's turn: a marker further on is
+    the reply's own text (a string of a structured answer may hold any token the grammar allows)."""
+    if not _thinks(text):
         return None, text
+    start = text.find(THINK_OPEN)
     end = text.find(THINK_CLOSE, start)
     inner = text[start + len(THINK_OPEN): end if end >= 0 else len(text)]
     inner = inner[len("thought"):] if inner.startswith("thought") else inner
-    rest = text[:start] + (text[end + len(THINK_CLOSE):] if end >= 0 else "")
+    rest = text[end + len(THINK_CLOSE):] if end >= 0 else ""  # before the block: whitespace, nothing
     return inner.strip("\n"), rest.lstrip("\n")
+
+
+def _thinks(text: str) -> bool:
+    return text.lstrip().startswith(THINK_OPEN)
 
 
 class StreamSplitter:
@@ -89,6 +99,7 @@ class StreamSplitter:
     def __init__(self, *, tools: bool = True):
         self.tools, self.text = tools, ""
         self.sent_reasoning, self.sent_content = "", ""
+        self.sent_calls: list[ToolCall] = []  # calls given out before the end (new_calls), in order
 
     def feed(self, delta: str) -> tuple[str, str]:
         self.text += delta
@@ -96,9 +107,28 @@ class StreamSplitter:
         return self._deltas(reasoning, content)
 
     def finish(self) -> tuple[str, str, Output]:
+        """The last deltas and the whole Output; its first len(sent_calls) calls are those given out, ids kept."""
         out = split(self.text, tools=self.tools)
+        for call, sent in zip(out.tool_calls, self.sent_calls):
+            call.id = sent.id
         r, c = self._deltas(out.reasoning or "", out.content)
         return r, c, out
+
+    def new_calls(self) -> list[ToolCall]:
+        """The calls closed since the last look, final already: each one's text ends with its <tool_call|>, and
+        no call's start before it is still open (an open call's string may hold what looks like a later call)."""
+        if not self.tools:
+            return []
+        _, text = _reasoning(self.text)  # an open thought: "" (nothing after it yet)
+        found, last = [], 0
+        for start, end, name, args in _calls(text):
+            if CALL_OPEN in text[last:start]:  # a call start skipped: open, or text; decided at the end
+                break
+            found.append((name, args))
+            last = end
+        new = [_tool_call(name, args) for name, args in found[len(self.sent_calls):]]
+        self.sent_calls += new
+        return new
 
     def _visible(self) -> tuple[str, str]:
         text = self.text
@@ -108,7 +138,7 @@ class StreamSplitter:
         cut = stop_holdback(text, (THINK_OPEN + "thought\n", THINK_CLOSE, CALL_OPEN))
         text = text[: len(text) - cut]
         reasoning, content = _reasoning(text)
-        if THINK_OPEN in text and THINK_CLOSE not in text:
+        if _thinks(text) and THINK_CLOSE not in text:
             content = ""
         return reasoning or "", content.rstrip() if self.tools else content
 

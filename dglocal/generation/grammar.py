@@ -7,7 +7,7 @@ to right, every position changes at every step.
 
 Per step, before the pass: the previous draft is walked left to right; each position's mask is what the grammar
 allows after the draft's prefix, up to the first position the draft breaks (that one included). The masks go to
-the device as bias rows (0 / -inf), deduplicated. After the pass: the new draft is checked; its valid prefix
+the device as packed bit rows (llguidance's own, 1 bit a token), deduplicated; the device expands them. After the pass: the new draft is checked; its valid prefix
 ends at the first position that breaks the grammar, and from there on the canvas is re-noised (the guide
 mechanism). At the step cap a canvas that still breaks it is repaired: its valid prefix is pinned, so every
 further pass makes at least one more position valid. With an answer budget (max_tokens, or the context's room),

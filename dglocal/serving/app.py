@@ -386,13 +386,13 @@ class Shape:
                 "created": self.created, "model": self.frontend.id}
 
     def _choice(self, text: str | None, finish: str | None, *, first: bool = False, reasoning: str = "",
-                calls: list | None = None) -> dict:
+                calls: list | None = None, call_index: int = 0) -> dict:
         if not self.chat:
             return {"index": self.index, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta = ({"role": "assistant"} if first else {}) | ({"reasoning_content": reasoning} if reasoning else {}) \
             | ({"content": text} if text else {})
         if calls:
-            delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in enumerate(calls)]
+            delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in enumerate(calls, call_index)]
         return {"index": self.index, "delta": delta, "finish_reason": finish}
 
     def usage(self, c: Completion) -> dict:
@@ -453,9 +453,11 @@ class Shape:
                 yield _sse({**self._base(True), "choices": [], "dglocal_draft": self._draft(item)})
             elif item.kind == "block" and item.text and not sudoku and self.layout is None:
                 reasoning, text = splitter.feed(item.text) if splitter else ("", item.text)
-                if reasoning or text:
-                    yield _sse({**self._base(True), "choices": [self._choice(text, None, first=first,
-                                                                             reasoning=reasoning)]})
+                sent = len(splitter.sent_calls) if splitter else 0
+                calls = splitter.new_calls() if splitter else []  # each call as the canvas that closes it commits
+                if reasoning or text or calls:
+                    yield _sse({**self._base(True), "choices": [self._choice(
+                        text, None, first=first, reasoning=reasoning, calls=calls, call_index=sent)]})
                     first = False
             elif item.kind == "done" and self.llama:
                 self.log(item)
@@ -463,12 +465,13 @@ class Shape:
             elif item.kind == "done":
                 self.log(item)
                 text, reasoning, calls = self.text(item) if sudoku or self.layout else None, "", []
+                sent = len(splitter.sent_calls) if splitter else 0
                 if splitter:
                     reasoning, text, out = splitter.finish()
                     calls = out.tool_calls
                 yield _sse({**self._base(True), "choices": [self._choice(
-                    text, self.finish(item, calls), first=first, reasoning=reasoning, calls=calls)],
-                    "dglocal": self.stats(item)})
+                    text, self.finish(item, calls), first=first, reasoning=reasoning, calls=calls[sent:],
+                    call_index=sent)], "dglocal": self.stats(item)})
                 if usage:
                     yield _sse({**self._base(True), "choices": [], "usage": self.usage(item)})
         yield "data: [DONE]\n\n"

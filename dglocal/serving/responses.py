@@ -377,12 +377,16 @@ class Reply:
             if item.kind == "block" and item.text:
                 for chunk in self.deltas(*splitter.feed(item.text)):
                     yield chunk
+                for call in splitter.new_calls():  # a call as the canvas that closes it commits
+                    for chunk in self.call(call):
+                        yield chunk
             elif item.kind == "done":
                 for chunk in self.finished(item, splitter):
                     yield chunk
 
     def finished(self, c, splitter):
         self.shape.log(c)
+        sent = len(splitter.sent_calls)
         reasoning, content, out = splitter.finish()
         yield from self.deltas(reasoning, content)
         status = self.status(c, out.tool_calls)
@@ -392,7 +396,7 @@ class Reply:
             yield from self.switch("message")
         if self.open is not None:
             yield from self.close(status)
-        for call in out.tool_calls:
+        for call in out.tool_calls[sent:]:
             yield from self.call(call)
         self.remember(splitter.sent_content, out.tool_calls)
         yield self.event("response." + status, response=self.response(status, c))
@@ -424,6 +428,8 @@ class Reply:
         self.open = None
 
     def call(self, call: channels.ToolCall):
+        if self.open is not None:  # the text before the call is done
+            yield from self.close("completed")
         at = {"item_id": _call_item(call, "")["id"], "output_index": len(self.output)}
         yield self.event("response.output_item.added", output_index=at["output_index"],
                          item={**_call_item(call, "in_progress"), "arguments": ""})
