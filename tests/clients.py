@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import jsonschema
 import openai
+import pytest
 from pydantic import BaseModel
 from test_server import Server
 
@@ -45,6 +46,17 @@ def synth_model(tmp_path_factory) -> Path:
 def serve(tmp_path_factory) -> Server:
     return Server(str(synth_model(tmp_path_factory)), "-np", "1", "-c", str(SLOT_CTX), "--alias", MODEL,
                   "--seed", "1", "--steps", "4")
+
+
+def module_server():
+    """A module-scoped fixture of `serve`'s server: a client module's `server = clients.module_server()`."""
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        s = serve(tmp_path_factory)
+        yield s
+        s.stop()
+
+    return server
 
 
 def openai_client(server: Server, kind=openai.OpenAI):

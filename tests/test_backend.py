@@ -222,3 +222,54 @@ def test_two_models_in_one_process_keep_their_own_parameters(tiny_f32_gguf, ref)
             logits.append(got.logits)
             seq.release()
         assert not np.array_equal(logits[0], logits[1])  # the f16 copy is what b's second step saw
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("reductions", ["auto", "chain"])
+def test_logprobs_are_the_references_on_the_device(tiny_f32_gguf, ref, reductions):
+    """The top ids and log-probabilities of the model's own distribution (softcapped logits at temperature 1, no
+    filter), the canvas token's and the argmax', against log_softmax of the reference's logits: on the fused CPU
+    op and on the op chain, unfiltered and under top-k and a token mask (the values stay the model's, the argmax
+    the filtered one's), self-conditioned too."""
+    import dglocal
+    from dglocal.runtime.filters import Filters
+
+    k = 5
+    with dglocal.load(tiny_f32_gguf, n_ctx=256, kv_type="f32", n_threads=2, flash_attn=False,
+                      reductions=reductions) as m:
+        seq, rseq = m.sequence(), ref.sequence()
+        p, u = prompt(9), np.random.default_rng(7).random(C)
+        seq.prefill(p)
+        rseq.prefill(p)
+        banned = np.full((1, (tiny.VOCAB + 31) // 32), 0xFFFFFFFF, dtype=np.uint32)
+        banned[0, :4] = 0  # ids 0 to 127 masked: the argmax moves, the model's log-probabilities do not
+        masked = Filters(top_k=7, allow=banned, allow_row=np.zeros(C, dtype=np.int32))
+        for cv, temp, sc, filters in [(canvas(1), 0.8, False, None), (canvas(2), 0.55, True, None),
+                                      (canvas(4), 0.6, True, masked)]:
+            want = rseq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, return_logits=True)
+            got = seq.denoise(cv, temperature=temp, uniforms=u, self_condition=sc, filters=filters, n_probs=k)
+            lp = _log_softmax(want.logits * temp)  # the reference's logits are the processed ones, raw / T
+            order = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(got.top_ids, order)
+            np.testing.assert_allclose(got.top_logprobs, np.take_along_axis(lp, order, 1), atol=2e-4, rtol=0)
+            rows = np.arange(C)
+            np.testing.assert_allclose(got.token_logprob, lp[rows, cv], atol=2e-4, rtol=0)
+            np.testing.assert_allclose(got.argmax_logprob, lp[rows, got.argmax], atol=2e-4, rtol=0)
+            if filters is None:
+                np.testing.assert_array_equal(got.argmax, want.argmax)
+            assert np.all(np.diff(got.top_logprobs, axis=1) <= 0)  # most likely first
+        seq.release()
+
+
+def test_logprobs_out_of_range_are_refused(model):
+    seq = model.sequence()
+    seq.prefill(prompt(4))
+    for bad in (-1, 21, 2.5):
+        with pytest.raises(ConfigError, match="n_probs"):
+            seq.denoise(canvas(1), temperature=0.8, n_probs=bad)
+    seq.release()

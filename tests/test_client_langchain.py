@@ -13,13 +13,7 @@ from clients import ASK_ORDER, ASK_WEATHER, MODEL, GetTime, GetWeather, Order, o
     validated_json
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = clients.serve(tmp_path_factory)
-    yield s
-    s.stop()
+server = clients.module_server()
 
 
 def chat(server, seed: int) -> ChatOpenAI:

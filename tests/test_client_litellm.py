@@ -16,13 +16,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else its import
 import litellm  # noqa: E402
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = clients.serve(tmp_path_factory)
-    yield s
-    s.stop()
+server = clients.module_server()
 
 
 def completion(server, seed, **kw):

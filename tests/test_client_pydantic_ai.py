@@ -19,13 +19,7 @@ import clients
 from clients import ASK_ORDER, MODEL, Order, Unit, over_seeds, validated_json
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = clients.serve(tmp_path_factory)
-    yield s
-    s.stop()
+server = clients.module_server()
 
 
 class City(str, Enum):

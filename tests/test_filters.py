@@ -8,8 +8,6 @@ op and (reductions="chain") the op chain other backends run; the GPU tier the de
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -143,7 +141,7 @@ def test_filtered_and_plain_passes_interleave(llama_model, ref):
     np.testing.assert_array_equal(greedy.entropy, np.zeros(C, np.float32))
 
 
-@pytest.mark.skipif(bool(os.environ.get("DGLOCAL_TEST_DEVICE")), reason="the chain runs on the device in the GPU tier")
+@pytest.mark.cpu_only  # the GPU tier runs the chain on the device in every other test of this module
 def test_op_chain_matches_numpy(tiny_f32_gguf):
     """reductions="chain": the ggml op chain (argsort, cumsum, set_rows) the GPU backends run, on the CPU, in the
     same process as the fused op's contexts (a context parameter, not a process-wide switch)."""

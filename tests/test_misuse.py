@@ -71,7 +71,8 @@ BAD = [  # (body, param the 400 names)
     (dict(CHAT, t_max=float("inf")), "t_max"),  # Python's JSON reads Infinity
     (dict(CHAT, frequency_penalty=0.5), "frequency_penalty"),
     (dict(CHAT, presence_penalty=1), "presence_penalty"),
-    (dict(CHAT, logprobs=True), "logprobs"),
+    (dict(CHAT, logprobs="yes"), "logprobs"),
+    (dict(CHAT, logprobs=True, top_logprobs=-1), "top_logprobs"),
     (dict(CHAT, tools=[{"type": "function", "function": {"name": "f g"}}]), "tools"),
     (dict(CHAT, tools={"f": {}}), "tools"),
     (dict(CHAT, tool_choice="required"), "tool_choice"),

@@ -32,6 +32,18 @@ class Step(Event):
     guided: np.ndarray | None = None  # positions the guide re-noised at this step (None without a guide)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model's own distribution at its position (the softcapped
+    logits at temperature 1, no filter or mask, as llama-server's n_probs and vLLM's raw logprobs), taken at the
+    last pass of its canvas, and that position's most likely ids with theirs. None: not known (a token a guide's
+    earlier attempt chose)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()  # (id, log-probability), most likely first
+
+
 @dataclass
 class BlockText(Event):
     """A finished block: the tokens and text it adds to the output, and the whole canvas it came from."""
@@ -43,6 +55,7 @@ class BlockText(Event):
     steps: int
     canvas: np.ndarray | None = field(default=None, repr=False)  # the argmax of its last step, all of it
     eos: bool = False  # an EOS inside the part of the canvas that counts towards max_new_tokens
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # of `tokens`, when asked for
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Completion(Event):
     tokens: list[int]
     finish_reason: str  # "eos", "length" or "stop"
     stats: Stats = field(repr=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # of `tokens`, when asked for
 
     # a chat reply's channels (Gemma 4's syntax, dglocal.generation.channels): its thinking, the answer without
     # it, and the tool calls the answer holds

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..runtime import checks
 from ..runtime.filters import Filters, sampling
 from .config import MAX_STEPS, GenerationConfig, check_schedule
-from .events import BlockText, Completion, Event, Stats, Step
+from .events import BlockText, Completion, Event, Stats, Step, TokenLogprob
 from .grammar import CanvasGrammar, GrammarSpec
 from .request import RequestPlan, common_prefix, cut_back, reuse
 from .sampler import (
@@ -32,6 +32,8 @@ from .sampler import (
     trim_eos,
 )
 from .views import View
+
+MAX_LOGPROBS = 20  # the most likely ids a token's log-probabilities list at most (the backend's LLAMA_DG_MAX_PROBS)
 
 
 @dataclass
@@ -52,13 +54,14 @@ class DenoiseCall:
     uniforms: np.ndarray | None  # None: greedy (temperature 0), the draw is the argmax
     self_condition: bool
     filters: Filters | None = None
+    n_probs: int = 0  # log-probabilities a position (Denoised.top_ids ...), 0: none
 
     def request(self) -> tuple:
-        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters
+        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters, self.n_probs
 
 
 OWN_OPTIONS = ("noise", "constraints", "draft", "fillers", "guide", "guide_restarts", "time_limit", "grammar",
-               "lora")  # Generation's; the rest: the plan's
+               "lora", "logprobs")  # Generation's; the rest: the plan's
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -89,7 +92,7 @@ class Generation:
     def __init__(self, model, plan: RequestPlan, seq, *, noise: Noise | None = None, constraints=None,
                  draft=None, fillers: tuple[int, ...] | None = None, guide: Guide | None = None,
                  guide_restarts: int = 0, time_limit: float | None = None, grammar: GrammarSpec | None = None,
-                 lora=None):
+                 lora=None, logprobs: int | None = None):
         self.model, self.plan, self.seq, self.config = model, plan, seq, plan.config
         self.C = C = model.canvas_length
         self.noise = noise if noise is not None else SeededNoise(model.n_vocab, plan.config.seed)
@@ -108,6 +111,13 @@ class Generation:
             raise ConfigError("a guide's views restate the prompt: they need a generation of one canvas and no "
                               "grammar")
         self.time_limit = _time_limit(time_limit)
+        # log-probabilities of the output tokens with this many of the most likely ids a position (None: none),
+        # from each canvas' last pass (its Denoised and input canvas)
+        self.logprobs = None if logprobs is None else checks.integer("logprobs", logprobs, 0, MAX_LOGPROBS)
+        if self.logprobs is not None and getattr(guide, "view", None) is not None:
+            raise ConfigError("logprobs are not returned for a guide with views: its passes see a restated canvas")
+        self.last_pass = None
+        self.out_logprobs: list[TokenLogprob] = []
         self.last: np.ndarray | None = None  # the last draft of a canvas the guide still objected to
         cfg = plan.config
         self.sampling = sampling(cfg.top_k, cfg.top_p, cfg.min_p)
@@ -194,10 +204,12 @@ class Generation:
         if self.grammar is not None:
             filters = self.grammar.filters(self.draft if self.draft is not None else self.canvas, self.sampling)
         self.pending = DenoiseCall(self.seq, self.canvas, T, uniforms if cfg.temperature > 0 else None, self.i > 0,
-                                   filters)
+                                   filters, 0 if self.logprobs is None else max(self.logprobs, 1))
 
     def _stepped(self, call: DenoiseCall, out) -> list[Event]:
         cfg, C = self.config, self.C
+        if call.n_probs:
+            self.last_pass = (call.canvas, out)
         argmax = np.asarray(out.argmax, dtype=np.int64)
         sampled = argmax if out.sampled is None else np.asarray(out.sampled, dtype=np.int64)
         entropy = np.asarray(out.entropy, dtype=np.float32)
@@ -315,14 +327,35 @@ class Generation:
         shown = full if last else full[: len(full) - stop_holdback(full, cfg.stop)].rstrip("\ufffd")
         if self.t_first is None:
             self.t_first = time.perf_counter()
+        logprobs = None
+        if self.logprobs is not None:  # of the tokens a stop string left
+            whole = (self.out_logprobs + self._logprobs(new))[:len(self.out)]
+            logprobs, self.out_logprobs = whole[len(self.out_logprobs):], whole
         events: list[Event] = [BlockText(self.block, [int(t) for t in new], shown[len(self.text):], self.block_steps,
-                                         canvas, eos)]
+                                         canvas, eos, logprobs)]
         self.text = shown
         if last:
             return events + [self._completion()]
         self.block += 1
         self.pending = EncodeCall(self.seq, [int(t) for t in canvas])
         return events
+
+    def _logprobs(self, tokens) -> list[TokenLogprob]:
+        """The log-probabilities of a block's tokens from its last pass: a token is that pass' argmax or, pinned,
+        its input; one a guide's earlier attempt chose may be neither (then among the most likely ids, or None)."""
+        given, out = self.last_pass
+        k = self.logprobs
+        entries = []
+        for i, t in enumerate(int(t) for t in tokens):
+            top = tuple(zip(out.top_ids[i].tolist(), out.top_logprobs[i].tolist()))
+            if t == int(out.argmax[i]):
+                lp = float(out.argmax_logprob[i])
+            elif t == int(given[i]):
+                lp = float(out.token_logprob[i])
+            else:
+                lp = next((v for u, v in top if u == t), None)
+            entries.append(TokenLogprob(t, lp, top[:k]))
+        return entries
 
     def _text_tokens(self) -> list[int]:
         """The output tokens that make its text: all of them, or without the fillers of a fixed layout."""
@@ -343,7 +376,8 @@ class Generation:
             time_to_first_token=(self.t_first or t_end) - self.t_start, prefill_seconds=t_gen - self.t_start,
             total_seconds=t_end - self.t_start, seed=self.config.seed,
         )
-        return Completion(self.text, list(self.out), self.finish, stats)
+        return Completion(self.text, list(self.out), self.finish, stats,
+                          None if self.logprobs is None else self.out_logprobs[:len(self.out)])
 
 
 # -- guides and constraints -------------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ class Denoised:
     sampled: np.ndarray | None  # int32 [C], inverse CDF of softmax(x) at the given uniforms
     entropy: np.ndarray  # float32 [C], entropy of softmax(x)
     logits: np.ndarray | None = None  # float32 [C, n_vocab], raw (softcapped) logits, when asked
+    # log-probabilities of the model's distribution (softcapped logits at temperature 1, no filter), when asked:
+    top_ids: np.ndarray | None = None  # int32 [C, k], the k most likely ids, most likely first
+    top_logprobs: np.ndarray | None = None  # float32 [C, k], theirs
+    token_logprob: np.ndarray | None = None  # float32 [C], the canvas' own token's
+    argmax_logprob: np.ndarray | None = None  # float32 [C], the argmax' (of the filtered distribution)
 
 
 def _dg_params(nat, opts: LoadOptions):
@@ -390,8 +395,9 @@ class Model:
 
     def denoise_batch(self, requests, *, return_logits: bool = False) -> list["Denoised"]:
         """One decoder pass per group of canvases that fits a micro-batch: `requests` are (sequence, canvas,
-        temperature, uniforms or None, self_condition[, filters]) of distinct sequences (filters: a
-        dglocal.runtime.filters.Filters or None); results in the same order."""
+        temperature, uniforms or None, self_condition[, filters[, n_probs]]) of distinct sequences (filters: a
+        dglocal.runtime.filters.Filters or None; n_probs: log-probabilities a position, 0 to 20, the device's
+        selection (Denoised.top_ids, top_logprobs, token_logprob), 0 none); results in the same order."""
         items = [self._request(*r) for r in requests]
         if len({id(r[0]) for r in items}) != len(items):
             raise ConfigError("denoise_batch: each sequence may appear once per call")
@@ -414,9 +420,9 @@ class Model:
                 groups.append([item])
         return groups
 
-    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None):
+    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None, n_probs=0):
         """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool,
-        Filters or None)."""
+        Filters or None, log-probabilities a position)."""
         self._own(seq)
         toks = checks.token_ids(canvas, self.n_vocab, "canvas ids")
         n = self.canvas_length
@@ -429,16 +435,24 @@ class Model:
                 raise ConfigError(f"uniforms must be {n} numbers in [0, 1]")
         if filters is not None:
             filters = checked(filters, self.n_vocab, n)
-        return seq, toks, checks.temperature(temperature), u, bool(self_condition), filters
+        n_probs = checks.integer("n_probs", n_probs, 0, min(self._nat.LLAMA_DG_MAX_PROBS, self.n_vocab))
+        return seq, toks, checks.temperature(temperature), u, bool(self_condition), filters, n_probs
 
     def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
         nat, n = self._nat, self.canvas_length
         results, arrays = [], []
         canvases = (nat.llama_dg_canvas * len(items))(*[nat.llama_dg_canvas_default() for _ in items])
         ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
-        for c, (seq, toks, temperature, u, sc, filters) in zip(canvases, items):
+        for c, (seq, toks, temperature, u, sc, filters, n_probs) in zip(canvases, items):
             res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
                            np.empty(n, np.float32))
+            if n_probs:
+                res.top_ids, res.top_logprobs = np.empty((n, n_probs), np.int32), np.empty((n, n_probs), np.float32)
+                res.token_logprob, res.argmax_logprob = np.empty(n, np.float32), np.empty(n, np.float32)
+                c.n_probs, c.top_ids = n_probs, ptr(res.top_ids, nat.c_int32_p)
+                c.top_logprobs = ptr(res.top_logprobs, nat.c_float_p)
+                c.token_logprob = ptr(res.token_logprob, nat.c_float_p)
+                c.argmax_logprob = ptr(res.argmax_logprob, nat.c_float_p)
             arrays.append((toks, u, filters))  # kept alive through the call
             c.seq_id, c.tokens, c.n_tokens, c.temperature = seq.seq_id, ptr(toks, nat.c_int32_p), n, temperature
             c.uniforms, c.self_condition = ptr(u, nat.c_float_p), sc
@@ -537,11 +551,11 @@ class Sequence:
             self._window.after_encode(len(self.tokens))
 
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
-                return_logits: bool = False, filters=None) -> Denoised:
+                return_logits: bool = False, filters=None, n_probs: int = 0) -> Denoised:
         """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
         self_condition=True feeds the soft embedding left by this sequence's previous denoise (its logits / its
         temperature); False feeds zeros, as at the first step of a canvas."""
-        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition, filters)],
+        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition, filters, n_probs)],
                                         return_logits=return_logits)[0]
 
     def truncate(self, n: int) -> int:

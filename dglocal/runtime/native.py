@@ -94,7 +94,12 @@ class llama_dg_canvas(ctypes.Structure):
                 ("argmax", c_int32_p), ("sampled", c_int32_p), ("entropy", c_float_p),
                 ("bias", c_float_p), ("n_bias", ctypes.c_int32), ("bias_row", c_int32_p),
                 ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float),
-                ("allow", c_uint32_p), ("n_allow", ctypes.c_int32), ("allow_row", c_int32_p)]
+                ("allow", c_uint32_p), ("n_allow", ctypes.c_int32), ("allow_row", c_int32_p),
+                ("n_probs", ctypes.c_int32), ("top_ids", c_int32_p), ("top_logprobs", c_float_p),
+                ("token_logprob", c_float_p), ("argmax_logprob", c_float_p)]
+
+
+LLAMA_DG_MAX_PROBS = 20  # log-probabilities a position the denoise pass selects at most
 
 
 # int32_t llama_dg_denoise_batch(struct llama_context * ctx, struct llama_dg_canvas * canvases, int32_t n_canvases,

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from dglocal.errors import ConfigError, ContextError, DglocalError
 from dglocal.generation import channels
 from dglocal.generation.events import Completion, Step
-from dglocal.serving import llamacpp, ollama, responses, schema
+from dglocal.serving import llamacpp, logprobs, ollama, responses, schema
 from dglocal.serving.engine import END, QUEUE, Engine, Request, ShuttingDown
 from dglocal.serving.errors import ApiError
 from dglocal.serving.frontend import Frontend, chat_page
@@ -368,6 +368,7 @@ class Shape:
         self.id = id or ("chatcmpl-" if chat else "cmpl-") + req.id
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.offset = 0  # characters of the token pieces streamed with log-probabilities so far
 
     def text(self, c: Completion) -> str:
         """The answer's text: an infill's middle, an edit's whole new text, or the frontend's reading."""
@@ -395,6 +396,18 @@ class Shape:
             delta["tool_calls"] = [{"index": k, **_call(c)} for k, c in enumerate(calls, call_index)]
         return {"index": self.index, "delta": delta, "finish_reason": finish}
 
+    def _with_logprobs(self, choice: dict, entries) -> dict:
+        """A stream chunk's choice with the log-probabilities of the block it carries (every token of the block,
+        whatever part of its text a stop string or a marker holds back)."""
+        if entries is None:
+            return choice
+        model = self.frontend.model
+        if self.chat:
+            return {**choice, "logprobs": {"content": logprobs.chat_content(model, entries), "refusal": None}}
+        out = logprobs.completion(model, entries, self.offset)
+        self.offset += sum(map(len, out["tokens"]))  # text_offset counts from the completion's start
+        return {**choice, "logprobs": out}
+
     def usage(self, c: Completion) -> dict:
         n_prompt = len(self.req.plan.tokens)
         n_out = len(c.tokens) if self.layout is None else self.layout.generated(c)
@@ -420,8 +433,10 @@ class Shape:
             return {"id": "edit-" + self.req.id, "object": "edit", "created": self.created, "model": self.frontend.id,
                     "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "changes": changes,
                     "usage": self.usage(c), "dglocal": self.stats(c)}
+        model = self.frontend.model
         if not self.chat:
-            choice = {"index": self.index, "text": text, "logprobs": None, "finish_reason": self.finish(c)}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs.completion(model, c.logprobs),
+                      "finish_reason": self.finish(c)}
         else:
             out = channels.split(text, tools=self.calls) if self.frontend.template is not None else \
                 channels.Output(text)
@@ -430,7 +445,8 @@ class Shape:
                 message["reasoning_content"] = out.reasoning
             if out.tool_calls:
                 message["tool_calls"] = [_call(t) for t in out.tool_calls]
-            choice = {"index": self.index, "message": message, "finish_reason": self.finish(c, out.tool_calls)}
+            choice = {"index": self.index, "message": message, "logprobs": logprobs.chat(model, c.logprobs),
+                      "finish_reason": self.finish(c, out.tool_calls)}
         return {**self._base(False), "choices": [choice], "usage": self.usage(c), "dglocal": self.stats(c)}
 
     def llama_shape(self, c: Completion, text: str) -> dict:
@@ -451,13 +467,13 @@ class Shape:
             self.observe(item)
             if item.kind == "step" and drafts:
                 yield _sse({**self._base(True), "choices": [], "dglocal_draft": self._draft(item)})
-            elif item.kind == "block" and item.text and not sudoku and self.layout is None:
+            elif item.kind == "block" and (item.text or item.logprobs) and not sudoku and self.layout is None:
                 reasoning, text = splitter.feed(item.text) if splitter else ("", item.text)
                 sent = len(splitter.sent_calls) if splitter else 0
                 calls = splitter.new_calls() if splitter else []  # each call as the canvas that closes it commits
-                if reasoning or text or calls:
-                    yield _sse({**self._base(True), "choices": [self._choice(
-                        text, None, first=first, reasoning=reasoning, calls=calls, call_index=sent)]})
+                if reasoning or text or calls or item.logprobs is not None:
+                    choice = self._choice(text, None, first=first, reasoning=reasoning, calls=calls, call_index=sent)
+                    yield _sse({**self._base(True), "choices": [self._with_logprobs(choice, item.logprobs)]})
                     first = False
             elif item.kind == "done" and self.llama:
                 self.log(item)

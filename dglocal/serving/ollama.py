@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dglocal.generation import channels
 from dglocal.generation.config import GenerationConfig
-from dglocal.serving import schema
+from dglocal.serving import logprobs, schema
 from dglocal.serving.errors import ApiError
 
 log = logging.getLogger("dglocal.server")
@@ -112,9 +112,9 @@ def common(body: dict, where: str, fields: tuple[str, ...], n_ctx: int) -> dict:
     elif fmt not in (None, ""):
         raise schema.FieldError(f"'format' must be \"json\" or a JSON schema object, got {schema.short(fmt)}",
                                 "format")
-    if body.get("logprobs"):  # refused by the OpenAI checks, with the reason
+    if schema.flag(body, "logprobs"):  # the OpenAI chat route's fields (the completions route: generate_body)
         out["logprobs"] = True
-    if body.get("top_logprobs"):
+    if body.get("top_logprobs") is not None:
         out["top_logprobs"] = body["top_logprobs"]
     return out
 
@@ -159,6 +159,10 @@ def generate_body(body: dict, card: Card) -> tuple[str, dict] | None:
             if body.get(name):
                 raise schema.FieldError(f"'{name}' needs the chat template: not with 'raw' or 'suffix'", name)
         suffix = {"suffix": body["suffix"]} if body.get("suffix") is not None else {}
+        if out.pop("logprobs", None):  # the completions route counts the most likely ids instead
+            out["logprobs"] = out.pop("top_logprobs", None) or 0
+        elif "top_logprobs" in out:
+            raise schema.FieldError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return "completions", {"prompt": prompt, **suffix, **out}
     turns = [{"role": "system", "content": system}] if system is not None else []
     turns.append({"role": "user", "content": prompt, **({"images": images} if images else {})})
@@ -250,11 +254,15 @@ class Reply:
     def text(self, c) -> str:
         return self.frontend.answer(c) if self.layout is None else self.layout.result(c).middle
 
-    def block(self, text: str) -> dict | None:
-        if self.at_end or not text:
+    def block(self, text: str, entries=None) -> dict | None:
+        """A committed block's delta, with its tokens' log-probabilities when asked for."""
+        if self.at_end or not (text or entries):
             return None
         thinking, content = self.splitter.feed(text) if self.splitter else ("", text)
-        return self._delta(content, thinking) if content or thinking else None
+        if not (content or thinking or entries):
+            return None
+        delta = self._delta(content, thinking)
+        return delta | ({"logprobs": logprobs.chat_content(self.frontend.model, entries)} if entries else {})
 
     def end(self, c) -> list[dict]:
         """The last delta (what the splitter held back: a tool call, a thought's end) and the final object."""
@@ -268,7 +276,10 @@ class Reply:
     def whole(self, c) -> dict:
         text = self.text(c)
         out = channels.split(text, tools=self.calls) if self.split else channels.Output(text)
-        return self._final(c, out.tool_calls, out.content, out.reasoning or "", out.tool_calls)
+        final = self._final(c, out.tool_calls, out.content, out.reasoning or "", out.tool_calls)
+        if c.logprobs is not None:
+            final["logprobs"] = logprobs.chat_content(self.frontend.model, c.logprobs)
+        return final
 
     def _delta(self, content: str, thinking: str = "", calls=()) -> dict:
         return {**self._head(), **self._body(content, thinking, calls), "done": False}
@@ -458,7 +469,7 @@ def add_routes(app, service) -> None:
                 return
             service.observe(reply.req, item)
             if item.kind == "block":
-                delta = reply.block(item.text)
+                delta = reply.block(item.text, item.logprobs)
                 if delta is not None:
                     yield _line(delta)
             elif item.kind == "done":

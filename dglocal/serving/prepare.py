@@ -15,7 +15,7 @@ from dglocal.generation import calls, driver
 from dglocal.generation.request import derive_seed
 from dglocal.generation.editing import edit_request, infill_request
 from dglocal.generation.grammar import GrammarSpec
-from dglocal.serving import schema
+from dglocal.serving import logprobs, schema
 from dglocal.serving.errors import ApiError
 
 
@@ -112,6 +112,7 @@ def tool_options(body: dict, options: dict) -> tuple[list[dict] | None, bool]:
 
 def _chat(model, frontend, body: dict) -> Prepared:
     options, stream, stream_options = parse_options(body, frontend, schema.CHAT, "/v1/chat/completions")
+    _logprobs(body, frontend, options, chat=True)
     tools, calls = tool_options(body, options)
     prompt, extra = frontend.chat_prompt(schema.messages(body), tools, **schema.template_kwargs(body))
     _to_context(body, frontend, options)
@@ -122,7 +123,11 @@ def _chat(model, frontend, body: dict) -> Prepared:
 
 def _completions(model, frontend, body: dict) -> Prepared:
     options, stream, stream_options = parse_options(body, frontend, schema.COMPLETIONS, "/v1/completions")
+    _logprobs(body, frontend, options, chat=False)
     if body.get("suffix") is not None:  # OpenAI's infilling: the text between prompt and suffix
+        if "logprobs" in options:
+            raise schema.FieldError("a completion with a 'suffix' is a fixed layout: it returns no logprobs",
+                                    "logprobs")
         if options.get("n", 1) > 1:
             raise schema.FieldError("a completion with a 'suffix' has one middle: n must be 1", "n")
         if "grammar" in options or body.get("stop") is not None:
@@ -204,6 +209,15 @@ def planned(model, prompt, options: dict, stream: bool = False, stream_options: 
     except ConfigError as e:
         raise ApiError(400, str(e), param=field if getattr(e, "param", None) == "grammar" else None) from None
     return Prepared(request, stream, stream_options or {}, shape, more)
+
+
+def _logprobs(body: dict, frontend, options: dict, *, chat: bool) -> None:
+    wanted = logprobs.requested(body, chat)
+    if wanted is None:
+        return
+    if frontend.sudoku:  # its guide restates the grid: its passes' distributions are not the answer's positions
+        raise schema.FieldError("the Sudoku model returns no logprobs", "logprobs")
+    options["logprobs"] = wanted
 
 
 def _to_context(body: dict, frontend, options: dict) -> None:

@@ -36,7 +36,7 @@ READ = ("input", "instructions", "previous_response_id", "tools", "tool_choice",
 REFUSED = {
     "conversation": "conversations are not stored: continue one with previous_response_id",
     "prompt": "stored prompts are not supported: send instructions and input",
-    "top_logprobs": "log-probabilities are not returned",
+    "top_logprobs": "log-probabilities are returned on /v1/chat/completions and /v1/completions",
     "context_management": "the history is not compacted: a request over the context is refused",
 }
 # a chat field named in an error is the Responses field it came from

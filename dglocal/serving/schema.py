@@ -50,8 +50,9 @@ NO_EFFECT = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "s
 SAMPLER = ("model", "seed", "lora", "cache_prompt", "top_k", *NO_EFFECT, *DIFFUSION)
 GENERATE = (*SAMPLER, "stream", "stream_options", "stop", "ignore_eos", "draft", "max_tokens",
             "max_completion_tokens", "n", "vllm_xargs", *GRAMMARS)
-CHAT = (*GENERATE, "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
-COMPLETIONS = (*GENERATE, "prompt", "suffix")
+CHAT = (*GENERATE, "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "logprobs",
+        "top_logprobs")
+COMPLETIONS = (*GENERATE, "prompt", "suffix", "logprobs")
 INFILL = (*SAMPLER, "stream", "stream_options", "input_prefix", "input_suffix", "input_extra", "prompt", "n_predict",
           "max_tokens")
 EDIT = (*SAMPLER, "input", "spans", "room", "prompt")
@@ -60,14 +61,11 @@ STREAM_OPTIONS = ("include_usage", "include_drafts")
 NEUTRAL = {
     "frequency_penalty": (0, "penalties over earlier tokens do not apply to a canvas denoised in parallel"),
     "presence_penalty": (0, "penalties over earlier tokens do not apply to a canvas denoised in parallel"),
-    "logprobs": (False, "log-probabilities are not returned: the device reduces each position's distribution to "
-                        "its argmax, draw and entropy, and the vocabulary-wide values never reach the host"),
 }
 REFUSED = {
     "functions": "use 'tools' (the legacy function fields are not supported)",
     "function_call": "use 'tool_choice' (the legacy function fields are not supported)",
     "logit_bias": "logit_bias is not supported",
-    "top_logprobs": "log-probabilities are not returned",
     "echo": "echo is not supported", "best_of": "best_of is not supported", "audio": "audio is not supported",
     "modalities": "only text is supported",
     "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true}",
@@ -85,13 +83,13 @@ DETOKENIZE = ("tokens",)
 XARGS = ("diffusion_seed_canvas", "diffusion_pinned", "diffusion_max_steps", "diffusion_samples")
 # keys accepted with their neutral value only (false, or the model's canvas); another is refused with what differs
 XARGS_NEUTRAL = {
-    "diffusion_read_only": "vLLM's read returns temperature-1 log-probabilities at every position of its one canvas; "
-                           "dglocal returns none (the device reduces each position's distribution to its argmax, "
-                           "draw and entropy). One canvas with EOS ignored, without them: max_tokens at most the "
-                           "canvas and ignore_eos",
+    "diffusion_read_only": "vLLM's read returns temperature-1 log-probabilities at every position of its one canvas "
+                           "as it was given; dglocal's logprobs are those of the tokens it generates (the same "
+                           "temperature-1 distribution, at each canvas' last pass): ask for logprobs with max_tokens "
+                           "at most the canvas and ignore_eos",
     "diffusion_constrained": "vLLM restricts every position's distribution to the request's logprob_token_ids; "
-                             "dglocal takes no logprob_token_ids (it returns no log-probabilities) and no token set "
-                             "per request: a grammar field (guided_choice, grammar) constrains the text instead",
+                             "dglocal takes no logprob_token_ids and no token set per request: a grammar field "
+                             "(guided_choice, grammar) constrains the text instead",
     "diffusion_canvas_length": "dglocal's canvas is the model's: a narrower one per request is not supported",
 }
 
