@@ -1,7 +1,7 @@
 """The official openai package against `dglocal serve` (issue 40), as its own helpers use the server: chat
 completions parsed into a pydantic model (whole and streamed), forced tool calls (required and named) and auto
-ones, `n` choices, and the Responses API (`responses.parse`, its stream, a forced call) — every structured answer
-and every call parses and validates, over 20 seeds at the default max_tokens (none sent)."""
+ones, `n` choices, log-probabilities, and the Responses API (`responses.parse`, its stream, a forced call): every
+structured answer and every call parses and validates, over 20 seeds at the default max_tokens (none sent)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import openai
 import pytest
 
 import clients
-from clients import ASK_ORDER, ASK_WEATHER, MODEL, GetTime, GetWeather, Order, over_seeds, validated_call, \
+from clients import ASK_ORDER, ASK_WEATHER, MODEL, GetTime, GetWeather, Order, over_seeds, parsed, validated_call, \
     validated_json
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]
@@ -105,5 +105,19 @@ def test_responses_forced_call(client):
         assert r.status == "completed" and calls, r
         for call in calls:
             validated_call(call.name, call.arguments)
+
+    over_seeds(check)
+
+
+def test_logprobs_list_each_token(client):
+    def check(seed):
+        r = client.chat.completions.create(model=MODEL, messages=ASK_ORDER, response_format={"type": "json_object"},
+                                           seed=seed, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+        for t in content:
+            values = [x.logprob for x in t.top_logprobs]
+            assert len(values) == 3 and values == sorted(values, reverse=True) and t.logprob <= 0, t
+        parsed(r.choices[0].message.content)
 
     over_seeds(check)

@@ -134,7 +134,7 @@ def test_grammar_fields_of_llama_server_and_vllm(server):
     (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools", "name"),
     # forced calls with response_format answer with calls (tests/test_tool_calls.py); a raw grammar cannot join them
     (dict(tools=[WEATHER], tool_choice="required", grammar='root ::= "a"'), "tool_choice", "cannot be combined"),
-    (dict(logprobs=True), "logprobs", "device"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs", "[0, 20]"),
     (dict(top_p=0), "top_p", "top_p"),
     (dict(temperature=3), "temperature", "temperature"),
     (dict(chat_template_kwargs={"messages": []}), "chat_template_kwargs", "messages"),
