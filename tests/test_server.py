@@ -292,3 +292,20 @@ def test_sudoku_served_with_no_model():
         assert "".join(r.choices[0].message.content.split()) == solution, r.choices[0].message.content
     finally:
         s.stop()
+
+
+@pytest.mark.gpu_tier
+def test_the_fast_sampler_is_a_request_field(tiny_server, reference):
+    """`sampler` and `fast_k` as extra body fields (chat, completions) answer what the Python API gives with the
+    same settings; a sampler the server does not know is a 400 naming the field."""
+    c = tiny_server.client()
+    fast = dict(sampler="fast", fast_k=24)
+    r = c.completions.create(model="tiny", prompt="Once upon a time", seed=5, max_tokens=FRESH["max_tokens"],
+                             extra_body={**FRESH["extra_body"], **fast})
+    want = reference.generate("Once upon a time", seed=5, **REF, **fast)
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.tokens)
+    status, body, _ = tiny_server.post("/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "sampler": "turbo"}))
+    assert status == 400 and body["error"]["param"] == "sampler" and "reference" in body["error"]["message"]
+    status, body, _ = tiny_server.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "fast_k": 0}))
+    assert status == 400 and body["error"]["param"] == "fast_k"

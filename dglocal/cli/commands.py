@@ -24,8 +24,8 @@ from dglocal.files import os_error_text
 from dglocal.runtime.options import DEFAULT_CTX, DEFAULT_IMAGE_TOKENS
 
 from .options import (
-    CacheTypeOption, CpuMoeOption, ImageTokensOption, LoraOption, LoraScaledOption, MmprojOption, ModelArgs, NglOption, OverrideOption,
-    PrecisionOption, QuantOption, RpcOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, api_key_option,
+    CacheTypeOption, CpuMoeOption, FastKOption, ImageTokensOption, LoraOption, LoraScaledOption, MmprojOption, ModelArgs, NglOption, OverrideOption,
+    PrecisionOption, QuantOption, RpcOption, SamplerOption, SplitOption, SwaOption, ThreadsOption, TimeLimitOption, api_key_option,
     fit, generation, image_dir_option, load_options, model_options,
 )
 
@@ -398,6 +398,11 @@ def bench(
     batch: Annotated[Optional[int], typer.Option(
         "--batch", help="Also time this many generations denoised together, one forward a step. Default: 1 (off).",
         show_default=False)] = None,
+    sampler: SamplerOption = None,
+    fast_k: FastKOption = None,
+    active: Annotated[Optional[list[int]], typer.Option(
+        "--active", help="With --sampler fast: also time a step with N of the canvas' positions run and the rest "
+                         "frozen; repeat for several (e.g. --active 64 --active 16).", show_default=False)] = None,
     rpc: RpcOption = None,
     override_tensor: OverrideOption = None,
     n_cpu_moe: CpuMoeOption = 0,
@@ -428,7 +433,8 @@ def bench(
     result = measure(path, **generation(
         steps=tuple(steps) if steps else None, adaptive=adaptive, adaptive_steps=adaptive_steps, canvases=canvases,
         prompt_tokens=prompt_tokens, ar_tokens=ar_tokens, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
-        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed, batch=batch), placement=placement)
+        threads=threads, flash_attn=flash_attn, kv_type=kv_type, seed=seed, batch=batch, sampler=sampler,
+        fast_k=fast_k, active=tuple(active) if active else None), placement=placement)
     print(json.dumps(result, indent=2)) if as_json else render.show_bench(result)
 
 
@@ -587,13 +593,16 @@ def sudoku(
                           "others. Default: one per core (at most 8); 1 with --eval.", show_default=False)] = None,
     lora: LoraOption = None,
     lora_scaled: LoraScaledOption = None,
+    sampler: SamplerOption = None,
+    fast_k: FastKOption = None,
 ):
     """Solve a Sudoku with the diffusion model, the board filling in live (or evaluate a puzzle file)."""
     main = _plugin("sudoku", "dglocal.cli.sudoku").main
     adapters = load_options(lora=lora, lora_scaled=lora_scaled).lora
     main(model=_resolve(model), **generation(puzzle=puzzle, eval_file=eval_file, output=output, steps=steps,
                                              threads=threads, seed=seed, batch=batch, lora=adapters,
-                                             time_limit=time_limit, workers=workers), guide=not no_guide)
+                                             time_limit=time_limit, workers=workers),
+         generation=generation(sampler=sampler, fast_k=fast_k), guide=not no_guide)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ TopKOption = Annotated[Optional[int], typer.Option(
 TopPOption = Annotated[Optional[float], typer.Option(
     "--top-p", help="Keep the most likely tokens whose probabilities sum to at least p; 1: off. Default: off.",
     show_default=False)]
+SamplerOption = Annotated[Optional[str], typer.Option(
+    "--sampler", help="reference: the model's own sampler. fast: an approximation that stops running settled "
+                      "positions and reduces each position's --fast-k most likely tokens (docs/sampler.md). "
+                      "Default: reference.", show_default=False)]
+FastKOption = Annotated[Optional[int], typer.Option(
+    "--fast-k", help="The fast sampler's tokens a position. Default: 64.", show_default=False)]
 MinPOption = Annotated[Optional[float], typer.Option(
     "--min-p", help="Keep the tokens at least p times as likely as the most likely one; 0: off. Default: off.",
     show_default=False)]
@@ -113,6 +119,7 @@ MODEL_OPTIONS = [
     ("threads", ThreadsOption, None), ("seed", SeedOption, None), ("steps", StepsOption, None),
     ("entropy_bound", EntropyOption, None), ("t_min", TMinOption, None), ("t_max", TMaxOption, None),
     ("temp", TempOption, None), ("top_k", TopKOption, None), ("top_p", TopPOption, None), ("min_p", MinPOption, None),
+    ("sampler", SamplerOption, None), ("fast_k", FastKOption, None),
     ("cache_type", CacheTypeOption, None), ("swa_full", SwaOption, None), ("precision", PrecisionOption, None),
     ("soft_embedding", SoftEmbeddingOption, None), ("fit", FitOption, False), ("rpc", RpcOption, None), ("override_tensor", OverrideOption, None),
     ("n_cpu_moe", CpuMoeOption, 0), ("tensor_split", SplitOption, None), ("lora", LoraOption, None),
@@ -143,7 +150,7 @@ class ModelArgs:
         v = self.values
         return generation(max_denoising_steps=v["steps"], entropy_bound=v["entropy_bound"], t_min=v["t_min"],
                           t_max=v["t_max"], temperature=v["temp"], top_k=v["top_k"], top_p=v["top_p"],
-                          min_p=v["min_p"])
+                          min_p=v["min_p"], sampler=v["sampler"], fast_k=v["fast_k"])
 
 
 def model_options(command):

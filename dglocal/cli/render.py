@@ -280,14 +280,20 @@ def show_bench(result: dict, console=None) -> None:
     title = (f"{result['name']}  {result['file_type']}  {size:.2f} GiB  canvas {result['canvas_length']}  "
              f"prompt {result['prompt_tokens']}{'  (random weights)' if result['synthetic'] else ''}")
     t = Table(title=title, caption="tok/s = canvas / (steps x ms/step + commit): a long generation's rate")
-    for col in ("mode", "steps", "ms/step", "vs floor", "commit ms", "TTFT s", "tok/s", "wall tok/s", "vs AR"):
-        t.add_column(col, justify="left" if col == "mode" else "right")
+    for col in ("mode", "sampler", "steps", "ms/step", "positions", "vs floor", "commit ms", "TTFT s", "tok/s",
+                "wall tok/s", "vs AR"):
+        t.add_column(col, justify="left" if col in ("mode", "sampler") else "right")
     for r in result["runs"]:
         vs_floor = f"{r['step_vs_floor']:.2f}x" if r["step_vs_floor"] is not None else "-"
-        t.add_row(f"{r['mode']} {r['max_steps']}", f"{r['steps_per_canvas']:.1f}", f"{r['ms_per_step']:.1f}",
-                  vs_floor, f"{r['commit_ms']:.1f}", f"{r['ttft_s']:.2f}", f"{r['canvas_tok_s']:.1f}",
-                  f"{r['wall_tok_s']:.1f}", f"{r['vs_ar']:.2f}x")
+        t.add_row(f"{r['mode']} {r['max_steps']}", r.get("sampler", "reference"), f"{r['steps_per_canvas']:.1f}",
+                  f"{r['ms_per_step']:.1f}", f"{r['forward_positions_per_canvas']:.0f}", vs_floor,
+                  f"{r['commit_ms']:.1f}", f"{r['ttft_s']:.2f}", f"{r['canvas_tok_s']:.1f}", f"{r['wall_tok_s']:.1f}",
+                  f"{r['vs_ar']:.2f}x")
     console.print(t)
+    for a in result.get("active") or ():
+        console.print(f"fast sampler, {a['active']} of {result['canvas_length']} positions run: "
+                      f"{a['ms_per_step']:.1f} ms/step, {a['vs_full_step']:.2f}x a whole reference step "
+                      f"({a['full_step_ms']:.1f} ms)")
     f = result["floor"]
     console.print(f"step floor: transformer {f['transformer_ms']:.1f} ms + 2 x LM head {f['lm_head_ms']:.1f} ms "
                   f"= {f['floor_ms']:.1f} ms")

@@ -20,6 +20,8 @@ from ..runtime.filters import sampling
 from ..errors import ConfigError
 
 MAX_STEPS = 65536  # denoising steps per canvas, and the stability window, at most
+SAMPLERS = ("reference", "fast")
+MAX_FAST_K = 1 << 24  # the fast sampler's ids a position, at most (more than any vocabulary: then all of it)
 
 # GenerationConfig field -> its GGUF metadata key and type, as the community converters write them (docs/gguf.md):
 # dglocal convert writes these (convert.schema), from_metadata reads them
@@ -51,6 +53,11 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    # the sampler (docs/sampler.md): "reference", or "fast", the opt-in approximation that freezes settled positions
+    # (with `freeze`) and reduces each position's `fast_k` most likely ids only
+    sampler: str = "reference"
+    fast_k: int = 64
+    freeze: bool = True
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -69,7 +76,7 @@ class GenerationConfig:
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p", "min_p"):
             if checks.is_integer(getattr(self, name)):
                 set_(name, float(getattr(self, name)))
-        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold", "top_k"):
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold", "top_k", "fast_k"):
             if checks.is_integer(getattr(self, name)):
                 set_(name, int(getattr(self, name)))
         self.validate()
@@ -87,6 +94,11 @@ class GenerationConfig:
         if self.confidence_threshold is not None:
             _number("confidence_threshold", self.confidence_threshold, low=0.0, strict=True)
         sampling(self.top_k, self.top_p, self.min_p)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r:.40}")
+        checks.integer("fast_k", self.fast_k, 1, MAX_FAST_K)
+        if not isinstance(self.freeze, bool):
+            raise ConfigError(f"freeze must be true or false, got {self.freeze!r:.40}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if self.eos_token_id is not None and any(t < 0 for t in self.eos_token_id):

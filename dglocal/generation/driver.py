@@ -48,6 +48,7 @@ class Driver:
     def cancel(self, job: Job) -> None:
         job.done = True
         self.jobs = [j for j in self.jobs if j is not job]
+        _ended(job)
 
     def tick(self) -> list[Job]:
         """The encoder passes the generations wait for (prompts, commits) in one batch, then one batched decoder
@@ -62,6 +63,8 @@ class Driver:
             self._denoise(denoising)
         ended = [j for j in self.jobs if j.done]
         self.jobs = [j for j in self.jobs if not j.done]
+        for job in ended:
+            _ended(job)
         return ended
 
     def _lora_turn(self) -> list[Job]:
@@ -131,6 +134,14 @@ class Driver:
         job.done = job.gen.pending is None
 
 
+def _ended(job: Job) -> None:
+    """A job left the driver: its sequence's cache goes back to its tokens (a last canvas is never committed,
+    and the fast sampler keeps cells of it)."""
+    end = getattr(job.gen.seq, "end_canvas", None)
+    if end is not None:
+        end()
+
+
 def _mid_canvas(job: Job) -> bool:
     """Its next pass continues a canvas (self-conditioned on the last): not its first step, not an encode."""
     call = job.gen.pending
@@ -179,6 +190,7 @@ def stream(model, prompt, *, seq=None, **options) -> Iterator[Event]:
     Step, a BlockText per block and the Completion. Only what follows the longest common prefix with what `seq`
     holds is encoded. Options: see `start`."""
     own = model.sequence() if seq is None else None  # a lease of its own, given back however the stream ends
+    job = None
     try:
         gen = start(model, prompt, seq if own is None else own, **options)
         driver, events = Driver(model), deque()
@@ -192,6 +204,8 @@ def stream(model, prompt, *, seq=None, **options) -> Iterator[Event]:
         if job.error is not None:
             raise job.error
     finally:
+        if job is not None and not job.done:  # dropped mid-generation (the caller stopped iterating)
+            driver.cancel(job)
         if own is not None:
             own.release()
 

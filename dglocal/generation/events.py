@@ -72,6 +72,9 @@ class Stats:
     prefill_seconds: float
     total_seconds: float
     seed: int | None = None  # the seed its noise came from: the same seed (and settings) repeats it
+    # canvas positions run through the forward, summed over the steps (the work; the reference: canvas x steps;
+    # the fast sampler runs fewer as positions freeze)
+    forward_positions: int = 0
 
 
 @dataclass

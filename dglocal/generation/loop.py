@@ -12,6 +12,7 @@ generation dropped half-way leaves its sequence holding the prompt and the commi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -24,7 +25,9 @@ from ..errors import ConfigError
 from ..runtime import checks
 from ..runtime.filters import Filters, sampling
 from .config import MAX_STEPS, GenerationConfig, check_schedule
+from ..runtime.fastpass import FastPass
 from .events import BlockText, Completion, Event, Stats, Step, TokenLogprob
+from .fast import Freezer
 from .grammar import CanvasGrammar, GrammarSpec
 from .request import RequestPlan, common_prefix, cut_back, reuse
 from .sampler import (
@@ -55,9 +58,11 @@ class DenoiseCall:
     self_condition: bool
     filters: Filters | None = None
     n_probs: int = 0  # log-probabilities a position (Denoised.top_ids ...), 0: none
+    fast: FastPass | None = None  # the fast sampler's positions and reductions (dglocal.generation.fast)
 
     def request(self) -> tuple:
-        return self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters, self.n_probs
+        return (self.seq, self.canvas, self.temperature, self.uniforms, self.self_condition, self.filters,
+                self.n_probs, self.fast)
 
 
 OWN_OPTIONS = ("noise", "constraints", "draft", "fillers", "guide", "guide_restarts", "time_limit", "grammar",
@@ -127,11 +132,16 @@ class Generation:
         if isinstance(grammar, GrammarSpec):
             grammar = CanvasGrammar(model, grammar, plan.eos_ids, max_tokens=plan.config.max_new_tokens)
         self.grammar = grammar  # or one compiled when the request was prepared (serving.prepare), for this plan
+        # fast_k >= n_vocab keeps every id: the whole vocabulary's reductions compute that, at less cost
+        self.freezer = None if cfg.sampler == "reference" else Freezer(
+            self.C, cfg.fast_k if cfg.fast_k < model.n_vocab else 0, cfg.freeze,
+            cfg.confidence_threshold if cfg.confidence_threshold is not None else cfg.entropy_bound, plan.eos_ids)
         self.t_start = time.perf_counter()
         self.cached = reuse(seq, plan, self.lora)  # prompt tokens the sequence already holds
         self.out: list[int] = []
         self.text, self.finish = "", "length"
         self.steps: list[int] = []  # per finished block
+        self.forward_positions = 0  # canvas positions run through the forward (Stats.forward_positions)
         self.step_seconds, self.t_first, self.t_gen = 0.0, None, None
         self.block = 0
         self.pending: EncodeCall | DenoiseCall | None = None
@@ -185,6 +195,8 @@ class Generation:
             self.canvas = np.where(keep, last, self.canvas)
         self.draft = None
         self.i = 0
+        if self.freezer is not None:
+            self.freezer.reset()
         self._next_denoise()
 
     def _next_denoise(self) -> None:
@@ -204,15 +216,22 @@ class Generation:
         if self.grammar is not None:
             filters = self.grammar.filters(self.draft if self.draft is not None else self.canvas, self.sampling)
         self.pending = DenoiseCall(self.seq, self.canvas, T, uniforms if cfg.temperature > 0 else None, self.i > 0,
-                                   filters, 0 if self.logprobs is None else max(self.logprobs, 1))
+                                   filters, 0 if self.logprobs is None else max(self.logprobs, 1),
+                                   None if self.freezer is None else self.freezer.call(self.held))
 
     def _stepped(self, call: DenoiseCall, out) -> list[Event]:
         cfg, C = self.config, self.C
+        ran = self.freezer.passed(call.fast) if self.freezer is not None else None
+        self.forward_positions += C if ran is None else int(ran.sum())
         if call.n_probs:
-            self.last_pass = (call.canvas, out)
+            self.last_pass = _merged(self.last_pass, (call.canvas, out), ran if self.i > 0 else None)
         argmax = np.asarray(out.argmax, dtype=np.int64)
         sampled = argmax if out.sampled is None else np.asarray(out.sampled, dtype=np.int64)
         entropy = np.asarray(out.entropy, dtype=np.float32)
+        if self.freezer is not None and self.freezer.freeze:  # frozen tokens stay, with zero entropy
+            frozen = self.freezer.frozen
+            argmax, sampled = np.where(frozen, call.canvas, argmax), np.where(frozen, call.canvas, sampled)
+            entropy = np.where(frozen, np.float32(0), entropy)
         if self.held is not None:  # pinned tokens count as accepted, with zero entropy
             argmax, sampled = np.where(self.held, self.pinned, argmax), np.where(self.held, self.pinned, sampled)
             entropy = np.where(self.held, np.float32(0), entropy)
@@ -237,6 +256,9 @@ class Generation:
         if self.history is not None:
             stable = self.history.update(argmax)  # updated every step, as the reference
             stop = stable and is_confident(entropy, cfg.confidence_threshold) and (alone or not objects)
+        if self.freezer is not None:
+            self.freezer.settle(call.canvas, accepted, entropy, self.canvas, None if alone else flagged)
+            stop = stop or (self.freezer.finished(self.canvas) and (alone or not objects))
         self.i += 1
         seconds = time.perf_counter() - self._t0
         self.step_seconds += seconds
@@ -374,7 +396,7 @@ class Generation:
             ms_per_step=1000 * self.step_seconds / n_steps if n_steps else 0.0,
             tokens_per_second=n_out / (t_end - t_gen) if t_end > t_gen else 0.0,
             time_to_first_token=(self.t_first or t_end) - self.t_start, prefill_seconds=t_gen - self.t_start,
-            total_seconds=t_end - self.t_start, seed=self.config.seed,
+            total_seconds=t_end - self.t_start, seed=self.config.seed, forward_positions=self.forward_positions,
         )
         return Completion(self.text, list(self.out), self.finish, stats,
                           None if self.logprobs is None else self.out_logprobs[:len(self.out)])
@@ -383,6 +405,20 @@ class Generation:
 # -- guides and constraints -------------------------------------------------------------------------------------
 
 Guide = Callable[[np.ndarray, np.ndarray], Iterable[int]]
+
+
+def _merged(last, new, ran):
+    """The log-probabilities of a canvas' last pass over each position: a sparse pass (`ran`: the positions it
+    ran) updates those it ran; None, a whole pass, replaces them."""
+    if ran is None or last is None or ran.all():
+        return new
+    (given, old), (canvas, out) = last, new
+    merged = dataclasses.replace(old, argmax=np.where(ran, out.argmax, old.argmax))
+    for name in ("top_ids", "top_logprobs"):
+        setattr(merged, name, np.where(ran[:, None], getattr(out, name), getattr(old, name)))
+    for name in ("token_logprob", "argmax_logprob"):
+        setattr(merged, name, np.where(ran, getattr(out, name), getattr(old, name)))
+    return np.where(ran, canvas, given), merged
 
 
 def guide_mask(guide, draft: np.ndarray, accepted, C: int) -> np.ndarray | None:

@@ -27,6 +27,8 @@ from ..errors import BackendError, ConfigError, ContextError, ModelError
 from . import checks, swa
 from .filters import checked
 from .gguf import read_header
+from .fastpass import FastPass, KeptCells, evaluated
+from .fastpass import checked as checked_fast
 from .lora import Adapters
 from .options import KV_TYPES, SOFT_EMBEDDING_TYPES, LoadOptions
 from .placement import device_precision, placement
@@ -281,6 +283,7 @@ class Model:
         texts, with_images = [], []
         for seq, tokens in items:
             self._own(seq)
+            seq._cells.drop(self, seq)  # a canvas' frozen positions, before its commit is encoded
             toks = self._prompt_ids(tokens)
             if len(seq.tokens) + toks.size > self.n_ctx:
                 raise ContextError(f"{len(seq.tokens)} cached + {toks.size} new tokens exceed n_ctx {self.n_ctx}")
@@ -409,20 +412,24 @@ class Model:
     def _groups(self, items: list) -> list[list]:
         """The canvases of one call in passes llama.cpp runs as one micro-batch each: with a cache stream per
         sequence its split keeps only consecutive sequence ids together (sequences 0 and 2 would go in two
-        micro-batches, the first one's pass run but its results lost), and at most n_ubatch tokens."""
+        micro-batches, the first one's pass run but its results lost), and at most n_ubatch tokens. It also puts
+        equal numbers of tokens of each sequence in a micro-batch: canvases of the fast sampler go together when
+        they run as many positions (a pass of canvases padded to one size would change what each computes)."""
         per = max(1, self.n_ubatch // self.canvas_length)
+        size = lambda r: evaluated(r[7], self.canvas_length)  # noqa: E731
         groups: list[list] = []
-        for item in sorted(items, key=lambda r: r[0].seq_id):
+        for item in sorted(items, key=lambda r: (size(r), r[0].seq_id)):
             last = groups[-1] if groups else None
-            if last and len(last) < per and item[0].seq_id == last[-1][0].seq_id + 1:
+            if last and len(last) < per and item[0].seq_id == last[-1][0].seq_id + 1 and size(item) == size(last[-1]):
                 last.append(item)
             else:
                 groups.append([item])
         return groups
 
-    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None, n_probs=0):
+    def _request(self, seq, canvas, temperature, uniforms=None, self_condition=True, filters=None, n_probs=0,
+                 fast=None):
         """One denoise request, checked: (sequence, int32 canvas, temperature, float32 uniforms or None, bool,
-        Filters or None, log-probabilities a position)."""
+        Filters or None, log-probabilities a position, FastPass or None)."""
         self._own(seq)
         toks = checks.token_ids(canvas, self.n_vocab, "canvas ids")
         n = self.canvas_length
@@ -436,19 +443,23 @@ class Model:
         if filters is not None:
             filters = checked(filters, self.n_vocab, n)
         n_probs = checks.integer("n_probs", n_probs, 0, min(self._nat.LLAMA_DG_MAX_PROBS, self.n_vocab))
-        return seq, toks, checks.temperature(temperature), u, bool(self_condition), filters, n_probs
+        if fast is not None:
+            fast = checked_fast(fast, n, self.n_vocab)
+        return seq, toks, checks.temperature(temperature), u, bool(self_condition), filters, n_probs, fast
 
     def _denoise_group(self, items, return_logits: bool) -> list["Denoised"]:
         nat, n = self._nat, self.canvas_length
         results, arrays = [], []
         canvases = (nat.llama_dg_canvas * len(items))(*[nat.llama_dg_canvas_default() for _ in items])
         ptr = lambda a, t: a.ctypes.data_as(t) if a is not None else None  # noqa: E731
-        for c, (seq, toks, temperature, u, sc, filters, n_probs) in zip(canvases, items):
-            res = Denoised(np.empty(n, np.int32), np.empty(n, np.int32) if u is not None else None,
-                           np.empty(n, np.float32))
+        for c, (seq, toks, temperature, u, sc, filters, n_probs, fast) in zip(canvases, items):
+            if not sc and not (fast is not None and fast.frozen):  # a new canvas: what the last one kept goes
+                seq._cells.drop(self, seq)
+            # positions a sparse pass does not evaluate: their own token, entropy 0, no log-probabilities
+            res = Denoised(toks.copy(), toks.copy() if u is not None else None, np.zeros(n, np.float32))
             if n_probs:
-                res.top_ids, res.top_logprobs = np.empty((n, n_probs), np.int32), np.empty((n, n_probs), np.float32)
-                res.token_logprob, res.argmax_logprob = np.empty(n, np.float32), np.empty(n, np.float32)
+                res.top_ids, res.top_logprobs = np.full((n, n_probs), -1, np.int32), np.full((n, n_probs), np.nan, np.float32)
+                res.token_logprob, res.argmax_logprob = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
                 c.n_probs, c.top_ids = n_probs, ptr(res.top_ids, nat.c_int32_p)
                 c.top_logprobs = ptr(res.top_logprobs, nat.c_float_p)
                 c.token_logprob = ptr(res.token_logprob, nat.c_float_p)
@@ -466,19 +477,40 @@ class Model:
                 if filters.allow is not None:
                     c.allow, c.n_allow = ptr(filters.allow, nat.c_uint32_p), len(filters.allow)
                     c.allow_row = ptr(filters.allow_row, nat.c_int32_p)
+            if fast is not None:
+                self._set_fast(c, seq, fast, arrays)
             results.append(res)
         status = self.native(nat.llama_dg_denoise_batch, self._ctx, canvases, len(items), bool(return_logits))
+        for seq, *_, fast in items:
+            seq._cells.after(self, seq, fast, status == 0)
         if status != 0:
             err = ContextError if status == -4 else BackendError
             raise err(f"denoise failed: {nat.DG_STATUS.get(status, status)}: {nat.last_errors()}")
-        if return_logits:
+        if return_logits:  # the evaluated positions' rows, canvas after canvas (NaN rows: not evaluated)
+            ran = [np.arange(n) if f is None or f.index is None else f.index for *_, f in items]
             lp = self._nat.llama_get_logits(self._ctx)
-            logits = np.ctypeslib.as_array(lp, shape=(n * len(items), self.n_vocab))
-            for k, res in enumerate(results):
-                res.logits = logits[k * n:(k + 1) * n].copy()
+            logits = np.ctypeslib.as_array(lp, shape=(sum(r.size for r in ran), self.n_vocab))
+            start = 0
+            for res, rows in zip(results, ran):
+                res.logits = np.full((n, self.n_vocab), np.nan, np.float32)
+                res.logits[rows] = logits[start:start + rows.size]
+                start += rows.size
         for seq, *_ in items:
-            seq.n_denoise += 1  # the decoder passes it took; its cache is untouched
+            seq.n_denoise += 1  # the decoder passes it took; its cache is untouched but for kept positions
         return results
+
+    def _set_fast(self, c, seq, fast: FastPass, arrays: list) -> None:
+        """The fast sampler's fields of a canvas (fastpass.FastPass); a sparse pass names its canvas' start."""
+        nat = self._nat
+        seq._cells.check(fast)
+        arrays.append(fast)  # its arrays, kept alive through the call
+        c.fast_k = fast.fast_k
+        if fast.index is not None:
+            c.index, c.n_index = fast.index.ctypes.data_as(nat.c_int32_p), fast.index.size
+        if fast.keep is not None:
+            c.keep = fast.keep.ctypes.data_as(nat.c_uint8_p)
+        if fast.sparse or seq._cells.kept:
+            c.n_past = seq._cells.start(self, seq)
 
 
 class Sequence:
@@ -497,6 +529,7 @@ class Sequence:
         self.n_encoded = 0  # tokens its encoder passes appended (prompts, commits, re-encodes)
         self.n_denoise = 0  # decoder passes run on it
         self.lora: tuple = ()  # the LoRA scales its cache was encoded with (a prefix is reused only under the same)
+        self._cells = KeptCells()  # the fast sampler's frozen positions of its current canvas
 
     @property
     def live(self) -> bool:
@@ -551,12 +584,20 @@ class Sequence:
             self._window.after_encode(len(self.tokens))
 
     def denoise(self, canvas, *, temperature: float, uniforms=None, self_condition: bool = True,
-                return_logits: bool = False, filters=None, n_probs: int = 0) -> Denoised:
+                return_logits: bool = False, filters=None, n_probs: int = 0, fast=None) -> Denoised:
         """Decoder pass over `canvas` (canvas_length ids) at positions n_past.. ; the cache is left as it was.
         self_condition=True feeds the soft embedding left by this sequence's previous denoise (its logits / its
-        temperature); False feeds zeros, as at the first step of a canvas."""
-        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition, filters, n_probs)],
+        temperature); False feeds zeros, as at the first step of a canvas. `fast`: a runtime.fastpass.FastPass
+        (the fast sampler's positions, kept K/V and reductions)."""
+        return self.model.denoise_batch([(self, canvas, temperature, uniforms, self_condition, filters, n_probs,
+                                          fast)],
                                         return_logits=return_logits)[0]
+
+    def end_canvas(self) -> None:
+        """The canvas in flight ended (its generation finished, failed or was dropped): what the fast sampler kept
+        of it leaves the cache, which then holds `tokens` only."""
+        if self.live:
+            self._cells.drop(self.model, self)
 
     def truncate(self, n: int) -> int:
         """Keep the first n cached tokens (multi-turn reuse). A windowed sliding cache that no longer holds the
@@ -576,6 +617,7 @@ class Sequence:
         return self._cut(self._image_start(checks.integer("truncate length", n, 0, len(self.tokens))))
 
     def _cut(self, n: int) -> int:
+        self._cells.drop(self.model, self)
         if not self.model.native(self._nat.llama_memory_seq_rm, self._mem, self.seq_id, n, -1):
             raise BackendError(f"the KV cache cannot be truncated to {n} tokens")
         if self._window:  # its checkpoints are taken after whole encoder calls: never inside an image's block

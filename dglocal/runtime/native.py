@@ -1,6 +1,6 @@
 """ctypes bindings of the patched llama.cpp, the only module that touches the library: the stock calls dglocal
 makes (through llama-cpp-python's declarations), the diffusion-gemma functions our patches add
-(patches 0013 to 0018, and `llama_set_abort_flag` of 0009), and ggml's device registry. Bindings only, no logic."""
+(patches 0015 to 0021, and `llama_set_abort_flag` of 0009), and ggml's device registry. Bindings only, no logic."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ _lib = _ll._lib
 c_int32_p = ctypes.POINTER(ctypes.c_int32)
 c_float_p = ctypes.POINTER(ctypes.c_float)
 c_uint32_p = ctypes.POINTER(ctypes.c_uint32)
+c_uint8_p = ctypes.POINTER(ctypes.c_uint8)
 
 
 def _bind(name: str, argtypes: list, restype):
@@ -73,6 +74,7 @@ llama_set_adapters_lora = _ll.llama_set_adapters_lora
 llama_get_memory = _ll.llama_get_memory
 llama_memory_seq_rm = _ll.llama_memory_seq_rm
 llama_memory_seq_pos_min = _ll.llama_memory_seq_pos_min
+llama_memory_seq_pos_max = _ll.llama_memory_seq_pos_max
 LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY = _ll.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY  # the sliding layers' part
 llama_state_seq_get_size_ext = _ll.llama_state_seq_get_size_ext
 llama_state_seq_get_data_ext = _ll.llama_state_seq_get_data_ext
@@ -96,7 +98,9 @@ class llama_dg_canvas(ctypes.Structure):
                 ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float), ("min_p", ctypes.c_float),
                 ("allow", c_uint32_p), ("n_allow", ctypes.c_int32), ("allow_row", c_int32_p),
                 ("n_probs", ctypes.c_int32), ("top_ids", c_int32_p), ("top_logprobs", c_float_p),
-                ("token_logprob", c_float_p), ("argmax_logprob", c_float_p)]
+                ("token_logprob", c_float_p), ("argmax_logprob", c_float_p),
+                ("n_past", ctypes.c_int32), ("index", c_int32_p), ("n_index", ctypes.c_int32),
+                ("keep", c_uint8_p), ("fast_k", ctypes.c_int32)]
 
 
 LLAMA_DG_MAX_PROBS = 20  # log-probabilities a position the denoise pass selects at most

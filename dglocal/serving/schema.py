@@ -17,7 +17,7 @@ import math
 from urllib.parse import unquote, urlsplit
 
 from dglocal.errors import ConfigError
-from dglocal.generation.config import MAX_STEPS, GenerationConfig
+from dglocal.generation.config import MAX_FAST_K, MAX_STEPS, SAMPLERS, GenerationConfig
 from dglocal.generation.editing import MAX_ROOM
 from dglocal.generation.grammar import MAX_JSON_DEPTH, check_depth
 from dglocal.runtime.checks import MAX_TEMPERATURE
@@ -35,9 +35,10 @@ NUMBERS = {
     "t_min": (float, 0, MAX_TEMPERATURE), "t_max": (float, 0, MAX_TEMPERATURE),
     # sampling (docs/sampler.md): temperature scales the t_min..t_max schedule (0: the argmax); top_k -1 is off
     "temperature": (float, 0, 2), "top_p": (float, 1e-9, 1), "top_k": (int, -1, 2**31 - 1), "min_p": (float, 0, 1),
+    "fast_k": (int, 1, MAX_FAST_K),  # the fast sampler's ids a position (docs/sampler.md#the-fast-sampler)
 }
 DIFFUSION = ("max_denoising_steps", "stability_threshold", "entropy_bound", "confidence_threshold", "t_min", "t_max",
-             "temperature", "top_p", "min_p")
+             "temperature", "top_p", "min_p", "fast_k", "sampler")  # sampler: a string (sampler_name), the rest numbers
 FLAGS = ("stream", "ignore_eos", "cache_prompt", "parallel_tool_calls", "store")
 # structured output: OpenAI's response_format, llama-server's json_schema / grammar (GBNF), vLLM's
 # structured_outputs and its older guided_* fields
@@ -119,8 +120,18 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
+def sampler_name(body: dict):
+    """The body's `sampler`: "reference" or "fast"; None when absent."""
+    value = body.get("sampler")
+    if value is not None and value not in SAMPLERS:
+        raise FieldError(f"'sampler' must be one of {list(SAMPLERS)}, got {short(value)}", "sampler")
+    return value
+
+
 def number(body: dict, name: str):
     """A NUMBERS field of the body, checked; None when absent."""
+    if name == "sampler":
+        return sampler_name(body)
     kind, low, high = NUMBERS[name]
     return checked_number(body.get(name), name, kind, low, high)
 

@@ -6,6 +6,10 @@ One process, one build, one set of weights, batch size 1:
   `dglocal synth` file it runs to the step cap);
 - the causal encoder run one token at a time with greedy picks: the autoregressive alternative;
 - one canvas commit (encoder pass over C tokens), timed on its own: a generation's last canvas is never committed.
+- with `sampler="fast"`, every generation again with the fast sampler beside the reference one, and with `active`,
+  a step of the fast sampler with N of the canvas' positions run and the rest frozen (their K/V cached), beside a
+  whole step of the reference sampler (random weights never settle: this is how the fast sampler's step is timed
+  on them).
 
 canvas tok/s = C / (steps x step time + commit time), the steady-state rate of a long generation; the ratio to
 autoregressive tok/s is taken in the same run. `run()` works on a loaded Model and returns a plain dict;
@@ -49,6 +53,7 @@ def _generation(model, prompt: list[int], **options) -> dict:
         elif event.kind == "done":
             stats = event.stats
     return {
+        "forward_positions_per_canvas": stats.forward_positions / stats.canvases,
         "canvases": stats.canvases,
         "steps_per_canvas": statistics.fmean(stats.steps_per_canvas),
         "ms_per_step": 1000 * statistics.median(step_s),
@@ -93,6 +98,44 @@ def _autoregressive(model, prompt: list[int], n_tokens: int) -> dict:
             "ttft_s": t1 - t0, "prefill_tok_s": len(prompt) / (t1 - t0)}
 
 
+def _active(model, prompt: list[int], sizes, fast_k: int, reps: int, seed: int) -> list[dict]:
+    """A step with N positions run and the others frozen (kept by a first pass), for each N in `sizes`, beside a
+    whole step of the reference sampler; medians of `reps`, every step self-conditioned as mid-canvas."""
+    from dglocal.runtime.fastpass import FastPass
+
+    C, fast_k = model.canvas_length, min(fast_k, model.n_vocab)
+    rng = np.random.default_rng(seed)
+    canvas, u = rng.integers(0, model.n_vocab, C), rng.random(C).astype(np.float32)
+    seq = model.sequence()
+    try:
+        seq.prefill(prompt)
+
+        def median_ms(fast, first=None) -> float:
+            times = []
+            for _ in range(reps):
+                if first is not None:  # a new canvas: its frozen positions cached again
+                    seq.denoise(canvas, temperature=0.6, uniforms=u, self_condition=False, fast=first)
+                t0 = time.perf_counter()
+                seq.denoise(canvas, temperature=0.6, uniforms=u, self_condition=True, fast=fast)
+                times.append(1000 * (time.perf_counter() - t0))
+            return statistics.median(times)
+
+        seq.denoise(canvas, temperature=0.6, uniforms=u, self_condition=False)
+        full = median_ms(None)
+        out = []
+        for n in sizes:
+            n = min(int(n), C)
+            if n == C:
+                ms = median_ms(FastPass(fast_k=fast_k))
+            else:
+                first = FastPass(keep=np.arange(C) >= n, fast_k=fast_k)
+                ms = median_ms(FastPass(np.arange(n), np.zeros(n, bool), fast_k, frozen=True), first)
+            out.append({"active": n, "ms_per_step": ms, "vs_full_step": ms / full, "full_step_ms": full})
+        return out
+    finally:
+        seq.release()
+
+
 def _batched(model, prompt: list[int], steps: int, canvases: int, seed: int) -> dict:
     """model.n_seq_max generations of the prompt at once, `steps` fixed steps a canvas (dglocal.generation.driver): one
     forward a step for all of them. Wall time from submission to the last token, prefills included."""
@@ -108,7 +151,7 @@ def _batched(model, prompt: list[int], steps: int, canvases: int, seed: int) -> 
 
 def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int | None = None, canvases: int = 1,
         prompt_tokens: int = 64, ar_tokens: int = 64, commit_reps: int = 3, seed: int = 0,
-        warmup: bool = True) -> dict:
+        warmup: bool = True, sampler: str = "reference", fast_k: int = 64, active=None) -> dict:
     """Benchmark a loaded model (an LLM); returns a JSON-ready dict (see the module docstring for what is measured)."""
     from dglocal.generation.config import GenerationConfig
     from dglocal.runtime.diagnostics import last_io_bytes
@@ -128,17 +171,21 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
     if adaptive:
         cap = adaptive_steps or GenerationConfig.from_metadata(model.metadata).max_denoising_steps
         plan.append(("adaptive", cap))
-    for mode, n in plan:
+    samplers = ("reference", "fast") if sampler == "fast" else ("reference",)  # side by side, in one run
+    for (mode, n), name in ((p, s) for p in plan for s in samplers):
         early = {"stability_threshold": None} if mode == "fixed" else {}
-        r = _generation(model, prompt, max_denoising_steps=n, **early, **common)
+        chosen = {"sampler": "fast", "fast_k": fast_k} if name == "fast" else {}
+        r = _generation(model, prompt, max_denoising_steps=n, **early, **common, **chosen)
         canvas_s = (r["steps_per_canvas"] * r["ms_per_step"] + commit) / 1000
-        r = {"mode": mode, "max_steps": n, **r, "commit_ms": commit, "canvas_tok_s": C / canvas_s}
+        r = {"mode": mode, "sampler": name, "max_steps": n, **r, "commit_ms": commit, "canvas_tok_s": C / canvas_s}
         r["vs_ar"] = r["canvas_tok_s"] / ar["tok_s"]
         r["step_vs_floor"] = r["ms_per_step"] / floor["floor_ms"] if floor["floor_ms"] > 0 else None
         runs.append(r)
     to_backend, to_host = last_io_bytes(model)  # of the last step run
     batched = _batched(model, prompt, steps[0], canvases, seed) if model.n_seq_max > 1 else None
+    steps_active = _active(model, prompt, active, fast_k, commit_reps, seed) if active else None
     return {"canvas_length": C, "prompt_tokens": len(prompt), "runs": runs, "autoregressive": ar,
+            "active": steps_active,
             "commit_ms": commit, "floor": floor, "step_io_bytes": {"to_backend": to_backend, "to_host": to_host},
             "batched": batched}
 
