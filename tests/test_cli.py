@@ -622,3 +622,18 @@ def test_bench_names_a_bad_batch_itself(tiny_f32_gguf):
     for value in ("0", "-2", "100000"):
         out = piped("bench", tiny_f32_gguf, "--batch", value, "--steps", "2")
         assert (out.returncode, out.stderr.strip()) == (1, f"error: --batch must be in 1..256, got {value}")
+
+
+def test_the_fast_sampler_flags_are_the_set_commands(tiny_f32_gguf):
+    """--sampler fast --fast-k 24 set what /set sampler fast and /set fast-k 24 set: the same answer either way;
+    a sampler the CLI does not know is one line naming it."""
+    common = ["--seed", "5", "-n", "24", "--steps", "8"]
+    flags = piped("run", tiny_f32_gguf, *common, "--sampler", "fast", "--fast-k", "24", input="hello\n")
+    typed = piped("run", tiny_f32_gguf, *common, input="/set sampler fast\n/set fast-k 24\nhello\n")
+    assert flags.returncode == typed.returncode == 0, flags.stderr + typed.stderr
+    answer = flags.stdout.strip()
+    assert answer and typed.stdout.strip().endswith(answer), (flags.stdout, typed.stdout)
+    assert ["sampler = fast", "fast_k = 24"] == typed.stdout.splitlines()[:2]
+    out = piped("run", tiny_f32_gguf, "--sampler", "turbo", "-p", "hi")
+    assert (out.returncode, out.stderr.strip()) == (1, "error: sampler must be one of ['reference', 'fast'], got "
+                                                       "'turbo'"), out.stderr

@@ -219,3 +219,21 @@ def test_bench_returns_sane_numbers(files):
     ar = r["autoregressive"]
     assert ar["tokens"] == 4 and ar["tok_s"] > 0 and ar["ms_per_token"] > 0
     assert r["peak_rss_mib"] > 50 and r["n_ctx"] >= 12 + 2 * 32
+
+
+def test_bench_runs_both_samplers_and_times_active_sets(files):
+    """--sampler fast: every run again with the fast sampler beside the reference one, in the same result; --active
+    N: a step with N positions run (the rest frozen) beside a whole reference step."""
+    from dglocal.tools.bench import bench
+
+    r = bench(files["tiny", "f32"], threads=2, steps=(2,), adaptive=False, prompt_tokens=12, ar_tokens=2,
+              commit_reps=2, sampler="fast", fast_k=16, active=(32, 8))
+    json.dumps(r)
+    assert [(x["mode"], x["sampler"]) for x in r["runs"]] == [("fixed", "reference"), ("fixed", "fast")]
+    ref, fast = r["runs"]
+    assert ref["forward_positions_per_canvas"] == 2 * 32  # the reference runs the whole canvas every step
+    assert 0 < fast["forward_positions_per_canvas"] <= 2 * 32 and fast["tokens"] == 32
+    assert [a["active"] for a in r["active"]] == [32, 8]
+    for a in r["active"]:
+        assert a["ms_per_step"] > 0 and a["full_step_ms"] > 0
+        assert a["vs_full_step"] == pytest.approx(a["ms_per_step"] / a["full_step_ms"])

@@ -19,14 +19,15 @@ SET_ALIASES = {
     "n": "max_new_tokens", "steps": "max_denoising_steps", "stability": "stability_threshold",
     "confidence": "confidence_threshold", "temp": "temperature",
 }
-INT_FIELDS = {"max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "top_k"}
+INT_FIELDS = {"max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "top_k", "fast_k"}
 FLOAT_FIELDS = {"entropy_bound", "t_min", "t_max", "confidence_threshold", "temperature", "top_p", "min_p"}
 
 COMMANDS = [
     ("/reset", "forget the conversation and empty the cache"),
     ("/stats", "statistics of the last answer"),
     ("/set", "show the generation settings; /set <param> <value> changes one: a name /set shows, or steps, "
-             "n, stability, confidence, t-min, t-max, entropy-bound, temp, top-k, top-p, min-p (e.g. /set steps 16)"),
+             "n, stability, confidence, t-min, t-max, entropy-bound, temp, top-k, top-p, min-p, sampler, fast-k "
+             "(e.g. /set steps 16, /set sampler fast)"),
     ("/edit", "re-noise part of the last answer, the rest kept: /edit 2-3 (lines), /edit /REGEX/ (its matches), "
               "/edit /REGEX/ +8 (room for 8 more tokens in each)"),
     ("/image", "attach an image to the next message: /image PATH (needs --mmproj)"),
@@ -72,11 +73,13 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
             return field, float(value)
         if field == "stop":
             return field, tuple(shlex.split(value))
+        if field == "sampler":
+            return field, value
         if field == "eos_token_id":
             return field, tuple(int(t) for t in value.replace(",", " ").split())
     except ValueError:
         raise ConfigError(f"{name} needs a number, got {value!r}") from None
-    known = sorted(INT_FIELDS | FLOAT_FIELDS | {"stop", "eos_token_id"} | set(SET_ALIASES))
+    known = sorted(INT_FIELDS | FLOAT_FIELDS | {"stop", "eos_token_id", "sampler"} | set(SET_ALIASES))
     raise ConfigError(f"unknown setting {name!r}; known: {', '.join(known)}")
 
 
