@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark of the 26B-A4B shape (issue 7): CUDA build of the patched llama.cpp, `dglocal synth` of the
 # 26B-A4B at Q4_K_M, a GPU-vs-CPU check first, then `dglocal bench` (16 steps + adaptive, batch 1 and 4, with the
-# autoregressive ratio).
+# autoregressive ratio; both samplers side by side, and the fast sampler's step at 256..16 active positions).
 #
 # The device machine (see /work/.library/device/README.md) has CUDA, cmake, ninja, numpy, jinja2, rich, typer,
 # but no network and no gguf / diskcache, and a call may send only 64 MiB. So:
@@ -256,13 +256,18 @@ path, out = sys.argv[1], Path(sys.argv[2])
 steps = tuple(int(s) for s in os.environ.get("BENCH_STEPS", "16").split(","))
 r = bench(path, n_gpu_layers=-1, steps=steps, adaptive=os.environ.get("ADAPTIVE", "1") == "1",
           canvases=int(os.environ.get("CANVASES", "2")), prompt_tokens=64, ar_tokens=128,
-          batch=int(os.environ.get("BATCH", "4")))  # batch 1, and 4 generations denoised together
+          batch=int(os.environ.get("BATCH", "4")),  # batch 1, and 4 generations denoised together
+          sampler=os.environ.get("SAMPLER", "fast"), active=(256, 128, 64, 32, 16))  # beside the reference one
 (out / "bench.json").write_text(json.dumps(r, indent=2))
 show_bench(r, Console(width=120))
 fixed16 = next((x for x in r["runs"] if x["max_steps"] == 16), r["runs"][0])
 print(f"{r['name']} {r['file_type']}: {fixed16['max_steps']} steps {fixed16['canvas_tok_s']:.0f} canvas tok/s, "
       f"{fixed16['ms_per_step']:.1f} ms/step, AR {r['autoregressive']['tok_s']:.0f} tok/s, "
       f"ratio {fixed16['vs_ar']:.2f}x (goal: >= 1300 tok/s and >= 5x)")
+for x in r["runs"]:
+    print(f"{x['mode']} {x['max_steps']} {x['sampler']}: {x['ms_per_step']:.1f} ms/step, {x['canvas_tok_s']:.0f} canvas tok/s")
+for a in r["active"] or ():
+    print(f"fast sampler, {a['active']} positions run: {a['ms_per_step']:.2f} ms/step, {a['vs_full_step']:.2f}x a whole step")
 EOF
     cp "$WORK"/*.log "$OUT"/ 2>/dev/null || true
     echo GPU_BENCH_DONE

@@ -227,13 +227,14 @@ def test_bench_runs_both_samplers_and_times_active_sets(files):
     from dglocal.tools.bench import bench
 
     r = bench(files["tiny", "f32"], threads=2, steps=(2,), adaptive=False, prompt_tokens=12, ar_tokens=2,
-              commit_reps=2, sampler="fast", fast_k=16, active=(32, 8))
+              commit_reps=2, sampler="fast", fast_k=16, active=(32, 8), batch=2)
     json.dumps(r)
     assert [(x["mode"], x["sampler"]) for x in r["runs"]] == [("fixed", "reference"), ("fixed", "fast")]
     ref, fast = r["runs"]
     assert ref["forward_positions_per_canvas"] == 2 * 32  # the reference runs the whole canvas every step
     assert 0 < fast["forward_positions_per_canvas"] <= 2 * 32 and fast["tokens"] == 32
     assert [a["active"] for a in r["active"]] == [32, 8]
+    assert r["batched"]["batch"] == r["batched_fast"]["batch"] == 2 and r["batched_fast"]["canvas_tok_s"] > 0
     for a in r["active"]:
         assert a["ms_per_step"] > 0 and a["full_step_ms"] > 0
         assert a["vs_full_step"] == pytest.approx(a["ms_per_step"] / a["full_step_ms"])

@@ -305,10 +305,11 @@ def show_bench(result: dict, console=None) -> None:
     gpu = result["gpu_memory_mib"]
     console.print(f"autoregressive: {ar['tok_s']:.1f} tok/s ({ar['ms_per_token']:.1f} ms/token, {ar['tokens']} "
                   f"tokens), TTFT {ar['ttft_s']:.2f} s, prefill {ar['prefill_tok_s']:.0f} tok/s")
-    b = result.get("batched")
-    if b:
-        console.print(f"batched: {b['batch']} sequences x {b['max_steps']} steps: {b['canvas_tok_s']:.1f} tok/s in "
-                      f"all, {b['per_sequence_tok_s']:.1f} per sequence ({b['wall_s']:.1f} s, prefills included)")
+    for key, name in (("batched", "batched"), ("batched_fast", "batched, fast sampler")):
+        b = result.get(key)
+        if b:
+            console.print(f"{name}: {b['batch']} sequences x {b['max_steps']} steps: {b['canvas_tok_s']:.1f} tok/s in "
+                          f"all, {b['per_sequence_tok_s']:.1f} per sequence ({b['wall_s']:.1f} s, prefills included)")
     console.print(f"peak RSS {result['peak_rss_mib']:.0f} MiB"
                   + (f", GPU {gpu:.0f} MiB" if gpu is not None else "")
                   + f"; n_gpu_layers {result['n_gpu_layers']}, threads {result['threads']}, "

@@ -137,13 +137,13 @@ def _active(model, prompt: list[int], sizes, fast_k: int, reps: int, seed: int) 
         seq.release()
 
 
-def _batched(model, prompt: list[int], steps: int, canvases: int, seed: int) -> dict:
+def _batched(model, prompt: list[int], steps: int, canvases: int, seed: int, **sampler) -> dict:
     """model.n_seq_max generations of the prompt at once, `steps` fixed steps a canvas (dglocal.generation.driver): one
     forward a step for all of them. Wall time from submission to the last token, prefills included."""
     n = model.n_seq_max
     t0 = time.perf_counter()
     outs = model.generate_many([prompt] * n, seed=seed, max_new_tokens=canvases * model.canvas_length,
-                               max_denoising_steps=steps, stability_threshold=None, eos_token_id=())
+                               max_denoising_steps=steps, stability_threshold=None, eos_token_id=(), **sampler)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.tokens) for o in outs)
     return {"batch": n, "max_steps": steps, "wall_s": wall, "canvas_tok_s": tokens / wall,
@@ -184,11 +184,13 @@ def run(model, *, steps=(8, 16, 48), adaptive: bool = True, adaptive_steps: int 
         runs.append(r)
     to_backend, to_host = last_io_bytes(model)  # of the last step run
     batched = _batched(model, prompt, steps[0], canvases, seed) if model.n_seq_max > 1 else None
+    batched_fast = _batched(model, prompt, steps[0], canvases, seed, sampler="fast", fast_k=fast_k) \
+        if model.n_seq_max > 1 and sampler == "fast" else None
     steps_active = _active(model, prompt, active, fast_k, commit_reps, seed) if active else None
     return {"canvas_length": C, "prompt_tokens": len(prompt), "runs": runs, "autoregressive": ar,
             "active": steps_active,
             "commit_ms": commit, "floor": floor, "step_io_bytes": {"to_backend": to_backend, "to_host": to_host},
-            "batched": batched}
+            "batched": batched, "batched_fast": batched_fast}
 
 
 def bench(path, *, n_ctx: int | None = None, n_gpu_layers: int = -1, threads: int | None = None,
