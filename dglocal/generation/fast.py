@@ -2,12 +2,10 @@
 reference sampler that makes a canvas cheaper as it settles.
 
 - A position the entropy bound accepts with an entropy below `freeze_bound` (the early stop's confidence
-  threshold: what the reference asks of every position before it stops a canvas) is *pending*: the next pass
-  runs it with the accepted token and keeps its keys and values in the cache. If that pass finds it as confident
-  with the same token, it is *frozen*: it keeps that token for the rest of the canvas (the reference may still
-  re-noise it at a later step), and later passes attend to its cached K/V without running it. Otherwise it goes
-  on as any other position. A frozen position is one the reference's own stop rule would call stable and
-  confident, judged alone instead of with the whole canvas.
+  threshold: what the reference asks of every position before it stops a canvas, here judged one position at a
+  time) is *pending*: the next pass runs it once more with the accepted token and keeps its keys and values in
+  the cache, and from then on it is *frozen*: it keeps that token for the rest of the canvas (the reference may
+  still re-noise it at a later step), and later passes attend to its cached K/V without running it.
 - Each pass runs the other positions only, their number rounded up to a multiple of C/8 by running the stalest
   frozen positions again (their cached K/V refreshed), so eight graph shapes serve every step. The first position
   always runs: sliding layers take their window from it.
@@ -69,7 +67,8 @@ class Freezer:
         return FastPass(index, keep[index], self.fast_k, frozen=True)
 
     def passed(self, fast: FastPass) -> np.ndarray:
-        """A pass came back: what it kept is frozen now. Returns the mask of the positions it ran."""
+        """A pass came back: what it kept (the pending positions, and the frozen ones it refreshed) is frozen
+        now. Returns the mask of the positions it ran."""
         self.passes += 1
         ran = np.ones(self.C, dtype=bool) if fast.index is None else np.isin(np.arange(self.C), fast.index)
         self.evaluated += int(ran.sum())
@@ -80,16 +79,12 @@ class Freezer:
             self.since[kept] = self.passes
         return ran
 
-    def settle(self, given: np.ndarray, accepted: np.ndarray, entropy: np.ndarray, canvas: np.ndarray,
-               renoised: np.ndarray | None) -> None:
-        """After a step over `given` (its input canvas): a pending position as confident again with the same
-        token freezes; the confident positions accepted now are pending; what a guide or grammar re-noised is
-        neither."""
+    def settle(self, accepted: np.ndarray, entropy: np.ndarray, renoised: np.ndarray | None) -> None:
+        """After a step: the positions accepted below the bound are pending; what a guide or grammar re-noised
+        is neither pending nor frozen."""
         if not self.freeze:
             return
-        sure = accepted & (entropy < self.bound)
-        self.frozen |= self.pending & sure & (canvas == given)
-        self.pending = sure & ~self.frozen
+        self.pending = accepted & (entropy < self.bound) & ~self.frozen
         if renoised is not None:
             self.frozen &= ~renoised
             self.pending &= ~renoised

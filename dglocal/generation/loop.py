@@ -257,7 +257,7 @@ class Generation:
             stable = self.history.update(argmax)  # updated every step, as the reference
             stop = stable and is_confident(entropy, cfg.confidence_threshold) and (alone or not objects)
         if self.freezer is not None:
-            self.freezer.settle(call.canvas, accepted, entropy, self.canvas, None if alone else flagged)
+            self.freezer.settle(accepted, entropy, None if alone else flagged)
             stop = stop or (self.freezer.finished(self.canvas) and (alone or not objects))
         self.i += 1
         seconds = time.perf_counter() - self._t0
