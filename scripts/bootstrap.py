@@ -99,9 +99,10 @@ def main(argv: list[str]) -> int:
         return subprocess.run(dglocal).returncode
     install(python, "[test]")
     ensure_system_tools()
+    vulkan = VulkanBuild(python)  # compiles while the CPU tier runs: its tests leave a core idle much of the time
     print(f"== pytest {' '.join(rest)}", flush=True)
     cpu = subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
-    gpu = gpu_tier(python, rest)
+    gpu = gpu_tier(python, rest, vulkan)
     return cpu or gpu
 
 
@@ -160,21 +161,46 @@ def vulkan_missing() -> str | None:
     return None
 
 
-def gpu_tier(python: str, rest: list[str]) -> int:
+class VulkanBuild:
+    """The Vulkan wheel for the GPU tier (build_backend.py, its own cache key), built in the background from the
+    start of the CPU tier, its output kept in a log that is shown if it fails. `why`: the tier cannot run here."""
+
+    def __init__(self, python: str):
+        self.why, self.proc = vulkan_missing(), None
+        if self.why:
+            return
+        sys.path.insert(0, str(ROOT))
+        from dglocal.runtime.upstream import cache_dir
+
+        self.target = cache_dir() / "envs" / "vulkan"
+        self.log = cache_dir() / "vulkan-build.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [python, str(ROOT / "scripts" / "build_backend.py"), "--backend", "vulkan", "--target", str(self.target)]
+        print(f"== patched llama.cpp backend, Vulkan, in the background: {' '.join(cmd)} (log: {self.log})",
+              flush=True)
+        with open(self.log, "wb") as out:
+            # niced: the tests come first, the compiler takes the time they leave
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=lambda: os.nice(19))
+
+    def wait(self) -> None:
+        """Until the wheel is installed; exits the bootstrap, with the log's tail, if the build failed."""
+        code = self.proc.wait()
+        tail = self.log.read_text(errors="replace").splitlines()[-1 if code == 0 else -40:]
+        print("\n".join(f"   {line}" for line in tail), flush=True)
+        if code != 0:
+            sys.exit(f"bootstrap: patched llama.cpp backend, Vulkan failed (exit {code})")
+
+
+def gpu_tier(python: str, rest: list[str], build: VulkanBuild) -> int:
     """The tests marked gpu_tier with every layer on Vulkan0: the Vulkan build in a directory of its own, ahead of
     the CPU build on PYTHONPATH. Lavapipe is a CPU device, which ggml lists only when asked (GGML_VK_VISIBLE_DEVICES);
     Mesa's shader cache keeps its compiled pipelines between runs."""
-    why = vulkan_missing()
-    if why:
-        print(f"== the GPU tier did not run: {why}; the CPU tier above is the whole result", flush=True)
+    if build.why:
+        print(f"== the GPU tier did not run: {build.why}; the CPU tier above is the whole result", flush=True)
         return 0
-    sys.path.insert(0, str(ROOT))
-    from dglocal.runtime.upstream import cache_dir
-
-    target = cache_dir() / "envs" / "vulkan"
-    step("patched llama.cpp backend, Vulkan", [python, str(ROOT / "scripts" / "build_backend.py"), "--backend",
-                                               "vulkan", "--target", str(target)])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])),
+    build.wait()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(build.target), os.environ.get("PYTHONPATH")])),
                DGLOCAL_TEST_DEVICE="Vulkan0", GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
     probe = ("from dglocal.runtime import native as n; n.init(); "
              "print(*[n.ggml_backend_dev_name(n.ggml_backend_dev_get(i)).decode() for i in range(n.ggml_backend_dev_count())])")

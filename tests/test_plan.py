@@ -14,6 +14,7 @@ import tiny
 import dglocal
 from dglocal.runtime import plan as planner
 from dglocal.runtime.diagnostics import memory_breakdown
+from dglocal.runtime.placement import is_host_buffer
 from dglocal.convert.synth import synth
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]  # child processes, many loads: the full tier
@@ -34,7 +35,7 @@ def device():
 def device_bytes(path, endpoints, n_ctx=1024, **placement) -> dict:
     """What a real load (weights read, buffers allocated) puts on the RPC device, per part."""
     with dglocal.load(path, n_ctx=n_ctx, rpc=endpoints, n_threads=1, mmap=False, **placement) as m:
-        parts = [p for name, p in memory_breakdown(m).items() if not planner._is_host(name)]
+        parts = [p for name, p in memory_breakdown(m).items() if not is_host_buffer(name)]
     return {k: sum(p[k] for p in parts) for k in planner.PARTS}
 
 
@@ -120,7 +121,7 @@ def test_plan_for_two_devices_checks_each_and_matches_a_real_load(small, device)
             c = r["choice"]
             with dglocal.load(small, n_ctx=1024, rpc=both, n_threads=1, mmap=False, n_cpu_moe=c["n_cpu_moe"],
                               n_gpu_layers=c["n_gpu_layers"], tensor_split=sizes) as m:
-                real = {n: sum(p.values()) for n, p in memory_breakdown(m).items() if not planner._is_host(n)}
+                real = {n: sum(p.values()) for n, p in memory_breakdown(m).items() if not is_host_buffer(n)}
             for d in r["devices"]:
                 assert d["used"] == pytest.approx(real.get(d["name"], 0), rel=0.05, abs=1 << 20), (d, real)
         # half the output device cannot hold the output layer's buffers: less goes to the devices

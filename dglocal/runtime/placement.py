@@ -114,23 +114,42 @@ def load_devices(rpc: list[str] | None) -> list[int]:
     return (rpc_devices(rpc) if rpc else []) + _local_devices()
 
 
-def buffer_types() -> dict[str, int]:
-    """Buffer type name -> handle: every device's own, and the CPU's extra ones (CPU_REPACK, AMX, ...)."""
+def _device_buffer_types():
+    """(device, name, handle) of every device's own buffer type and of the CPU's extra ones (CPU_REPACK, AMX, ...)."""
     nat = _nat()
-    out = {}
     for i in range(nat.ggml_backend_dev_count()):
         dev = nat.ggml_backend_dev_get(i)
-        buft = nat.ggml_backend_dev_buffer_type(dev)
-        out[nat.ggml_backend_buft_name(buft).decode()] = buft
+        bufts = [nat.ggml_backend_dev_buffer_type(dev)]
         extra = nat.reg_proc(nat.ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts",
                              nat.dev_get_extra_bufts_t)
         if extra is not None:
             p = extra(dev)
             k = 0
             while p and p[k]:
-                out[nat.ggml_backend_buft_name(p[k]).decode()] = p[k]
+                bufts.append(p[k])
                 k += 1
-    return out
+        for buft in bufts:
+            yield dev, nat.ggml_backend_buft_name(buft).decode(), buft
+
+
+def buffer_types() -> dict[str, int]:
+    """Buffer type name -> handle: every device's own, and the CPU's extra ones (CPU_REPACK, AMX, ...)."""
+    return {name: buft for _, name, buft in _device_buffer_types()}
+
+
+def host_buffer_types() -> set[str]:
+    """The names of the buffer types a CPU device owns: its own and its extra layouts (AMX's name does not say
+    CPU)."""
+    nat = _nat()
+    return {name for dev, name, _ in _device_buffer_types()
+            if nat.ggml_backend_dev_type(dev) == nat.GGML_BACKEND_DEVICE_TYPE_CPU}
+
+
+def is_host_buffer(name: str, host_types: set[str] | None = None) -> bool:
+    """A buffer type in host memory: the CPU's (its extra layouts too), or a GPU's pinned host buffers."""
+    if host_types is None:
+        host_types = host_buffer_types()
+    return name in host_types or name.startswith("CPU") or name.endswith("_Host")
 
 
 def parse_overrides(rules: list[str], n_cpu_moe: int = 0) -> list[tuple[str, str]]:

@@ -38,14 +38,11 @@ class Choice:
         return sum(self.device.values())
 
 
-def _is_host(buffer_type: str) -> bool:
-    return buffer_type.startswith("CPU") or buffer_type.endswith("_Host")
-
-
 def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_gpu_layers: int, n_cpu_moe: int,
             rpc: list[str] | None, swa_full: bool | None = None, tensor_split: list[float] | None = None) -> Choice:
     """One placement's buffers, as llama.cpp sizes them (no_alloc), split into devices and host."""
     from .diagnostics import memory_breakdown
+    from .placement import host_buffer_types, is_host_buffer
     from .model import Model
 
     with Model(path, n_ctx=n_ctx, n_seq_max=parallel, n_ubatch=n_ubatch, kv_type=kv_type, n_gpu_layers=n_gpu_layers,
@@ -53,11 +50,12 @@ def measure(path, *, n_ctx: int, parallel: int, n_ubatch: int, kv_type: str, n_g
                tensor_split=tensor_split) as m:
         breakdown = memory_breakdown(m)
         cache = swa.describe(m.swa_full, m.sliding_window)
+        host_types = host_buffer_types()
     device = {p: 0 for p in PARTS}
     host = {p: 0 for p in PARTS}
     devices = {}
     for name, parts in breakdown.items():
-        side = host if _is_host(name) else device
+        side = host if is_host_buffer(name, host_types) else device
         for p in PARTS:
             side[p] += parts[p]
         if side is device:

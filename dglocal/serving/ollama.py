@@ -357,6 +357,7 @@ def describe(frontend) -> Card:
 
     from dglocal.runtime.diagnostics import memory_breakdown
     from dglocal.runtime.gguf import read_header
+    from dglocal.runtime.placement import is_host_buffer
 
     model = frontend.model.model
     stat = model.path.stat()
@@ -379,7 +380,7 @@ def describe(frontend) -> Card:
                  "parameter_size": human(n_params), "quantization_level": quant},
         info={**{k: v for k, v in kv.items() if k != "tokenizer.chat_template"}, "general.parameter_count": n_params},
         capabilities=capabilities(frontend), loaded=sum(sum(d.values()) for d in memory.values()),
-        on_gpu=sum(sum(d.values()) for name, d in memory.items() if not name.startswith("CPU")),
+        on_gpu=sum(sum(d.values()) for name, d in memory.items() if not is_host_buffer(name)),
         parameters="\n".join(parameters), n_ctx=model.n_ctx)
 
 
