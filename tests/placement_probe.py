@@ -6,6 +6,9 @@ In a child process so that a backend abort or segfault fails one test instead of
 Trajectory (fixed canvases, so placements that round differently still see the same inputs):
 prefill PROMPT; denoise C1 (no self-conditioning, T=1); C2 and C3 self-conditioned (T=0.8, 0.6);
 commit C3; denoise C1 again (no self-conditioning). Saved: enc (next-token logits at PROMPT positions 7..12: [6, V]), steps [4, C, V].
+Then the fast sampler's top-K pass (fast_k 24) on C2 beside the whole pass on the same input, and a self-conditioned
+top-K pass after it, which reads the embedding rows the first gathered: saved as their argmax (`whole`, `top_k`)
+and the second's entropy (`after`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ def denoise_steps(seq) -> np.ndarray:
     return np.stack(steps)
 
 
+def fast_passes(seq) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole pass's argmax and the top-K pass's on the same input (equal: the argmax is among the top K), and
+    the entropy of a top-K pass self-conditioned on the rows the previous one gathered."""
+    from dglocal.runtime.fastpass import FastPass
+
+    whole = seq.denoise(CANVASES[1], temperature=0.8, self_condition=False).argmax
+    top_k = seq.denoise(CANVASES[1], temperature=0.8, self_condition=False, fast=FastPass(fast_k=24)).argmax
+    after = seq.denoise(CANVASES[1], temperature=0.8, self_condition=True, fast=FastPass(fast_k=24)).entropy
+    return whole, top_k, after
+
+
 def main(path: str, out: str, options: str) -> int:
     import dglocal
 
@@ -41,7 +55,8 @@ def main(path: str, out: str, options: str) -> int:
         seq = model.sequence()
         enc = [seq.prefill(PROMPT[:8], logits_last=True)] + [seq.prefill([t], logits_last=True) for t in PROMPT[8:]]
         steps = denoise_steps(seq)
-    np.savez(out, enc=np.stack(enc), steps=steps)
+        whole, top_k, after = fast_passes(seq)
+    np.savez(out, enc=np.stack(enc), steps=steps, whole=whole, top_k=top_k, after=after)
     return 0
 
 

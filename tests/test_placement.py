@@ -72,6 +72,10 @@ def run_probe(path, out, **options):
                        capture_output=True, text=True, timeout=900)  # lavapipe compiles a type's shaders on first use
     assert r.returncode == 0, f"probe {options} exited {r.returncode}:\n{r.stderr[-3000:]}"
     with np.load(out) as z:
+        # the fast sampler's top-K pass on this placement: its argmax is the whole pass's, and a pass that reads
+        # the embedding rows it gathered runs (from the input embedding's copy where the LM head's sits in a
+        # repacked or AMX buffer, which no backend can gather from)
+        assert (z["top_k"] == z["whole"]).all() and np.isfinite(z["after"]).all(), options
         return z["enc"], z["steps"]
 
 
