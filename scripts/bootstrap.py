@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,11 +100,10 @@ def main(argv: list[str]) -> int:
         return subprocess.run(dglocal).returncode
     install(python, "[test]")
     ensure_system_tools()
-    vulkan = VulkanBuild(python)  # compiles while the CPU tier runs: its tests leave a core idle much of the time
+    gpu = GpuTier(python, rest)  # builds and runs beside the CPU tier: its tests leave a core idle much of the time
     print(f"== pytest {' '.join(rest)}", flush=True)
     cpu = subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
-    gpu = gpu_tier(python, rest, vulkan)
-    return cpu or gpu
+    return gpu.result() or cpu
 
 
 # -- the GPU tier: llama.cpp's Vulkan backend, on Mesa's software driver (lavapipe) where no GPU is present ------
@@ -161,56 +161,81 @@ def vulkan_missing() -> str | None:
     return None
 
 
-class VulkanBuild:
-    """The Vulkan wheel for the GPU tier (build_backend.py, its own cache key), built in the background from the
-    start of the CPU tier, its output kept in a log that is shown if it fails. `why`: the tier cannot run here."""
+SHARDS = 2  # lavapipe compiles a pipeline on one core: two processes keep both busy (tests/conftest.py splits them)
 
-    def __init__(self, python: str):
-        self.why, self.proc = vulkan_missing(), None
+
+def niced() -> None:
+    os.nice(19)  # the CPU tier comes first; the GPU tier takes the time it leaves
+
+
+class GpuTier:
+    """The tests marked gpu_tier with every layer on Vulkan0, from the start of the CPU tier and beside it: the Vulkan
+    wheel (build_backend.py, its own cache key) built into a directory of its own, then the tier in SHARDS processes,
+    each with that build ahead of the CPU one on PYTHONPATH, all niced, each writing a log that result() shows.
+    Lavapipe is a CPU device, which ggml lists only when asked (GGML_VK_VISIBLE_DEVICES); Mesa's shader cache keeps
+    its compiled pipelines between runs."""
+
+    def __init__(self, python: str, rest: list[str]):
+        self.python, self.rest, self.code, self.logs = python, rest, 0, []
+        self.why = vulkan_missing()
         if self.why:
             return
         sys.path.insert(0, str(ROOT))
         from dglocal.runtime.upstream import cache_dir
 
-        self.target = cache_dir() / "envs" / "vulkan"
-        self.log = cache_dir() / "vulkan-build.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [python, str(ROOT / "scripts" / "build_backend.py"), "--backend", "vulkan", "--target", str(self.target)]
-        print(f"== patched llama.cpp backend, Vulkan, in the background: {' '.join(cmd)} (log: {self.log})",
+        self.target, self.dir = cache_dir() / "envs" / "vulkan", cache_dir() / "gpu-tier"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        build = self.dir / "vulkan-build.log"
+        cmd = [self.python, str(ROOT / "scripts" / "build_backend.py"), "--backend", "vulkan", "--target",
+               str(self.target)]
+        print(f"== GPU tier: patched llama.cpp backend, Vulkan, in the background: {' '.join(cmd)} (log: {build})",
               flush=True)
-        with open(self.log, "wb") as out:
-            # niced: the tests come first, the compiler takes the time they leave
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=lambda: os.nice(19))
-
-    def wait(self) -> None:
-        """Until the wheel is installed; exits the bootstrap, with the log's tail, if the build failed."""
-        code = self.proc.wait()
-        tail = self.log.read_text(errors="replace").splitlines()[-1 if code == 0 else -40:]
-        print("\n".join(f"   {line}" for line in tail), flush=True)
+        with open(build, "wb") as out:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=niced).returncode
+        self.logs = [build]
         if code != 0:
-            sys.exit(f"bootstrap: patched llama.cpp backend, Vulkan failed (exit {code})")
+            self.code, self.why = code, f"the Vulkan build failed (exit {code})"
+            return
+        env = dict(os.environ, DGLOCAL_TEST_DEVICE="Vulkan0",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(self.target), os.environ.get("PYTHONPATH")])),
+                   GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
+        probe = ("from dglocal.runtime import native as n; n.init(); print(*[n.ggml_backend_dev_name("
+                 "n.ggml_backend_dev_get(i)).decode() for i in range(n.ggml_backend_dev_count())])")
+        devices = subprocess.run([self.python, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                                 text=True).stdout.split()
+        if "Vulkan0" not in devices:
+            self.why = f"the Vulkan build finds no device (devices: {devices})"
+            return
+        self.logs = [self.dir / f"shard-{i}.log" for i in range(SHARDS)]
+        procs = []
+        for i, log in enumerate(self.logs):
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen([self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.rest],
+                                              cwd=ROOT, env=dict(env, DGLOCAL_TEST_SHARD=f"{i}/{SHARDS}"), stdout=out,
+                                              stderr=subprocess.STDOUT, preexec_fn=niced))
+        print(f"== GPU tier (Vulkan0): pytest {' '.join(self.rest)} in {SHARDS} shards beside the CPU tier "
+              f"(logs: {self.dir})", flush=True)
+        codes = [p.wait() for p in procs]
+        self.code = next((c for c in codes if c not in (0, 5)), 0)  # pytest's 5: the arguments left a shard no tests
 
-
-def gpu_tier(python: str, rest: list[str], build: VulkanBuild) -> int:
-    """The tests marked gpu_tier with every layer on Vulkan0: the Vulkan build in a directory of its own, ahead of
-    the CPU build on PYTHONPATH. Lavapipe is a CPU device, which ggml lists only when asked (GGML_VK_VISIBLE_DEVICES);
-    Mesa's shader cache keeps its compiled pipelines between runs."""
-    if build.why:
-        print(f"== the GPU tier did not run: {build.why}; the CPU tier above is the whole result", flush=True)
-        return 0
-    build.wait()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(build.target), os.environ.get("PYTHONPATH")])),
-               DGLOCAL_TEST_DEVICE="Vulkan0", GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
-    probe = ("from dglocal.runtime import native as n; n.init(); "
-             "print(*[n.ggml_backend_dev_name(n.ggml_backend_dev_get(i)).decode() for i in range(n.ggml_backend_dev_count())])")
-    devices = subprocess.run([python, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
-    if "Vulkan0" not in devices:
-        print(f"== the GPU tier did not run: the Vulkan build finds no device (devices: {devices}); "
-              "the CPU tier above is the whole result", flush=True)
-        return 0
-    print(f"== GPU tier (Vulkan0): pytest {' '.join(rest)}", flush=True)
-    return subprocess.run([python, "-m", "pytest", "-q", *rest], cwd=ROOT, env=env).returncode
+    def result(self) -> int:
+        """The tier's exit code (0 where it cannot run here), after its logs."""
+        if self.why and not self.logs:
+            print(f"== the GPU tier did not run: {self.why}; the CPU tier above is the whole result", flush=True)
+            return 0
+        print("== GPU tier (Vulkan0): waiting for it to finish", flush=True)
+        self.thread.join()
+        for log in self.logs:
+            lines = log.read_text(errors="replace").splitlines()
+            shown = lines if "shard" in log.name else lines[-1 if self.code == 0 else -40:]
+            print(f"== {log.name}\n" + "\n".join(f"   {line}" for line in shown), flush=True)
+        if self.why:
+            print(f"== the GPU tier did not run: {self.why}", flush=True)
+        return self.code
 
 
 if __name__ == "__main__":

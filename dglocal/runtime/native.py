@@ -1,6 +1,6 @@
 """ctypes bindings of the patched llama.cpp, the only module that touches the library: the stock calls dglocal
 makes (through llama-cpp-python's declarations), the diffusion-gemma functions our patches add
-(patches 0016 to 0022, and `llama_set_abort_flag` of 0009), and ggml's device registry. Bindings only, no logic."""
+(patches 0017 to 0023, and `llama_set_abort_flag` of 0009), and ggml's device registry. Bindings only, no logic."""
 
 from __future__ import annotations
 
