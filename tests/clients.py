@@ -27,7 +27,7 @@ from test_server import Server
 MODEL = "synth"
 SEEDS = range(20)
 VOCAB = 16384
-SLOT_CTX = 768   # one slot: an answer that never closes stops at the context's end
+SLOT_CTX = 1024  # one slot: an answer that never closes stops at the context's end
 TIMEOUT = 600
 
 

@@ -36,18 +36,20 @@ def pytest_collection_modifyitems(config, items):
                 getattr(item, "callspec", None) is None or item.callspec.params.get("model") != "reference")]
     if SHARD:
         i, n = shard()
-        owner = shard_of_modules([item.path.name for item in kept], n)
-        kept = [item for item in kept if owner[item.path.name] == i]
+        owner = shards(kept, n)
+        kept = [item for item in kept if owner[unit(item)] == i]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 
 
 # DGLOCAL_TEST_SHARD="i/n": this process runs shard i of n (scripts/bootstrap.py runs the GPU tier as two, side by
 # side: lavapipe compiles a pipeline on one core). A module stays whole, so its models load and its pipelines compile
-# in one process; the heaviest modules go first, each to the lightest shard so far, weighed by their seconds on a
-# cold shader cache (2 cores). A module not listed weighs 20.
-COLD_SECONDS = {"test_placement.py": 980, "test_backend.py": 410, "test_swa_cache.py": 270, "test_batch.py": 250,
+# in one process, except the SPLIT ones, whose tests each run their own child processes: those go test by test. The
+# heaviest units go first, each to the lightest shard so far, weighed by their module's seconds on a cold shader
+# cache (2 cores), shared among a SPLIT module's tests. A module not listed weighs 40.
+COLD_SECONDS = {"test_placement.py": 1200, "test_backend.py": 410, "test_swa_cache.py": 270, "test_batch.py": 250,
                 "test_fast_sampler.py": 165, "test_gpu.py": 90}
+SPLIT = {"test_placement.py"}
 SHARD = os.environ.get("DGLOCAL_TEST_SHARD")
 
 
@@ -61,14 +63,22 @@ def shard() -> tuple[int, int]:
     return i, n
 
 
-def shard_of_modules(names: list[str], n: int) -> dict[str, int]:
-    """Which shard runs each module."""
-    load, owner = [0] * n, {}
-    for name in sorted(set(names), key=lambda m: (-COLD_SECONDS.get(m, 20), m)):
-        owner[name] = min(range(n), key=lambda i: (load[i], i))
-        load[owner[name]] += COLD_SECONDS.get(name, 20)
-    return owner
+def unit(item) -> str:
+    return item.nodeid if item.path.name in SPLIT else item.path.name
 
+
+def shards(items, n: int) -> dict[str, int]:
+    """Which shard runs each unit (a module, or a test of a SPLIT module) of `items`."""
+    weight: dict[str, float] = {}
+    for item in items:
+        name = item.path.name
+        tests = sum(other.path.name == name for other in items) if name in SPLIT else 1
+        weight[unit(item)] = COLD_SECONDS.get(name, 40) / tests
+    load, owner = [0.0] * n, {}
+    for u in sorted(weight, key=lambda u: (-weight[u], u)):
+        owner[u] = min(range(n), key=lambda i: (load[i], i))
+        load[owner[u]] += weight[u]
+    return owner
 
 
 @pytest.fixture(scope="session", autouse=True)
