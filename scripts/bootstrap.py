@@ -207,12 +207,9 @@ class GpuTier:
         if code != 0:
             self.code, self.why = code, f"the Vulkan build failed (exit {code})"
             return
-        # lavapipe compiles a pipeline for 128-bit vectors a third faster than for the 256 bits it picks on AVX2 and
-        # AVX-512 machines, and the tier's models are too small to miss the width (only llvmpipe reads the variable)
         env = dict(os.environ, DGLOCAL_TEST_DEVICE="Vulkan0",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(self.target), os.environ.get("PYTHONPATH")])),
-                   GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"),
-                   LP_NATIVE_VECTOR_WIDTH=os.environ.get("LP_NATIVE_VECTOR_WIDTH", "128"))
+                   GGML_VK_VISIBLE_DEVICES=os.environ.get("GGML_VK_VISIBLE_DEVICES", "0"))
         probe = ("from dglocal.runtime import native as n; n.init(); print(*[n.ggml_backend_dev_name("
                  "n.ggml_backend_dev_get(i)).decode() for i in range(n.ggml_backend_dev_count())])")
         devices = subprocess.run([self.python, "-c", probe], cwd=ROOT, env=env, capture_output=True,

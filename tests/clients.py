@@ -27,7 +27,7 @@ from test_server import Server
 MODEL = "synth"
 SEEDS = range(20)
 VOCAB = 16384
-SLOT_CTX = 1024  # one slot: an answer that never closes stops at the context's end
+SLOT_CTX = 768  # one slot: an answer that never closes stops at the context's end (most prompts take up to 549)
 TIMEOUT = 600
 
 
@@ -43,16 +43,17 @@ def synth_model(tmp_path_factory) -> Path:
     return path
 
 
-def serve(tmp_path_factory) -> Server:
-    return Server(str(synth_model(tmp_path_factory)), "-np", "1", "-c", str(SLOT_CTX), "--alias", MODEL,
+def serve(tmp_path_factory, n_ctx: int = SLOT_CTX) -> Server:
+    return Server(str(synth_model(tmp_path_factory)), "-np", "1", "-c", str(n_ctx), "--alias", MODEL,
                   "--seed", "1", "--steps", "4")
 
 
-def module_server():
-    """A module-scoped fixture of `serve`'s server: a client module's `server = clients.module_server()`."""
+def module_server(n_ctx: int = SLOT_CTX):
+    """A module-scoped fixture of `serve`'s server: a client module's `server = clients.module_server()`. The slot
+    holds n_ctx tokens: free text runs to its end, so a larger one costs every answer more."""
     @pytest.fixture(scope="module")
     def server(tmp_path_factory):
-        s = serve(tmp_path_factory)
+        s = serve(tmp_path_factory, n_ctx)
         yield s
         s.stop()
 

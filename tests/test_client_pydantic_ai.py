@@ -19,7 +19,7 @@ import clients
 from clients import ASK_ORDER, MODEL, Order, Unit, over_seeds, validated_json
 
 pytestmark = [pytest.mark.backend, pytest.mark.slow]
-server = clients.module_server()
+server = clients.module_server(1024)  # an agent's prompt with a tool and an output type is 822 tokens
 
 
 class City(str, Enum):
