@@ -221,7 +221,8 @@ class GpuTier:
         procs = []
         for i, log in enumerate(self.logs):
             with open(log, "wb") as out:
-                procs.append(subprocess.Popen([self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.rest],
+                procs.append(subprocess.Popen([self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                               "--durations=12", *self.rest],  # where a cold tier's time goes
                                               cwd=ROOT, env=dict(env, DGLOCAL_TEST_SHARD=f"{i}/{SHARDS}"), stdout=out,
                                               stderr=subprocess.STDOUT, preexec_fn=niced))
         codes = [p.wait() for p in procs]
