@@ -38,6 +38,8 @@ def pytest_collection_modifyitems(config, items):
         i, n = shard()
         owner = shards(kept, n)
         kept = [item for item in kept if owner[unit(item)] == i]
+        if i > 0:  # the SPLIT tests first: their own pipelines compile while shard 0 compiles the shared ones
+            kept.sort(key=lambda item: item.path.name not in SPLIT)
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 
@@ -46,7 +48,10 @@ def pytest_collection_modifyitems(config, items):
 # side: lavapipe compiles a pipeline on one core). A module stays whole, so its models load and its pipelines compile
 # in one process, except the SPLIT ones, whose tests each run their own child processes: those go test by test. The
 # heaviest units go first, each to the lightest shard so far, weighed by their module's seconds on a cold shader
-# cache (2 cores), shared among a SPLIT module's tests. A module not listed weighs 40.
+# cache (2 cores), shared among a SPLIT module's tests. A module not listed weighs 40. Most modules share one f32
+# model's pipelines: two shards starting on them at once compiled them twice (test_batch's first test, 647 s on a
+# cold cache under load; 28 s after test_backend's had filled Mesa's disk cache), so the other shards start with
+# their SPLIT tests, which compile each quant type's own, and reach the shared ones from the cache.
 COLD_SECONDS = {"test_placement.py": 1200, "test_backend.py": 410, "test_swa_cache.py": 270, "test_batch.py": 250,
                 "test_fast_sampler.py": 165, "test_gpu.py": 90}
 SPLIT = {"test_placement.py"}
